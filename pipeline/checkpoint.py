@@ -1,0 +1,204 @@
+"""Checkpoints: atomic save on rank 0, newest-valid lookup, compatibility check, RNG capture.
+
+A checkpoint file is a short header, the SHA-256 of the payload, and the payload (`torch.save`
+of plain tensors and Python values, loadable with `weights_only=True`). It is written to a
+temporary file in the run directory, flushed, fsynced and renamed over, so a process killed
+mid-write leaves either the old set of checkpoints or the new one, never a file that passes for
+a checkpoint. A file whose digest does not match is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import re
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.dist import DistContext, broadcast_object
+from pipeline.errors import CheckpointError
+
+MAGIC = b"LENET-DDP-CKPT-1\n"
+_NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+
+# Keys that must match between a checkpoint and the run resuming it: they change the model,
+# the optimizer's state or the sequence of batches.
+MUST_MATCH = {
+    "model": None,  # every key of the section
+    "optim": None,
+    "train": ("batch_size", "grad_accum", "loss", "seed", "precision", "epochs"),
+}
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{step:09d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint files in `run_dir`, newest (highest step) first."""
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if _NAME.match(p.name)]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save(run_dir: Path, step: int, state: dict, keep: int) -> Path:
+    """Write checkpoint `state` for `step`, then drop all but the newest `keep`. Rank 0 only."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    path = run_dir / checkpoint_name(step)
+    write_atomic(path, MAGIC + digest + b"\n" + payload)
+    for old in list_checkpoints(run_dir)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load(path: Path) -> dict:
+    """Read and verify one checkpoint; CheckpointError with one line if it is not valid."""
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from e
+    head = len(MAGIC) + 65
+    if not blob.startswith(MAGIC) or len(blob) < head:
+        raise CheckpointError(
+            f"checkpoint {path} is not a checkpoint of this pipeline (bad header)"
+        )
+    digest, payload = blob[len(MAGIC) : head - 1], blob[head:]
+    if hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt (checksum mismatch)")
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {e}") from e
+
+
+def newest_valid(run_dir: Path, warn: Callable[[str], None]) -> Path | None:
+    """The newest checkpoint in `run_dir` that verifies; each bad newer one is reported."""
+    for path in list_checkpoints(run_dir):
+        try:
+            load(path)
+            return path
+        except CheckpointError as e:
+            warn(f"{e}; falling back to the previous checkpoint")
+    return None
+
+
+def check_compatible(saved: dict, current: dict, world_size: int, path: Path) -> None:
+    """Raise CheckpointError naming the first setting that differs in a way resume cannot bear."""
+    if saved.get("world_size") != world_size:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a world of {saved.get('world_size')} rank(s), "
+            f"this run has {world_size}; resume with the same number of processes or start a "
+            "new run (another train.run_dir)"
+        )
+    old = saved["config"]
+    for section, keys in MUST_MATCH.items():
+        for key in keys or current[section]:
+            a, b = old.get(section, {}).get(key), current[section][key]
+            if a != b:
+                raise CheckpointError(
+                    f"checkpoint {path} was written with {section}.{key}={a!r}, this run has "
+                    f"{section}.{key}={b!r}; resume with the same value or start a new run "
+                    "(another train.run_dir)"
+                )
+
+
+def resolve(
+    run_dir: Path, resume: str, ctx: DistContext, warn: Callable[[str], None]
+) -> Path | None:
+    """Which checkpoint to resume from (decided on rank 0, shared with all ranks)."""
+    path: Path | None | CheckpointError = None
+    if ctx.is_main:
+        if resume == "auto":
+            path = newest_valid(run_dir, warn)
+        elif resume == "none":
+            if list_checkpoints(run_dir):
+                path = CheckpointError(
+                    f"train.resume=none but {run_dir} holds checkpoints of an earlier run; "
+                    "choose another train.run_dir or remove them"
+                )
+        else:
+            path = Path(resume)
+            if not path.is_file():
+                path = CheckpointError(f"train.resume={resume}: no such checkpoint file")
+    path = broadcast_object(ctx, path)
+    if isinstance(path, CheckpointError):
+        raise path
+    return path
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def save_all_ranks(ctx: DistContext, run_dir: Path, step: int, state: dict, keep: int) -> None:
+    """Collective: gather every rank's RNG state to rank 0, which writes the checkpoint."""
+    import torch.distributed as dist
+
+    rngs = [None] * ctx.world_size
+    if ctx.world_size > 1:
+        dist.all_gather_object(rngs, state["rng"], group=ctx.control_group)
+    else:
+        rngs = [state["rng"]]
+    if ctx.is_main:
+        save(run_dir, step, {**state, "rng": rngs}, keep)

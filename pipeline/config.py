@@ -1,0 +1,364 @@
+"""Typed configuration: YAML files plus dotted `key=value` overrides, validated before training.
+
+Every key lives in a small dataclass with a default, a help text and, where it has one, a set of
+allowed values or a range. `load_config` merges a YAML file and command-line overrides, rejects
+unknown keys, converts and checks every value, and raises `ConfigError` with one line that names
+the key and what is allowed. `help_text` renders all keys for `--help`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+
+def _opt(
+    default: Any,
+    help: str,
+    choices: tuple | None = None,
+    check: Callable | None = None,
+    rule: str = "",
+) -> Any:
+    """A config field with its help text, allowed values and an optional check."""
+    return field(
+        default=default, metadata={"help": help, "choices": choices, "check": check, "rule": rule}
+    )
+
+
+_positive = (lambda v: v > 0, "a number > 0")
+_non_negative = (lambda v: v >= 0, "a number >= 0")
+_fraction = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+@dataclass
+class ModelConfig:
+    kernel_size: int = _opt(5, "convolution kernel size: 5 (the tutorial's LeNet) or 3", (5, 3))
+    fc1_width: int = _opt(
+        120,
+        "width of the first fully connected layer (the tutorial uses 120)",
+        check=_positive[0],
+        rule=_positive[1],
+    )
+
+
+@dataclass
+class DataConfig:
+    root: str = _opt("data", "directory holding MNIST/raw/ (torchvision's layout)")
+    download: bool = _opt(True, "download missing MNIST files through torchvision if it imports")
+
+
+@dataclass
+class OptimConfig:
+    name: str = _opt("sgd", "optimizer", ("sgd", "nesterov", "adam", "adamw", "rmsprop"))
+    lr: float = _opt(0.05, "peak learning rate", check=_positive[0], rule=_positive[1])
+    momentum: float = _opt(
+        0.9, "momentum (sgd, nesterov, rmsprop)", check=_fraction[0], rule=_fraction[1]
+    )
+    weight_decay: float = _opt(0.0, "weight decay", check=_non_negative[0], rule=_non_negative[1])
+    schedule: str = _opt("none", "learning-rate schedule", ("none", "step", "cosine", "onecycle"))
+    warmup_epochs: float = _opt(
+        0.0,
+        "linear warm-up length in epochs (none, step, cosine)",
+        check=_non_negative[0],
+        rule=_non_negative[1],
+    )
+    step_epochs: int = _opt(
+        1,
+        "step schedule: multiply the lr by gamma every this many epochs",
+        check=_positive[0],
+        rule=_positive[1],
+    )
+    gamma: float = _opt(0.5, "step schedule: lr factor", check=_positive[0], rule=_positive[1])
+    clip_grad_norm: float = _opt(
+        0.0,
+        "clip the gradient norm to this value (0: off)",
+        check=_non_negative[0],
+        rule=_non_negative[1],
+    )
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _opt(3, "number of epochs", check=_positive[0], rule=_positive[1])
+    batch_size: int = _opt(
+        64,
+        "global batch size per optimizer step, split across ranks and accumulation micro-steps",
+        check=_positive[0],
+        rule=_positive[1],
+    )
+    grad_accum: int = _opt(
+        1,
+        "micro-steps per optimizer step (no all-reduce on the others)",
+        check=_positive[0],
+        rule=_positive[1],
+    )
+    eval_batch_size: int = _opt(
+        1000, "evaluation batch size per rank", check=_positive[0], rule=_positive[1]
+    )
+    loss: str = _opt(
+        "cross_entropy", "loss function (mse: against one-hot targets)", ("cross_entropy", "mse")
+    )
+    seed: int = _opt(0, "random seed: the same seed and world size give the same run")
+    precision: str = _opt(
+        "fp32",
+        "fp32, bf16 autocast (CPU and CUDA) or fp16 autocast with a gradient scaler (CUDA)",
+        ("fp32", "bf16", "fp16"),
+    )
+    compile: str = _opt(
+        "none", "torch.compile the model, or the whole train step", ("none", "model", "step")
+    )
+    compile_mode: str = _opt(
+        "default",
+        "torch.compile mode (reduce-overhead uses CUDA graphs)",
+        ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    )
+    max_steps: int = _opt(
+        0,
+        "stop after this many optimizer steps in all (0: no limit)",
+        check=_non_negative[0],
+        rule=_non_negative[1],
+    )
+    log_every: int = _opt(
+        50,
+        "optimizer steps between progress updates and step metrics",
+        check=_positive[0],
+        rule=_positive[1],
+    )
+    run_dir: str = _opt("runs/default", "run directory: config, metrics and checkpoints")
+    resume: str = _opt("auto", "auto (newest valid checkpoint in run_dir), none, or a path")
+    preempt_signal: str = _opt(
+        "SIGUSR1",
+        "signal that, like SIGTERM, saves a checkpoint and exits",
+        ("SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"),
+    )
+    stop_check_every: int = _opt(
+        10,
+        "steps between the ranks' check for a stop signal",
+        check=_positive[0],
+        rule=_positive[1],
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _opt(
+        0,
+        "save every this many optimizer steps (0: only at epoch ends)",
+        check=_non_negative[0],
+        rule=_non_negative[1],
+    )
+    every_epochs: int = _opt(
+        1,
+        "save every this many epochs (the last epoch is always saved)",
+        check=_positive[0],
+        rule=_positive[1],
+    )
+    keep: int = _opt(
+        3, "number of checkpoints kept in the run directory", check=_positive[0], rule=_positive[1]
+    )
+
+
+@dataclass
+class DistConfig:
+    backend: str = _opt(
+        "auto", "process-group backend (auto: nccl on CUDA, gloo on CPU)", ("auto", "gloo", "nccl")
+    )
+    device: str = _opt(
+        "auto",
+        "training device (auto: cuda:LOCAL_RANK when CUDA is present)",
+        ("auto", "cpu", "cuda"),
+    )
+    timeout_s: float = _opt(
+        600.0,
+        "seconds a collective may wait for a peer before the job ends with an error",
+        check=_positive[0],
+        rule=_positive[1],
+    )
+
+
+@dataclass
+class TrackingConfig:
+    mode: str = _opt(
+        "auto",
+        "Weights & Biases: auto (online with credentials, else offline), "
+        "online, offline or disabled",
+        ("auto", "online", "offline", "disabled"),
+    )
+    project: str = _opt("lenet-ddp", "W&B project")
+    entity: str = _opt("", "W&B entity (team or user); empty: your default")
+    name: str = _opt("", "W&B run name; empty: the run directory's name")
+    log_every: int = _opt(
+        50, "optimizer steps between W&B step metrics", check=_positive[0], rule=_positive[1]
+    )
+    artifact: bool = _opt(False, "upload the final checkpoint as a W&B artifact")
+
+
+@dataclass
+class DebugConfig:
+    fail_rank: int = _opt(
+        -1, "test only: this rank exits at debug.fail_step on the first attempt (-1: never)"
+    )
+    fail_step: int = _opt(-1, "test only: the optimizer step at which debug.fail_rank exits")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+def _convert(key: str, f: dataclasses.Field, value: Any, from_cli: bool) -> Any:
+    """Convert one raw value to the field's type, or raise ConfigError naming the key."""
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    bad = ConfigError(f"config key {key}: {value!r} is not a valid {kind}")
+    if kind == "str":
+        if value is None or isinstance(value, (dict, list)):
+            raise bad
+        return str(value)
+    if from_cli and isinstance(value, str):
+        value = yaml.safe_load(value) if value.strip() else value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key}: {value!r} is not a valid bool; use true or false")
+    if isinstance(value, bool):
+        raise bad
+    if kind == "int":
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if kind == "float":
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value)
+        raise bad
+    raise AssertionError(f"unhandled config type {kind}")
+
+
+def _check(key: str, f: dataclasses.Field, value: Any) -> None:
+    choices, check, rule = f.metadata["choices"], f.metadata["check"], f.metadata["rule"]
+    if choices and value not in choices:
+        allowed = ", ".join(str(c) for c in choices)
+        raise ConfigError(f"config key {key}: {value!r} is not allowed; choose one of: {allowed}")
+    if check and not check(value):
+        raise ConfigError(f"config key {key}: {value!r} is out of range; it must be {rule}")
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+    return ConfigError(
+        f"unknown config key {key}; known keys in this place: {', '.join(known)} (see --help)"
+    )
+
+
+def _build(raw: dict[str, dict[str, tuple[Any, bool]]]) -> Config:
+    sections = {}
+    for name, cls in _sections().items():
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, (value, from_cli) in raw.get(name, {}).items():
+            if key not in fields:
+                raise _unknown(f"{name}.{key}", [f"{name}.{k}" for k in fields])
+            values[key] = _convert(f"{name}.{key}", fields[key], value, from_cli)
+            _check(f"{name}.{key}", fields[key], values[key])
+        sections[name] = cls(**values)
+    return Config(**sections)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}; check the path") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}; fix its syntax") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections ({', '.join(_sections())})"
+        )
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML file (optional) and apply dotted `section.key=value` overrides."""
+    raw: dict[str, dict[str, tuple[Any, bool]]] = {}
+    if path is not None:
+        for section, values in _read_yaml(Path(path)).items():
+            if section not in _sections():
+                raise _unknown(str(section), list(_sections()))
+            if not isinstance(values, dict):
+                raise ConfigError(
+                    f"config file {path}: section {section} must be a mapping of keys to values"
+                )
+            raw[section] = {str(k): (v, False) for k, v in values.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(
+                f"override {item!r} is not of the form section.key=value "
+                "(for example optim.lr=0.05)"
+            )
+        if section not in _sections():
+            raise _unknown(key, list(_sections()))
+        raw.setdefault(section, {})[name] = (value, True)
+    return _build(raw)
+
+
+def validate_for_world(cfg: Config, world_size: int) -> None:
+    """Checks that need the world size; run before any process group starts."""
+    split = world_size * cfg.train.grad_accum
+    if cfg.train.batch_size % split:
+        raise ConfigError(
+            f"config key train.batch_size: {cfg.train.batch_size} cannot be split across "
+            f"{world_size} rank(s) x {cfg.train.grad_accum} accumulation step(s); use a multiple "
+            f"of {split}"
+        )
+    if cfg.debug.fail_rank >= world_size:
+        raise ConfigError(
+            f"config key debug.fail_rank: {cfg.debug.fail_rank} is not a rank of "
+            f"a world of {world_size}"
+        )
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def help_text() -> str:
+    lines = ["config keys (set in the YAML file or as section.key=value):"]
+    for name, cls in _sections().items():
+        for f in dataclasses.fields(cls):
+            choices = f.metadata["choices"]
+            allowed = f" [{'|'.join(str(c) for c in choices)}]" if choices else ""
+            lines.append(f"  {name}.{f.name} = {f.default!r}{allowed}")
+            lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,206 @@
+"""Who am I in the job, and the process group.
+
+`detect` reads the launcher's environment (torchrun, SLURM's srun, or nothing for one plain
+process) without starting anything, so the config can be validated against the world size first.
+`init` starts the process group: a world of one still gets a real gloo group, so a laptop or CI run
+takes the same code path as a multi-node job. The few collectives the trainer needs live here
+too, so rank logic stays in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from pipeline.errors import DistributedError, PipelineError
+
+T = TypeVar("T")
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    node_rank: int = 0
+    launcher: str = "single"  # single | torchrun | slurm
+    device: torch.device = torch.device("cpu")
+    backend: str = "gloo"
+    control_group: object | None = None  # CPU (gloo) group for host-side flags
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_leader(self) -> bool:
+        return self.local_rank == 0
+
+
+class PeerFailed(PipelineError):
+    """A peer rank failed and reported it; this rank ends quietly with the same exit code."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(f"a peer rank failed (exit code {exit_code})")
+        self.exit_code = exit_code
+
+
+def _int_env(env: dict, name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError as e:
+        raise DistributedError(
+            f"environment variable {name}={env[name]!r} is not an integer; "
+            "check how the job was launched"
+        ) from e
+
+
+def detect(env: dict | None = None) -> DistContext:
+    """Read rank and world from torchrun's or SLURM's variables; start nothing."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        ctx = DistContext(
+            rank=_int_env(env, "RANK"),
+            local_rank=_int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            world_size=_int_env(env, "WORLD_SIZE"),
+            local_world_size=_int_env(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else 1,
+            node_rank=_int_env(env, "GROUP_RANK") if "GROUP_RANK" in env else 0,
+            launcher="torchrun",
+        )
+    else:
+        from pipeline import slurm_env
+
+        found = slurm_env.detect(env)
+        if found is None:
+            return DistContext()
+        ctx = DistContext(launcher="slurm", **found)
+    if not 0 <= ctx.rank < ctx.world_size or not 0 <= ctx.local_rank < ctx.local_world_size:
+        raise DistributedError(
+            f"inconsistent launch: rank {ctx.rank} of world {ctx.world_size}, "
+            f"local rank {ctx.local_rank} of {ctx.local_world_size}; check the "
+            "launcher's settings"
+        )
+    return ctx
+
+
+def _choose_device(ctx: DistContext, want: str) -> torch.device:
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DistributedError(
+            "dist.device=cuda but CUDA is not available here; use dist.device=auto or cpu"
+        )
+    count = torch.cuda.device_count()
+    if ctx.local_rank >= count:
+        raise DistributedError(
+            f"local rank {ctx.local_rank} has no GPU: this node shows {count} "
+            f"GPU(s) for {ctx.local_world_size} process(es); start at most "
+            f"{count} processes per node"
+        )
+    return torch.device("cuda", ctx.local_rank)
+
+
+def init(ctx: DistContext, device: str, backend: str, timeout_s: float) -> DistContext:
+    """Pick the device and backend, and start the process group (world of one included)."""
+    ctx.device = _choose_device(ctx, device)
+    ctx.backend = (
+        backend if backend != "auto" else ("nccl" if ctx.device.type == "cuda" else "gloo")
+    )
+    if ctx.backend == "nccl" and ctx.device.type != "cuda":
+        raise DistributedError("dist.backend=nccl needs CUDA devices; use dist.backend=gloo on CPU")
+    if ctx.device.type == "cuda":
+        torch.cuda.set_device(ctx.device)
+    timeout = timedelta(seconds=timeout_s)
+    kwargs = {"device_id": ctx.device} if ctx.backend == "nccl" else {}
+    if ctx.launcher == "single":
+        # No launcher: an in-process store, no port to pick or clash over.
+        dist.init_process_group(
+            ctx.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs
+        )
+    else:
+        dist.init_process_group(
+            ctx.backend,
+            init_method="env://",
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            timeout=timeout,
+            **kwargs,
+        )
+    # Host-side flags (stop requests, failures) travel over gloo so that they never wait
+    # on the device stream.
+    ctx.control_group = (
+        dist.new_group(backend="gloo", timeout=timeout)
+        if ctx.backend != "gloo"
+        else dist.group.WORLD
+    )
+    return ctx
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(ctx: DistContext, flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank (a collective: all ranks call it)."""
+    if ctx.world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.control_group)
+    return bool(t.item())
+
+
+def broadcast_object(ctx: DistContext, obj: T) -> T:
+    """Rank 0's `obj` on every rank."""
+    if ctx.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=ctx.control_group)
+    return box[0]
+
+
+def leader_then_all(
+    ctx: DistContext, leader_fn: Callable[[], object], all_fn: Callable[[], T]
+) -> T:
+    """Run `leader_fn` on each node's local rank 0, then `all_fn` everywhere.
+
+    A failure in a leader is raised there (and reported there); the other ranks end quietly
+    with the same exit code instead of each printing their own error or waiting forever.
+    """
+    error: BaseException | None = None
+    if ctx.is_local_leader:
+        try:
+            leader_fn()
+        except PipelineError as e:
+            error = e
+    code = torch.tensor([error.exit_code if error else 0], dtype=torch.int32)
+    if ctx.world_size > 1:
+        dist.all_reduce(code, op=dist.ReduceOp.MAX, group=ctx.control_group)
+    if error is not None:
+        error.report_here = True  # type: ignore[attr-defined]
+        raise error
+    if code.item():
+        raise PeerFailed(int(code.item()))
+    return all_fn()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.world_size > 1:
+        dist.barrier(group=ctx.control_group)
+
+
+def restart_count() -> int:
+    """How many times torchrun restarted this worker group (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)

@@ -1,0 +1,202 @@
+"""One optimizer step, and evaluation: the tutorial's loop with DDP, AMP, compile and no_sync.
+
+The step is the tutorial's forward, loss, zero_grad, backward, step, repeated over
+gradient-accumulation micro-batches, with DDP's all-reduce skipped (`no_sync`) on all but the
+last. Nothing in the step reads a value back to the host: the loss is summed on the device and
+read only when the caller asks for it at a logging interval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pipeline.config import Config, OptimConfig
+from pipeline.dist import DistContext, all_reduce_sum
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer named by `optim.name`, with fused or foreach kernels where torch has them."""
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
+    if cfg.name in ("sgd", "nesterov"):
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.name == "nesterov",
+            weight_decay=cfg.weight_decay,
+            **fused,
+        )
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    if cfg.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    raise ValueError(f"unknown optimizer {cfg.name}")
+
+
+def lr_factor(cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at optimizer step `s`: linear warm-up, then the schedule."""
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        if cfg.schedule == "step":
+            return cfg.gamma ** ((s // steps_per_epoch) // cfg.step_epochs)
+        if cfg.schedule == "cosine":
+            progress = (s - warmup) / max(1, total_steps - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.schedule == "onecycle":
+        pct = cfg.warmup_epochs * steps_per_epoch / total_steps if cfg.warmup_epochs else 0.25
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=cfg.lr,
+            total_steps=total_steps,
+            pct_start=min(pct, 0.99),
+            cycle_momentum=cfg.name in ("sgd", "nesterov"),
+        )
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(cfg, steps_per_epoch, total_steps)
+    )
+
+
+def loss_function(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if name == "mse":
+        # The tutorial's MSELoss, against one-hot targets.
+        return lambda out, y: F.mse_loss(out.float(), F.one_hot(y, out.shape[1]).float())
+    return lambda out, y: F.cross_entropy(out.float(), y)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_AMP_DTYPES[precision])
+
+
+class Engine:
+    """Owns the wrapped model, optimizer, schedule and scaler; runs steps and evaluation."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: Config,
+        ctx: DistContext,
+        steps_per_epoch: int,
+        total_steps: int,
+    ):
+        self.model, self.ctx, self.cfg = model, ctx, cfg
+        self.device = ctx.device
+        self.precision = cfg.train.precision
+        if self.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("fp16 needs CUDA")
+        self.ddp = model
+        if ctx.world_size > 1:
+            self.ddp = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.optimizer = build_optimizer(model.parameters(), cfg.optim, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, steps_per_epoch, total_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.criterion = loss_function(cfg.train.loss)
+        self._loss = self._eager_loss
+        forward = self.ddp
+        if cfg.train.compile == "model":
+            forward = torch.compile(self.ddp, mode=cfg.train.compile_mode)
+        elif cfg.train.compile == "step":
+            self._loss = torch.compile(self._eager_loss, mode=cfg.train.compile_mode)
+        self._forward = forward
+        # Running sums on the device, read only at logging intervals.
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.finite_steps = torch.zeros((), dtype=torch.long, device=self.device)
+
+    def _eager_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            return self.criterion(self._forward(x), y)
+
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One optimizer step over `micro_batches` (gradient accumulation when more than one)."""
+        self.model.train()
+        n = len(micro_batches)
+        for i, (x, y) in enumerate(micro_batches):
+            last = i == n - 1
+            sync = (
+                contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
+            )
+            with sync:
+                loss = self._loss(x, y)
+                if i == 0:
+                    self.optimizer.zero_grad(set_to_none=True)
+                scaled = loss / n if n > 1 else loss
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
+            self.loss_sum += loss.detach().float()
+            self.finite_steps += torch.isfinite(loss.detach()).long()
+        if self.cfg.optim.clip_grad_norm > 0:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients
+            nn.utils.clip_grad_norm_(
+                self.model.parameters(), self.cfg.optim.clip_grad_norm, foreach=True
+            )
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step on inf/nan gradients
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
+        """Loss and accuracy over this rank's test images, summed over all ranks."""
+        self.model.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for i in range(0, len(y), batch_size):
+            xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+            with autocast(self.device, self.precision):
+                out = self.model(xb)
+            loss = self.criterion(out, yb) * len(yb)
+            totals[0] += loss.double()
+            totals[1] += (out.argmax(1) == yb).sum()
+            totals[2] += len(yb)
+        all_reduce_sum(totals)
+        loss_sum, correct, count = totals.tolist()
+        return {
+            "test_loss": loss_sum / count,
+            "test_accuracy": correct / count,
+            "test_count": int(count),
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,49 @@
+"""Errors meant for people, and the exit codes the pipeline ends with.
+
+Each error carries the process exit code it maps to, so `pipeline.train.main` can turn any of
+them into one line on stderr and a documented, non-zero exit status.
+"""
+
+from __future__ import annotations
+
+# Exit codes (documented in the README).
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_CONFIG = 2
+EXIT_DATA = 3
+EXIT_CHECKPOINT = 4
+EXIT_NONFINITE = 5
+EXIT_DISTRIBUTED = 6
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved; run the same command again to resume.
+
+
+class PipelineError(Exception):
+    """An error whose message is one line that says what went wrong and what to do."""
+
+    exit_code = EXIT_UNEXPECTED
+
+
+class ConfigError(PipelineError):
+    exit_code = EXIT_CONFIG
+
+
+class DataError(PipelineError):
+    exit_code = EXIT_DATA
+
+
+class CheckpointError(PipelineError):
+    exit_code = EXIT_CHECKPOINT
+
+
+class NonFiniteLossError(PipelineError):
+    exit_code = EXIT_NONFINITE
+
+
+class DistributedError(PipelineError):
+    exit_code = EXIT_DISTRIBUTED
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint was written; ends the run with EXIT_PREEMPTED."""
+
+    exit_code = EXIT_PREEMPTED
