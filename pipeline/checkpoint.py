@@ -89,6 +89,11 @@ def load(path: Path) -> dict:
         blob = path.read_bytes()
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from e
+    return parse(blob, path)
+
+
+def parse(blob: bytes, path: Path) -> dict:
+    """Verify and decode the bytes of checkpoint file `path`."""
     head = len(MAGIC) + 65
     if not blob.startswith(MAGIC) or len(blob) < head:
         raise CheckpointError(
@@ -100,17 +105,24 @@ def load(path: Path) -> dict:
     try:
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {e}") from e
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {first_line}") from e
 
 
 def newest_valid(run_dir: Path, warn: Callable[[str], None]) -> Path | None:
     """The newest checkpoint in `run_dir` that verifies; each bad newer one is reported."""
-    for path in list_checkpoints(run_dir):
+    found = list_checkpoints(run_dir)
+    for path in found:
         try:
             load(path)
             return path
         except CheckpointError as e:
             warn(f"{e}; falling back to the previous checkpoint")
+    if found:
+        raise CheckpointError(
+            f"none of the {len(found)} checkpoint(s) in {run_dir} is valid; move them away to "
+            "start fresh, or choose another train.run_dir"
+        )
     return None
 
 
@@ -141,7 +153,10 @@ def resolve(
     path: Path | None | CheckpointError = None
     if ctx.is_main:
         if resume == "auto":
-            path = newest_valid(run_dir, warn)
+            try:
+                path = newest_valid(run_dir, warn)
+            except CheckpointError as e:
+                path = e
         elif resume == "none":
             if list_checkpoints(run_dir):
                 path = CheckpointError(
@@ -195,10 +210,12 @@ def save_all_ranks(ctx: DistContext, run_dir: Path, step: int, state: dict, keep
     """Collective: gather every rank's RNG state to rank 0, which writes the checkpoint."""
     import torch.distributed as dist
 
-    rngs = [None] * ctx.world_size
+    buf = io.BytesIO()
+    torch.save(state["rng"], buf)  # plain bytes travel safely through the object collectives
+    blobs = [buf.getvalue()]
     if ctx.world_size > 1:
-        dist.all_gather_object(rngs, state["rng"], group=ctx.control_group)
-    else:
-        rngs = [state["rng"]]
+        blobs = [None] * ctx.world_size
+        dist.all_gather_object(blobs, buf.getvalue(), group=ctx.control_group)
     if ctx.is_main:
+        rngs = [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
         save(run_dir, step, {**state, "rng": rngs}, keep)

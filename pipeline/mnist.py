@@ -169,7 +169,8 @@ def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> None:
     """
     if array.dtype != np.uint8 or not (array.ndim == 1 or array.shape[1:] == (28, 28)):
         raise ValueError(
-            f"write_idx needs uint8 labels [N] or images [N, 28, 28], got {array.dtype} {list(array.shape)}"
+            "write_idx needs uint8 labels [N] or images [N, 28, 28], "
+            f"got {array.dtype} {list(array.shape)}"
         )
     magic = MAGIC["labels"] if array.ndim == 1 else MAGIC["images"]
     data = b"".join(int(v).to_bytes(4, "big") for v in (magic, *array.shape))

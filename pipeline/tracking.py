@@ -88,7 +88,13 @@ class Tracker:
             f.write(json.dumps(record) + "\n")
 
     def start(
-        self, config: dict, config_yaml: str, resumed: bool, global_step: int, epochs_done: int
+        self,
+        config: dict,
+        config_yaml: str,
+        meta: dict,
+        resumed: bool,
+        global_step: int,
+        epochs_done: int,
     ) -> None:
         """Print and save the resolved config; on resume, drop records past the checkpoint."""
         self.info("resolved config:\n  " + config_yaml.rstrip().replace("\n", "\n  "))

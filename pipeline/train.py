@@ -87,7 +87,9 @@ class Run:
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         path = checkpoint.resolve(self.run_dir, cfg.train.resume, ctx, self.tracker.warn)
-        saved = dist.broadcast_object(ctx, checkpoint.load(path) if path and ctx.is_main else None)
+        # Rank 0 reads the file; every rank decodes the same bytes (no shared disk needed).
+        blob = dist.broadcast_object(ctx, path.read_bytes() if path and ctx.is_main else None)
+        saved = checkpoint.parse(blob, path) if blob is not None else None
         if saved is not None:
             checkpoint.check_compatible(saved, to_dict(cfg), ctx.world_size, path)
 
@@ -125,10 +127,25 @@ class Run:
         self.tracker.start(
             to_dict(cfg),
             to_yaml(cfg),
+            self.meta(),
             resumed=saved is not None,
             global_step=self.global_step,
             epochs_done=self.epoch,
         )
+
+    def meta(self) -> dict:
+        """Facts about the job that go with the config into the tracker."""
+        ctx = self.ctx
+        return {
+            "world_size": ctx.world_size,
+            "backend": ctx.backend,
+            "device": str(ctx.device),
+            "launcher": ctx.launcher,
+            "torch_version": str(torch.__version__),
+            "git_revision": checkpoint.git_revision(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "steps_per_epoch": self.steps_per_epoch,
+        }
 
     def state(self) -> dict:
         return {
@@ -144,7 +161,7 @@ class Run:
             "config": to_dict(self.cfg),
             "world_size": self.ctx.world_size,
             "run_id": self.tracker.run_id,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
             "git_revision": checkpoint.git_revision(),
         }
 
@@ -322,6 +339,13 @@ class Run:
         )
 
 
+def _is_collective_failure(e: Exception) -> bool:
+    text = str(e).lower()
+    return isinstance(e, torch.distributed.DistError) or any(
+        k in text for k in ("gloo", "nccl", "connection closed", "timed out", "connection reset")
+    )
+
+
 def _describe_collective_failure(e: Exception, timeout_s: float) -> DistributedError:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     if "timed out" in str(e).lower() or "timeout" in str(e).lower():
@@ -355,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         if (ctx.is_main if ctx else _env_rank() == 0) or getattr(e, "report_here", False):
             print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
-    except torch.distributed.DistError as e:
+    except (torch.distributed.DistError, RuntimeError) as e:
+        if not _is_collective_failure(e):
+            raise
         err = _describe_collective_failure(e, cfg.dist.timeout_s if cfg else 0)
         print(
             f"error (rank {ctx.rank if ctx else _env_rank()}): {err}", file=sys.stderr, flush=True

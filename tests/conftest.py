@@ -1,0 +1,96 @@
+"""Shared test fixtures: tiny IDX datasets, the real MNIST, and launching real training runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.mnist import FILES, write_idx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def real_mnist_root() -> Path:
+    return Path(os.environ.get("MNIST_ROOT", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    """The full MNIST (MNIST_ROOT, default ../shared/data); tests using it skip where absent."""
+    root = real_mnist_root()
+    if not (root / "MNIST" / "raw").is_dir():
+        pytest.skip(
+            f"real MNIST not found at {root}/MNIST/raw; set MNIST_ROOT to a directory "
+            "holding MNIST/raw"
+        )
+    return root
+
+
+def write_tiny_mnist(root: Path, n_train: int = 512, n_test: int = 128, seed: int = 0) -> Path:
+    """A small random dataset in MNIST's IDX layout under `root`/MNIST/raw."""
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        # Learnable: each class lights up its own band of rows, plus noise.
+        images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
+        for i, label in enumerate(labels):
+            images[i, 2 * label + 4 : 2 * label + 7, 4:24] = 250
+        write_idx(raw / FILES[(split, "images")], images)
+        write_idx(raw / FILES[(split, "labels")], labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory) -> Path:
+    return write_tiny_mnist(tmp_path_factory.mktemp("tiny-mnist"))
+
+
+def launch_cmd(nproc: int, args: list[str]) -> list[str]:
+    """`python -m pipeline.train ARGS`, under torchrun (standalone, free port) when nproc > 1."""
+    if nproc == 1:
+        return [sys.executable, "-m", "pipeline.train", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "pipeline.train",
+        *args,
+    ]
+
+
+def run_pipeline(
+    args: list[str],
+    nproc: int = 1,
+    env: dict | None = None,
+    timeout: float = 600,
+    extra_launcher_args: list[str] = (),
+) -> subprocess.CompletedProcess:
+    """Run the real entry point in fresh processes; returns the finished process (text output)."""
+    cmd = launch_cmd(nproc, args)
+    if extra_launcher_args:
+        cmd = cmd[:3] + list(extra_launcher_args) + cmd[3:]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env.setdefault("WANDB_MODE", "disabled")
+    return subprocess.run(
+        cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+TINY_ARGS = [
+    "train.epochs=1",
+    "train.batch_size=32",
+    "train.eval_batch_size=64",
+    "train.log_every=4",
+    "tracking.mode=disabled",
+    "data.download=false",
+]
