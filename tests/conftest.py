@@ -94,3 +94,16 @@ TINY_ARGS = [
     "tracking.mode=disabled",
     "data.download=false",
 ]
+
+
+def final_model(run_dir: Path) -> dict:
+    """The model state of the newest checkpoint in `run_dir`."""
+    from pipeline import checkpoint
+
+    found = checkpoint.list_checkpoints(Path(run_dir))
+    assert found, f"no checkpoint in {run_dir}"
+    return checkpoint.load(found[0])["model"]
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

@@ -1,0 +1,88 @@
+"""Config: YAML plus dotted overrides, typed and validated, with one-line errors."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import help_text, load_config, to_yaml, validate_for_world
+from pipeline.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path, [])
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 0.1\n  name: adam\ntrain:\n  epochs: 5\n")
+    cfg = load_config(f, ["optim.lr=0.05", "train.epochs=3", "data.root=/data",
+                          "data.download=false", "dist.timeout_s=30"])
+    assert cfg.optim.lr == 0.05 and cfg.optim.name == "adam"
+    assert cfg.train.epochs == 3 and cfg.data.root == "/data" and cfg.data.download is False
+    assert cfg.dist.timeout_s == 30.0
+    assert cfg.train.batch_size == 64  # untouched default
+
+
+def test_string_override_keeps_text_as_given():
+    cfg = load_config(None, ["train.run_dir=runs/007", "train.resume=none"])
+    assert cfg.train.run_dir == "runs/007" and cfg.train.resume == "none"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["optim.name=rmsprop", "model.kernel_size=3"])
+    (tmp_path / "r.yaml").write_text(to_yaml(cfg))
+    assert load_config(tmp_path / "r.yaml", []) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["optim.lrr=0.1"], "unknown config key optim.lrr"),
+        (["optimizer.lr=0.1"], "unknown config key optimizer.lr"),
+        (["optim.lr=-0.1"], "optim.lr: -0.1 is out of range"),
+        (["optim.lr=fast"], "optim.lr: 'fast' is not a valid float"),
+        (["optim.name=lbfgs"], "optim.name: 'lbfgs' is not allowed; choose one of: sgd, nesterov"),
+        (["train.epochs=2.5"], "train.epochs: '2.5' is not a valid int"),
+        (["train.epochs=0"], "train.epochs: 0 is out of range"),
+        (["data.download=maybe"], "data.download: 'maybe' is not a valid bool"),
+        (["train.precision=fp8"], "train.precision: 'fp8' is not allowed"),
+        (["lr=0.1"], "is not of the form section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_yaml_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(bad, [])
+    bad.write_text("optim:\n  momentum: 1.5\n")
+    with pytest.raises(ConfigError, match="optim.momentum: 1.5 is out of range"):
+        load_config(bad, [])
+    bad.write_text("trainer:\n  epochs: 1\n")
+    with pytest.raises(ConfigError, match="unknown config key trainer"):
+        load_config(bad, [])
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml", [])
+
+
+def test_batch_size_must_split_across_world_and_accumulation():
+    cfg = load_config(None, ["train.batch_size=64", "train.grad_accum=2"])
+    validate_for_world(cfg, 4)  # 64 = 4 ranks x 2 micro-steps x 8
+    with pytest.raises(ConfigError, match="train.batch_size: 64 cannot be split across 3 rank"):
+        validate_for_world(cfg, 3)
+
+
+def test_help_lists_every_key_with_default():
+    text = help_text()
+    for key in ("optim.lr = 0.05", "train.batch_size = 64", "train.resume = 'auto'",
+                "model.kernel_size = 5 [5|3]", "tracking.mode = 'auto'"):
+        assert key in text
