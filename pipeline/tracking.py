@@ -1,7 +1,10 @@
 """What a run reports: console lines, a progress bar, JSON-lines metrics, Weights & Biases.
 
 Only the main rank gets a `Tracker`; every other rank gets a `NullTracker` whose methods do
-nothing, so the training loop calls the tracker unconditionally and never checks its rank.
+nothing, so the training loop calls the tracker unconditionally and never checks its rank, and a
+job opens exactly one W&B run whatever its world size. The local files (config.yaml,
+metrics.jsonl, steps.jsonl, summary.json) are always written; W&B comes on top of them, and a
+W&B failure is one warning line after which training goes on without it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,17 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from pipeline import checkpoint
 from pipeline.dist import DistContext
+from pipeline.wandb_run import (
+    WandbMissing,
+    WandbRun,
+    WandbUnavailable,
+    describe,
+    new_run_id,
+    open_run,
+    resolve_mode,
+)
 
 
 class Progress:
@@ -55,6 +68,53 @@ class Progress:
             self.stream.flush()
 
 
+class StepWindow:
+    """Step records between two W&B rows, averaged over the optimizer steps they cover.
+
+    Step records arrive every train.log_every steps (and at epoch ends); a W&B row is made when
+    the global step reaches or passes a multiple of tracking.log_every, from every record since
+    the previous row, so no step is left out whatever the two intervals are.
+    """
+
+    def __init__(self, every: int, step: int, steps_per_epoch: int):
+        self.every, self.steps_per_epoch = every, max(1, steps_per_epoch)
+        self.last_step = self.logged_step = step
+        self._clear()
+
+    def _clear(self) -> None:
+        self.steps, self.loss_sum, self.step_seconds_per_image = 0, 0.0, 0.0
+        self.record: dict | None = None
+
+    def add(self, record: dict) -> tuple[int, dict] | None:
+        """Take one step record; return (step, row) when a multiple of `every` was reached."""
+        steps = max(1, record["step"] - self.last_step)
+        self.last_step = record["step"]
+        self.steps += steps
+        self.loss_sum += record["loss"] * steps
+        # Throughput over the window is total images over total time; with a fixed batch
+        # size that is steps / sum(steps_i / images_per_s_i).
+        self.step_seconds_per_image += steps / max(record["images_per_s"], 1e-9)
+        self.record = record
+        if record["step"] // self.every > self.logged_step // self.every:
+            return self.drain()
+        return None
+
+    def drain(self) -> tuple[int, dict] | None:
+        """(step, row) for the records not yet turned into a row; None when there are none."""
+        r = self.record
+        if r is None:
+            return None
+        row = {
+            "train/loss": self.loss_sum / self.steps,
+            "train/lr": r["lr"],
+            "train/images_per_s": self.steps / self.step_seconds_per_image,
+            "train/epoch": r["epoch"] - 1 + r["step_in_epoch"] / self.steps_per_epoch,
+        }
+        self.logged_step = r["step"]
+        self._clear()
+        return r["step"], row
+
+
 class NullTracker:
     """The tracker of ranks that do not report."""
 
@@ -74,6 +134,9 @@ class Tracker:
         self.run_dir, self.stream = run_dir, stream
         self.progress: Progress | None = None
         self.run_id: str | None = None
+        self.wandb: WandbRun | None = None
+        self.window: StepWindow | None = None
+        self.artifact = False
 
     def info(self, message: str) -> None:
         self.stream.write(message + "\n")
@@ -101,6 +164,68 @@ class Tracker:
         (self.run_dir / "config.yaml").write_text(config_yaml)
         self._trim("metrics.jsonl", lambda r: resumed and r["epoch"] <= epochs_done)
         self._trim("steps.jsonl", lambda r: resumed and r["step"] <= global_step)
+        self._start_wandb(config, meta, global_step)
+
+    def _start_wandb(self, config: dict, meta: dict, global_step: int) -> None:
+        """Open (or, with the checkpoint's run id, continue) the job's W&B run."""
+        t = config.get("tracking", {})
+        mode = resolve_mode(t.get("mode", "auto"))
+        if mode == "disabled":
+            return
+        self.artifact = bool(t.get("artifact", False))
+        # The id is chosen here, not by wandb, so that it is in the first checkpoint even
+        # when W&B cannot start now and a later attempt of the job can.
+        self.run_id = self.run_id or new_run_id()
+        args = dict(
+            run_dir=self.run_dir,
+            run_id=self.run_id,
+            project=t.get("project", "lenet-ddp"),
+            entity=t.get("entity", ""),
+            name=t.get("name", ""),
+            config={**config, "meta": {k: v for k, v in meta.items() if v is not None}},
+        )
+        try:
+            self.wandb = open_run(mode, **args)
+        except WandbUnavailable as e:
+            if mode != "online" or isinstance(e, WandbMissing):
+                self.warn(
+                    f"W&B logging is off: {e}; training goes on, results stay in {self.run_dir}"
+                )
+                return
+            # Online failed (no network, bad key, timeout): keep the metrics in an offline
+            # run that `wandb sync` uploads later.
+            try:
+                self.wandb = open_run("offline", **args)
+            except WandbUnavailable as e2:
+                self.warn(
+                    f"W&B logging is off: {e}, and offline too ({e2}); training goes on, "
+                    f"results stay in {self.run_dir}"
+                )
+                return
+            self.warn(f"{e}; logging offline instead: {self._sync_hint()}")
+        self.window = StepWindow(
+            t.get("log_every", 50), global_step, meta.get("steps_per_epoch", 1)
+        )
+        if self.wandb.mode == "online":
+            self.info(f"W&B run {self.run_id}: {self.wandb.url}")
+        else:
+            self.info(f"W&B offline run {self.run_id}: {self._sync_hint()}")
+
+    def _sync_hint(self) -> str:
+        return f"upload it with `wandb sync {self.run_dir}/wandb/offline-run-*`"
+
+    def _to_wandb(self, what: str, call, *args: Any, **kwargs: Any) -> None:
+        """Call the W&B run; on the first failure warn once and go on without W&B."""
+        if self.wandb is None:
+            return
+        try:
+            call(*args, **kwargs)
+        except Exception as e:
+            self.wandb = None
+            self.warn(
+                f"W&B logging stopped: {what} failed ({describe(e)}); training goes on, "
+                f"results stay in {self.run_dir}"
+            )
 
     def _trim(self, name: str, keep) -> None:
         """Rewrite a JSON-lines file with the records that `keep` accepts."""
@@ -125,6 +250,10 @@ class Tracker:
         if self.progress is not None:
             self.progress.update(record["step_in_epoch"], record["loss"], record["images_per_s"])
         self._append("steps.jsonl", record)
+        if self.wandb is not None and self.window is not None:
+            row = self.window.add(record)
+            if row is not None:
+                self._to_wandb("logging step metrics", self.wandb.log, row[1], step=row[0])
 
     def log_epoch(self, record: dict) -> None:
         """One record per epoch: the summary line and metrics.jsonl."""
@@ -138,10 +267,38 @@ class Tracker:
             f"time {record['epoch_time_s']:.1f}s  {record['images_per_s']:,.0f} img/s"
         )
         self._append("metrics.jsonl", record)
+        if self.wandb is not None:
+            row = {f"epoch/{k}": v for k, v in record.items() if k not in ("step", "test_count")}
+            self._to_wandb("logging epoch metrics", self.wandb.log, row, step=record["step"])
 
     def finish(self, summary: dict) -> None:
+        """Write summary.json; give W&B the summary and the final checkpoint, then close it."""
         with open(self.run_dir / "summary.json", "w") as f:
             json.dump(summary, f, indent=2)
+        if self.wandb is None:
+            return
+        self._to_wandb("writing the summary", self.wandb.summary, summary)
+        if self.artifact:
+            found = checkpoint.list_checkpoints(self.run_dir)
+            if found:
+                self._to_wandb(
+                    "logging the checkpoint artifact", self.wandb.log_checkpoint, found[0], summary
+                )
+        self.close()
+
+    def close(self, exit_code: int = 0) -> None:
+        """Send the step records not yet in a W&B row, and finish the run.
+
+        When training stops without calling this (a preemption, an error), wandb finishes the
+        run at process exit; only the steps since the last row are then missing from W&B.
+        """
+        if self.wandb is None:
+            return
+        row = self.window.drain() if self.window is not None else None
+        if row is not None:
+            self._to_wandb("logging step metrics", self.wandb.log, row[1], step=row[0])
+        self._to_wandb("finishing the run", self.wandb.finish, exit_code)
+        self.wandb = None
 
 
 def make_tracker(ctx: DistContext, run_dir: Path) -> Tracker | NullTracker:

@@ -1,0 +1,377 @@
+"""Experiment tracking: the W&B mode, one offline run per job read back from its files, resume by
+run id, and training that goes on unchanged when W&B is disabled, missing or failing."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import types
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY_ARGS, assert_ok, run_pipeline
+
+from pipeline import checkpoint
+from pipeline.tracking import StepWindow, Tracker
+from pipeline.wandb_run import INIT_TIMEOUT_S, has_credentials, resolve_mode
+
+# -- reading a .wandb file back -------------------------------------------------------------
+# An offline run's run-<id>.wandb is a LevelDB-style log (a 7-byte ":W&B" header, then 32 KiB
+# blocks of records, each a 7-byte header and a chunk) of wandb's own protobuf `Record`s.
+_BLOCK, _HEADER = 32768, 7
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def wandb_records(path: Path) -> list:
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    records, pos, payload = [], _HEADER, b""
+    while pos + _HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _HEADER:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
+        if kind == 0:
+            pos += left
+            continue
+        chunk = data[pos + _HEADER : pos + _HEADER + length]
+        pos += _HEADER + length
+        payload = chunk if kind in (_FULL, _FIRST) else payload + chunk
+        if kind in (_FULL, _LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            records.append(record)
+    return records
+
+
+def _items(update) -> dict:
+    """A history/summary/config update as {dotted key: value}."""
+    out = {}
+    for item in update:
+        key = ".".join(item.nested_key) if item.nested_key else item.key
+        out[key] = json.loads(item.value_json)
+    return out
+
+
+class OfflineRun:
+    """What one offline run directory holds: id, config, history rows by step, summary, exit."""
+
+    def __init__(self, run_dir: Path):
+        (file,) = run_dir.glob("run-*.wandb")
+        self.dir, self.config, self.history, self.summary = run_dir, {}, {}, {}
+        self.id, self.exit_code = None, None
+        for r in wandb_records(file):
+            kind = r.WhichOneof("record_type")
+            if kind == "run":
+                self.id = r.run.run_id
+                self.config.update(_items(r.run.config.update))
+            elif kind == "config":
+                self.config.update(_items(r.config.update))
+            elif kind == "history":
+                self.history[r.history.step.num] = _items(r.history.item)
+            elif kind == "summary":
+                self.summary.update(_items(r.summary.update))
+            elif kind == "exit":
+                self.exit_code = r.exit.exit_code
+
+
+def offline_runs(run_dir: Path) -> list[OfflineRun]:
+    return [OfflineRun(d) for d in sorted((run_dir / "wandb").glob("offline-run-*"))]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def wandb_env(tmp: Path) -> dict:
+    """Keep wandb's settings, cache and staging files out of the home directory."""
+    return {
+        "WANDB_CONFIG_DIR": str(tmp / "wandb-config"),
+        "WANDB_CACHE_DIR": str(tmp / "wandb-cache"),
+        "WANDB_DATA_DIR": str(tmp / "wandb-data"),
+    }
+
+
+def warnings(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("warning:")]
+
+
+# -- choosing the mode ----------------------------------------------------------------------
+def test_mode_auto_is_online_only_with_credentials(tmp_path):
+    no_netrc = {"NETRC": str(tmp_path / "none")}
+    assert resolve_mode("auto", no_netrc) == "offline"
+    assert resolve_mode("auto", {**no_netrc, "WANDB_API_KEY": "k" * 40}) == "online"
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    assert has_credentials({"NETRC": str(netrc)})
+    assert resolve_mode("auto", {"NETRC": str(netrc)}) == "online"
+    # A key for another server does not count for the one in WANDB_BASE_URL.
+    other = {"NETRC": str(netrc), "WANDB_BASE_URL": "https://wandb.example.org"}
+    assert resolve_mode("auto", other) == "offline"
+    # A WANDB_MODE the user exported is honoured by auto; an explicit tracking.mode wins.
+    assert resolve_mode("auto", {**no_netrc, "WANDB_MODE": "disabled"}) == "disabled"
+    assert resolve_mode("offline", {"WANDB_API_KEY": "k" * 40}) == "offline"
+    assert resolve_mode("disabled", {"WANDB_MODE": "online"}) == "disabled"
+
+
+def test_importing_the_package_does_not_import_wandb_or_matplotlib():
+    code = (
+        "import sys, pipeline.train, pipeline.tracking, pipeline.wandb_run, pipeline.report\n"
+        "print(sorted(m for m in ('wandb', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+# -- step rows ------------------------------------------------------------------------------
+def test_step_rows_average_every_record_since_the_last_row():
+    window = StepWindow(every=5, step=0, steps_per_epoch=10)
+    rows = []
+    for step, loss, ips in [(2, 4.0, 100.0), (4, 2.0, 300.0), (6, 1.0, 200.0), (8, 3.0, 100.0)]:
+        rec = {"step": step, "epoch": 1, "step_in_epoch": step, "loss": loss, "lr": 0.1}
+        rows.append(window.add({**rec, "images_per_s": ips}))
+    # Nothing until the step passes 5; then the mean over steps 1-6 of all three records.
+    assert rows[:2] == [None, None] and rows[3] is None
+    step, row = rows[2]
+    assert step == 6
+    assert row["train/loss"] == pytest.approx((4.0 + 2.0 + 1.0) / 3)
+    # Same images per step: total images / total time = 6 / (2/100 + 2/300 + 2/200).
+    assert row["train/images_per_s"] == pytest.approx(6 / (2 / 100 + 2 / 300 + 2 / 200))
+    assert row["train/epoch"] == pytest.approx(0.6)
+    # What is left when training ends goes out as a last row at its own step.
+    assert window.drain()[0] == 8 and window.drain() is None
+
+
+# -- the tracker with a stand-in wandb ------------------------------------------------------
+class FakeRun:
+    def __init__(self, kwargs: dict, fail_log_at: int | None):
+        self.kwargs, self.id, self.fail_log_at = kwargs, kwargs["id"], fail_log_at
+        self.dir = str(Path(kwargs["dir"]) / "wandb" / f"offline-run-x-{self.id}" / "files")
+        self.url, self.starting_step, self.summary = None, 0, {}
+        self.rows, self.artifacts, self.finished = [], [], None
+
+    def define_metric(self, *args, **kwargs):
+        pass
+
+    def log(self, row, step):
+        if step == self.fail_log_at:
+            raise ConnectionError("stream closed\nsecond line")
+        self.rows.append((step, row))
+
+    def log_artifact(self, artifact, aliases):
+        self.artifacts.append(artifact)
+
+    def finish(self, exit_code=0):
+        self.finished = exit_code
+
+
+def fake_wandb(fail_online: bool = False, fail_log_at: int | None = None):
+    module = types.ModuleType("wandb")
+    module.runs, module.run = [], None
+
+    def init(**kwargs):
+        if fail_online and kwargs["mode"] == "online":
+            raise TimeoutError("Run initialization has timed out after 30.0 sec.\nmore")
+        module.runs.append(FakeRun(kwargs, fail_log_at))
+        return module.runs[-1]
+
+    class Artifact:
+        def __init__(self, name, type, metadata):
+            self.name, self.files = name, []
+
+        def add_file(self, path, name):
+            self.files.append(path)
+
+    module.init, module.Settings, module.Artifact = init, lambda **kw: kw, Artifact
+    module.finish = lambda exit_code=None: None
+    return module
+
+
+def tiny_config(mode: str, **tracking) -> dict:
+    t = {"mode": mode, "project": "p", "entity": "", "name": "", "log_every": 4, "artifact": False}
+    return {"train": {"epochs": 1}, "tracking": {**t, **tracking}}
+
+
+def drive(tracker: Tracker, config: dict, steps=range(2, 17, 2), resumed_at: int = 0) -> None:
+    """What train.py does: start, step records every 2 steps, an epoch record, finish."""
+    meta = {"world_size": 2, "steps_per_epoch": 16}
+    tracker.start(config, "x: 1\n", meta, resumed_at > 0, resumed_at, 0)
+    for s in steps:
+        tracker.log_step(
+            {"step": s, "epoch": 1, "step_in_epoch": s, "loss": 1.0 / s, "lr": 0.1}
+            | {"images_per_s": 1000.0, "time_s": 0.0}
+        )
+    tracker.log_epoch(
+        {"epoch": 1, "step": 16, "train_loss": 0.5, "test_loss": 0.4, "test_accuracy": 0.9}
+        | {"test_count": 128, "epoch_time_s": 1.0, "images_per_s": 1000.0, "lr": 0.1}
+    )
+    tracker.finish({"final_accuracy": 0.9, "best_accuracy": 0.9, "epochs": 1, "global_step": 16})
+
+
+def test_unreachable_server_falls_back_to_offline_with_one_warning(tmp_path, monkeypatch, capsys):
+    wandb = fake_wandb(fail_online=True)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
+    tracker = Tracker(tmp_path)
+    drive(tracker, tiny_config("online"))
+    (run,) = wandb.runs
+    assert run.kwargs["mode"] == "offline" and run.kwargs["dir"] == str(tmp_path)
+    assert run.kwargs["settings"]["init_timeout"] == INIT_TIMEOUT_S <= 30
+    assert run.kwargs["id"] == tracker.run_id and run.kwargs["resume"] == "allow"
+    (warning,) = warnings(capsys.readouterr().err)
+    assert "timed out" in warning and "wandb sync" in warning and "more" not in warning
+    assert [s for s, _ in run.rows if "train/loss" in _] == [4, 8, 12, 16]
+    assert run.summary["best_accuracy"] == 0.9 and run.finished == 0
+
+
+def test_a_failing_log_call_stops_wandb_once_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    wandb = fake_wandb(fail_log_at=8)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    tracker = Tracker(tmp_path)
+    drive(tracker, tiny_config("offline"))
+    (run,) = wandb.runs
+    assert [s for s, _ in run.rows] == [4]  # nothing is sent after the failure
+    (warning,) = warnings(capsys.readouterr().err)
+    assert "W&B logging stopped" in warning and "stream closed" in warning
+    assert [r["step"] for r in read_jsonl(tmp_path / "steps.jsonl")] == list(range(2, 17, 2))
+    assert json.loads((tmp_path / "summary.json").read_text())["final_accuracy"] == 0.9
+
+
+def test_resume_continues_the_run_id_from_the_checkpoint(tmp_path, monkeypatch):
+    wandb = fake_wandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    tracker = Tracker(tmp_path)
+    tracker.run_id = "abc12345"  # what train.py restores from the checkpoint
+    drive(tracker, tiny_config("offline"), steps=range(10, 17, 2), resumed_at=8)
+    (run,) = wandb.runs
+    assert run.kwargs["id"] == "abc12345" and tracker.run_id == "abc12345"
+    # Rows continue from the checkpoint's step; the first covers steps 9-12 only.
+    assert [s for s, r in run.rows if "train/loss" in r] == [12, 16]
+    assert run.rows[0][1]["train/loss"] == pytest.approx((1 / 10 + 1 / 12) / 2)
+
+
+def test_artifact_is_the_newest_checkpoint(tmp_path, monkeypatch):
+    wandb = fake_wandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    for step in (8, 16):
+        (tmp_path / checkpoint.checkpoint_name(step)).write_bytes(b"x")
+    drive(Tracker(tmp_path), tiny_config("offline", artifact=True))
+    (artifact,) = wandb.runs[0].artifacts
+    assert artifact.files == [str(tmp_path / checkpoint.checkpoint_name(16))]
+
+
+def test_disabled_never_starts_wandb(tmp_path, monkeypatch, capsys):
+    wandb = fake_wandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    tracker = Tracker(tmp_path)
+    drive(tracker, tiny_config("disabled"))
+    assert wandb.runs == [] and tracker.run_id is None
+    assert warnings(capsys.readouterr().err) == []
+
+
+# -- real jobs ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def offline_job(tiny_mnist, tmp_path_factory):
+    """A 2-rank offline job stopped at step 8, then resumed in the same run dir to the end."""
+    pytest.importorskip("wandb", reason="the offline-run tests need wandb: pip install -e .[wandb]")
+    tmp = tmp_path_factory.mktemp("offline-job")
+    run_dir = tmp / "run"
+    args = [
+        *TINY_ARGS,
+        f"data.root={tiny_mnist}",
+        f"train.run_dir={run_dir}",
+        "train.log_every=2",
+        "tracking.mode=offline",
+        "tracking.log_every=4",
+    ]
+    first = run_pipeline([*args, "train.max_steps=8"], nproc=2, env=wandb_env(tmp))
+    assert_ok(first)
+    after_first = {
+        "runs": offline_runs(run_dir),
+        "metrics": read_jsonl(run_dir / "metrics.jsonl"),
+        "steps": read_jsonl(run_dir / "steps.jsonl"),
+        "summary": json.loads((run_dir / "summary.json").read_text()),
+        "run_id": checkpoint.load(checkpoint.list_checkpoints(run_dir)[0])["run_id"],
+    }
+    second = run_pipeline(args, nproc=2, env=wandb_env(tmp))
+    assert_ok(second)
+    return run_dir, first, after_first, second
+
+
+def test_two_rank_job_writes_one_offline_run_with_config_and_metrics(offline_job):
+    run_dir, first, after, _ = offline_job
+    (run,) = after["runs"]  # one run for the job, whatever the world size
+    assert run.id == after["run_id"] and run.exit_code == 0
+    assert warnings(first.stderr) == []
+    assert f"wandb sync {run_dir}/wandb/offline-run-*" in first.stdout
+    # The resolved config and the job's facts.
+    assert run.config["train"]["max_steps"] == 8 and run.config["tracking"]["mode"] == "offline"
+    assert run.config["meta"]["world_size"] == 2 and run.config["meta"]["backend"] == "gloo"
+    # Step rows every tracking.log_every=4 steps, each the mean of the two 2-step records.
+    loss = {r["step"]: r["loss"] for r in after["steps"]}
+    assert sorted(s for s, row in run.history.items() if "train/loss" in row) == [4, 8]
+    for step in (4, 8):
+        assert run.history[step]["train/loss"] == pytest.approx((loss[step - 2] + loss[step]) / 2)
+        assert run.history[step]["train/lr"] > 0 and run.history[step]["train/images_per_s"] > 0
+    # The epoch record at its global step, and the summary.
+    (epoch,) = after["metrics"]
+    assert run.history[8]["epoch/test_accuracy"] == epoch["test_accuracy"]
+    assert run.history[8]["epoch/epoch"] == 1
+    assert run.summary["best_accuracy"] == after["summary"]["best_accuracy"]
+    assert run.summary["final_accuracy"] == after["summary"]["final_accuracy"]
+
+
+def test_resumed_job_continues_the_same_run(offline_job):
+    run_dir, _, after, second = offline_job
+    assert "resumed from" in second.stdout and warnings(second.stderr) == []
+    runs = offline_runs(run_dir)
+    assert len(runs) == 2 and {r.id for r in runs} == {after["run_id"]}
+    final = checkpoint.load(checkpoint.list_checkpoints(run_dir)[0])
+    assert final["run_id"] == after["run_id"] and final["global_step"] == 16
+    # The second part logs where the first stopped: steps 12 and 16, never back at 0.
+    resumed = runs[1].history
+    assert sorted(s for s, row in resumed.items() if "train/loss" in row) == [12, 16]
+    (epoch,) = read_jsonl(run_dir / "metrics.jsonl")
+    assert resumed[16]["epoch/test_accuracy"] == epoch["test_accuracy"]
+
+
+def _comparable(records: list[dict], timing: tuple[str, ...]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in timing} for r in records]
+
+
+def test_missing_wandb_leaves_training_unaffected(tiny_mnist, tmp_path):
+    args = [*TINY_ARGS, f"data.root={tiny_mnist}"]
+    # A `wandb` that cannot be imported, first on the path.
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "wandb.py").write_text("raise ImportError('No module named wandb')\n")
+    missing_env = {**wandb_env(tmp_path), "PYTHONPATH": os.pathsep.join([str(shadow), str(REPO)])}
+    # The two single-process runs are independent: run them side by side.
+    with ThreadPoolExecutor(2) as pool:
+        off = pool.submit(run_pipeline, [*args, f"train.run_dir={tmp_path / 'off'}"])
+        proc = pool.submit(
+            run_pipeline,
+            [*args, f"train.run_dir={tmp_path / 'missing'}", "tracking.mode=offline"],
+            env=missing_env,
+        ).result()
+        assert_ok(off.result())
+    assert_ok(proc)
+    (warning,) = warnings(proc.stderr)
+    assert "wandb cannot be imported" in warning and "pip install -e .[wandb]" in warning
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "missing" / "wandb").exists()
+    timing = ("epoch_time_s", "images_per_s", "time_s")
+    for name in ("metrics.jsonl", "steps.jsonl"):
+        off, missing = (read_jsonl(tmp_path / d / name) for d in ("off", "missing"))
+        assert off and _comparable(off, timing) == _comparable(missing, timing)
+    off, missing = (
+        json.loads((tmp_path / d / "summary.json").read_text()) for d in ("off", "missing")
+    )
+    assert off["final_accuracy"] == missing["final_accuracy"]
