@@ -1,8 +1,11 @@
 """Rank, world and rendezvous address of a process started by SLURM's srun (no torchrun).
 
-Maps SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID and the step's task and node lists to what the
-process group needs, sets MASTER_ADDR/MASTER_PORT when the batch script has not, and fails
-fast with one line on settings that would otherwise hang at the rendezvous.
+`detect(env)` maps the step's SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID, SLURM_STEP_NUM_TASKS,
+SLURM_STEP_TASKS_PER_NODE and SLURM_STEP_NODELIST to what the process group needs, and exports
+MASTER_ADDR (the step's first host) and MASTER_PORT (20000 + SLURM_JOB_ID % 10000, so that two
+jobs on one node do not clash) unless the batch script set them. Settings that would otherwise
+hang at the rendezvous or fail later on one rank (uneven tasks per node, more tasks on a node
+than GPUs, a first host that does not resolve) fail at once with one line that says what to do.
 """
 
 from __future__ import annotations
@@ -13,19 +16,42 @@ import socket
 
 from pipeline.errors import DistributedError
 
+PORT_BASE, PORT_SPAN = 20000, 10000
+# One host pattern, e.g. "gpu[01-04,07]-ib"; a host list is such patterns joined by commas.
+_HOST = r"(?:[^,\[\]]+|\[[^\[\]]*\])+"
+_HOSTLIST = re.compile(rf"{_HOST}(?:,{_HOST})*")
+
+
+def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
+    """'01,03-04' -> ['01', '03', '04'] (zero padding kept)."""
+    out: list[str] = []
+    for part in ranges.split(","):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise DistributedError(
+                f"cannot read the SLURM host list {nodelist!r}; set MASTER_ADDR to the first "
+                "host of the job"
+            )
+        out += [f"{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
 
 def expand_hostlist(nodelist: str) -> list[str]:
     """Expand SLURM's compressed host list, e.g. 'n[1-2],gpu[01,03-04]' -> ['n1', 'n2', ...]."""
+    if not _HOSTLIST.fullmatch(nodelist):
+        raise DistributedError(
+            f"cannot read the SLURM host list {nodelist!r}; set MASTER_ADDR to the first host "
+            "of the job"
+        )
     hosts: list[str] = []
-    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
-        if plain:
-            hosts.append(plain)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            width = len(lo)
-            for i in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{i:0{width}d}")
+    for item in re.findall(_HOST, nodelist):
+        names = [""]
+        for text, ranges in re.findall(r"([^\[]+)|\[([^\]]*)\]", item):
+            if text:
+                names = [name + text for name in names]
+            else:
+                names = [name + n for name in names for n in _expand_ranges(ranges, nodelist)]
+        hosts += names
     return hosts
 
 
@@ -35,61 +61,97 @@ def tasks_per_node(spec: str) -> list[int]:
     for part in spec.split(","):
         m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
         if not m:
-            raise DistributedError(f"cannot read SLURM task counts {spec!r}")
+            raise DistributedError(f"cannot read the SLURM task counts {spec!r}")
         counts += [int(m.group(1))] * int(m.group(2) or 1)
     return counts
 
 
-def detect(env: dict) -> dict | None:
-    """The distributed identity of an srun task, or None when this is not an srun step."""
-    if "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
-        return None
-    world = int(env["SLURM_STEP_NUM_TASKS"])
-    if world <= 1:
-        return None
-    node_id = int(env.get("SLURM_NODEID", "0"))
-    nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1")))
-    per_node = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", str(world)))
-    if len(per_node) != nodes or sum(per_node) != world:
-        raise DistributedError(
-            f"SLURM step has {world} tasks on {nodes} node(s) laid out as "
-            f"{env.get('SLURM_STEP_TASKS_PER_NODE')}; use --ntasks-per-node so every node runs "
-            "the same number of tasks"
-        )
-    if len(set(per_node)) != 1:
-        raise DistributedError(
-            f"SLURM tasks are not divisible by nodes ({per_node} tasks per node); use "
-            "--ntasks-per-node so every node runs the same number of tasks"
-        )
-    local_world = per_node[node_id]
-    gpus = env.get("CUDA_VISIBLE_DEVICES") or env.get("SLURM_STEP_GPUS") or ""
-    n_gpus = len([g for g in gpus.split(",") if g.strip()])
-    if n_gpus and local_world > n_gpus:
-        raise DistributedError(
-            f"SLURM starts {local_world} tasks on node {node_id} but it has {n_gpus} GPU(s); "
-            "use --ntasks-per-node equal to --gpus-per-node"
-        )
-    master_addr = env.get("MASTER_ADDR")
-    if not master_addr:
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
-        hosts = expand_hostlist(nodelist)
-        if not hosts:
-            raise DistributedError("SLURM_JOB_NODELIST is empty; set MASTER_ADDR")
-        master_addr = hosts[0]
+def visible_gpus(env: dict) -> int:
+    """GPUs this task may use: CUDA_VISIBLE_DEVICES, else the step's GPUs; 0 when none."""
+    for name in ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS"):
+        value = env.get(name)
+        if value is not None:
+            # Device indices, GPU-/MIG- UUIDs; SLURM writes "NoDevFiles" where there are none.
+            return len([d for d in value.split(",") if re.fullmatch(r"\d+|GPU-.+|MIG-.+", d)])
+    return 0
+
+
+def _int(env: dict, name: str, default: int | None = None) -> int:
+    value = env.get(name)
+    if value is None and default is not None:
+        return default
     try:
-        socket.getaddrinfo(master_addr, None)
+        return int(value)
+    except (TypeError, ValueError) as e:
+        raise DistributedError(
+            f"SLURM variable {name}={value!r} is not an integer; start the tasks with srun "
+            "and leave the SLURM_* variables as srun sets them"
+        ) from e
+
+
+def rendezvous(env: dict) -> tuple[str, str]:
+    """MASTER_ADDR and MASTER_PORT for an srun step: set ones win, else derived from SLURM."""
+    addr = env.get("MASTER_ADDR")
+    if not addr:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+        if not nodelist:
+            raise DistributedError(
+                "SLURM_STEP_NODELIST and SLURM_JOB_NODELIST are empty; set MASTER_ADDR to "
+                "the first host of the job"
+            )
+        addr = expand_hostlist(nodelist)[0]
+    try:
+        socket.getaddrinfo(addr, None)
     except OSError as e:
         raise DistributedError(
-            f"the first host of the job, {master_addr!r}, does not resolve "
-            "on this node; set MASTER_ADDR to an address all nodes reach"
+            f"the job's first host {addr!r} does not resolve on {socket.gethostname()}; set "
+            "MASTER_ADDR to an address of that host that every node can reach"
         ) from e
-    master_port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 10000)
-    os.environ["MASTER_ADDR"] = master_addr
-    os.environ["MASTER_PORT"] = master_port
+    port = env.get("MASTER_PORT") or str(PORT_BASE + _int(env, "SLURM_JOB_ID", 0) % PORT_SPAN)
+    return addr, port
+
+
+def detect(env: dict) -> dict | None:
+    """The distributed identity of an srun task, or None when this is not a multi-task step.
+
+    Returns rank, local_rank, world_size, local_world_size and node_rank, and exports
+    MASTER_ADDR and MASTER_PORT for the process group's env:// rendezvous.
+    """
+    if "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
+        return None  # not an srun task (a batch script itself, salloc, or no SLURM at all)
+    world = _int(env, "SLURM_STEP_NUM_TASKS")
+    if world <= 1:
+        return None
+    node = _int(env, "SLURM_NODEID", 0)
+    nodes = _int(env, "SLURM_STEP_NUM_NODES", _int(env, "SLURM_NNODES", 1))
+    layout = env.get("SLURM_STEP_TASKS_PER_NODE", str(world))
+    per_node = tasks_per_node(layout)
+    if len(per_node) != nodes or sum(per_node) != world or not 0 <= node < nodes:
+        raise DistributedError(
+            f"SLURM step of {world} tasks on {nodes} node(s) has tasks per node {layout!r} and "
+            f"node id {node}, which do not add up; start the tasks with srun in a job "
+            "submitted with --ntasks-per-node"
+        )
+    if len(set(per_node)) != 1:
+        counts = ",".join(map(str, per_node))
+        raise DistributedError(
+            f"SLURM started {world} tasks on {nodes} nodes ({counts} per node): tasks are not "
+            "divisible by nodes; use --ntasks-per-node so that every node runs as many tasks"
+        )
+    local_world = per_node[node]
+    gpus = visible_gpus(env)
+    if gpus and local_world > gpus:
+        raise DistributedError(
+            f"SLURM starts {local_world} tasks on node {node} but they see {gpus} GPU(s); "
+            "use --ntasks-per-node equal to --gpus-per-node (and no --gpus-per-task or "
+            "--gpu-bind, so that every task sees all GPUs of its node)"
+        )
+    addr, port = rendezvous(env)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port
     return {
-        "rank": int(env["SLURM_PROCID"]),
-        "local_rank": int(env.get("SLURM_LOCALID", "0")),
+        "rank": _int(env, "SLURM_PROCID"),
+        "local_rank": _int(env, "SLURM_LOCALID", 0),
         "world_size": world,
         "local_world_size": local_world,
-        "node_rank": node_id,
+        "node_rank": node,
     }
