@@ -77,14 +77,16 @@ missing=()
 for cmd in munged mungekey munge slurmctld slurmd sbatch srun scontrol; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
 done
+PACKAGES="slurmctld slurmd slurm-client munge"
 if [ "${#missing[@]}" -gt 0 ]; then
-  [ "$INSTALL" = 1 ] || die "missing ${missing[*]} and SLURM_TEST_INSTALL=0; install slurmctld slurmd slurm-client munge"
-  [ "$(id -u)" = 0 ] || die "missing ${missing[*]}; run as root to install them, or install slurmctld slurmd slurm-client munge"
+  [ "$INSTALL" = 1 ] || die "missing ${missing[*]} and SLURM_TEST_INSTALL=0; install $PACKAGES"
+  [ "$(id -u)" = 0 ] || die "missing ${missing[*]}; install $PACKAGES (or run this as root)"
   command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install them"
-  log "installing slurmctld slurmd slurm-client munge (apt-get, no recommends)"
+  log "installing $PACKAGES (apt-get, no recommends)"
   apt-get update -qq >/dev/null || die "apt-get update failed"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    slurmctld slurmd slurm-client munge >/dev/null || die "apt-get install failed"
+  # shellcheck disable=SC2086 # one argument per package
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $PACKAGES \
+    >/dev/null || die "apt-get install failed"
 fi
 
 # -- helpers ------------------------------------------------------------------------------
@@ -118,7 +120,7 @@ if healthy; then
   echo "export SLURM_CONF=$CONF"
   exit 0
 fi
-if [ -d "$ROOT/run" ] || [ -d "$ROOT/munge/run" ]; then
+if compgen -G "$ROOT/run/*.pid" >/dev/null || [ -e "$ROOT/munge/run/munged.pid" ]; then
   log "a stale, partial or differently configured cluster is under $ROOT: stopping it first"
   SLURM_TEST_ROOT=$ROOT "$HERE/down.sh" >&2 || true
 fi
@@ -226,7 +228,8 @@ if [ "$GPUS" -gt 0 ]; then
   for n in "${NODE_NAMES[@]}"; do
     mkdir -p "$ROOT/dev/$n"
     for g in $(seq 0 $((GPUS - 1))); do
-      mknod "$ROOT/dev/$n/nvidia$g" c 1 3 || die "mknod failed (root needed for fake GPUs; or SLURM_TEST_GPUS=0)"
+      mknod "$ROOT/dev/$n/nvidia$g" c 1 3 ||
+        die "mknod failed: fake GPUs need root; or set SLURM_TEST_GPUS=0"
     done
     echo "NodeName=$n Name=gpu File=$ROOT/dev/$n/nvidia[0-$((GPUS - 1))]" >>"$ROOT/etc/gres.conf"
   done
