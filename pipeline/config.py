@@ -225,7 +225,31 @@ def _sections() -> dict[str, type]:
     return {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 
-def _convert(key: str, f: dataclasses.Field, value: Any, from_cli: bool) -> Any:
+_BOOLS = {
+    "true": True,
+    "yes": True,
+    "on": True,
+    "1": True,
+    "false": False,
+    "no": False,
+    "off": False,
+    "0": False,
+}
+
+
+def _parse_cli_scalar(text: str) -> Any:
+    """A command-line value as bool, int or float where it reads as one (1e-3 included)."""
+    if text.lower() in _BOOLS and not text.isdigit():
+        return _BOOLS[text.lower()]
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _convert(key: str, f: dataclasses.Field, value: Any) -> Any:
     """Convert one raw value to the field's type, or raise ConfigError naming the key."""
     kind = f.type if isinstance(f.type, str) else f.type.__name__
     bad = ConfigError(f"config key {key}: {value!r} is not a valid {kind}")
@@ -233,8 +257,9 @@ def _convert(key: str, f: dataclasses.Field, value: Any, from_cli: bool) -> Any:
         if value is None or isinstance(value, (dict, list)):
             raise bad
         return str(value)
-    if from_cli and isinstance(value, str):
-        value = yaml.safe_load(value) if value.strip() else value
+    if isinstance(value, str):
+        # Command-line values arrive as text, and YAML reads 1e-3 (no dot) as text too.
+        value = _parse_cli_scalar(value.strip())
     if kind == "bool":
         if isinstance(value, bool):
             return value
@@ -269,15 +294,15 @@ def _unknown(key: str, known: list[str]) -> ConfigError:
     )
 
 
-def _build(raw: dict[str, dict[str, tuple[Any, bool]]]) -> Config:
+def _build(raw: dict[str, dict[str, Any]]) -> Config:
     sections = {}
     for name, cls in _sections().items():
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
-        for key, (value, from_cli) in raw.get(name, {}).items():
+        for key, value in raw.get(name, {}).items():
             if key not in fields:
                 raise _unknown(f"{name}.{key}", [f"{name}.{k}" for k in fields])
-            values[key] = _convert(f"{name}.{key}", fields[key], value, from_cli)
+            values[key] = _convert(f"{name}.{key}", fields[key], value)
             _check(f"{name}.{key}", fields[key], values[key])
         sections[name] = cls(**values)
     return Config(**sections)
@@ -305,7 +330,7 @@ def _read_yaml(path: Path) -> dict:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Load a YAML file (optional) and apply dotted `section.key=value` overrides."""
-    raw: dict[str, dict[str, tuple[Any, bool]]] = {}
+    raw: dict[str, dict[str, Any]] = {}
     if path is not None:
         for section, values in _read_yaml(Path(path)).items():
             if section not in _sections():
@@ -314,7 +339,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
                 raise ConfigError(
                     f"config file {path}: section {section} must be a mapping of keys to values"
                 )
-            raw[section] = {str(k): (v, False) for k, v in values.items()}
+            raw[section] = {str(k): v for k, v in values.items()}
     for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, name = key.strip().partition(".")
@@ -325,7 +350,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             )
         if section not in _sections():
             raise _unknown(key, list(_sections()))
-        raw.setdefault(section, {})[name] = (value, True)
+        raw.setdefault(section, {})[name] = value
     return _build(raw)
 
 

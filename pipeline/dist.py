@@ -127,7 +127,7 @@ def init(ctx: DistContext, device: str, backend: str, timeout_s: float) -> DistC
     else:
         dist.init_process_group(
             ctx.backend,
-            init_method="env://",
+            store=_rendezvous_store(ctx, timeout),
             rank=ctx.rank,
             world_size=ctx.world_size,
             timeout=timeout,
@@ -141,6 +141,32 @@ def init(ctx: DistContext, device: str, backend: str, timeout_s: float) -> DistC
         else dist.group.WORLD
     )
     return ctx
+
+
+def _rendezvous_store(ctx: DistContext, timeout: timedelta) -> dist.Store:
+    """The TCP store at MASTER_ADDR:MASTER_PORT, with keys kept apart per torchrun restart.
+
+    Under torchrun the agent hosts the store and keeps it across restarts of the worker group;
+    without a per-attempt prefix, restarted workers can read their predecessors' addresses and
+    fail to connect. Elsewhere (srun, plain env) rank 0 hosts it.
+    """
+    try:
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except (KeyError, ValueError) as e:
+        raise DistributedError(
+            "MASTER_ADDR and MASTER_PORT must name the rendezvous host and port; launch with "
+            "torchrun or srun, or set them"
+        ) from e
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        host,
+        port,
+        ctx.world_size,
+        is_master=ctx.rank == 0 and not agent_hosts,
+        timeout=timeout,
+        wait_for_workers=False,
+    )
+    return dist.PrefixStore(f"lenet-ddp/attempt-{restart_count()}", store)
 
 
 def shutdown() -> None:

@@ -360,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ctx: dist.DistContext | None = None
     cfg: Config | None = None
+    run: Run | None = None
     try:
         cfg = load_config(args.config, args.overrides)
         ctx = dist.detect()
@@ -370,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         run.loop()
         return 0
     except Preempted as e:
+        run.tracker.close(e.exit_code)
         return e.exit_code
     except dist.PeerFailed as e:
         return e.exit_code
@@ -378,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         # happened.
         if (ctx.is_main if ctx else _env_rank() == 0) or getattr(e, "report_here", False):
             print(f"error: {e}", file=sys.stderr, flush=True)
+        if run is not None:
+            run.tracker.close(e.exit_code)
         return e.exit_code
     except (torch.distributed.DistError, RuntimeError) as e:
         if not _is_collective_failure(e):

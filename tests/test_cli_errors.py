@@ -5,8 +5,9 @@ import shutil
 
 import pytest
 
-from conftest import TINY_ARGS, run_pipeline
 from pipeline.errors import EXIT_CONFIG, EXIT_DATA
+
+from conftest import TINY_ARGS, run_pipeline
 
 
 def _our_error_lines(stderr: str) -> list[str]:
