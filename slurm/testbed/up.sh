@@ -20,6 +20,8 @@
 #   SLURM_TEST_NODES       number of nodes (default 1). 1: this host under its own name;
 #                          N > 1: emulated nodes n1..nN on this host, each declaring the whole
 #                          machine's CPUs (Debian builds slurmd with multiple-slurmd support)
+#   SLURM_TEST_CPUS        CPUs each node declares (default: this machine's, as slurmd -C finds
+#                          them); more than the machine has lets more test jobs run at once
 #   SLURM_TEST_GPUS        fake GPUs per node (default 2): gres.conf entries backed by character
 #                          devices under $ROOT/dev, so --gpus-per-node jobs schedule and get
 #                          CUDA_VISIBLE_DEVICES; torch still sees no CUDA and trains on CPU (gloo)
@@ -36,6 +38,7 @@ set -euo pipefail
 
 ROOT=${SLURM_TEST_ROOT:-/tmp/lenet-slurm}
 NODES=${SLURM_TEST_NODES:-1}
+CPUS=${SLURM_TEST_CPUS:-}
 GPUS=${SLURM_TEST_GPUS:-2}
 PARTITIONS=${SLURM_TEST_PARTITIONS:-debug gpu cpu}
 CTLD_PORT=${SLURM_TEST_CTLD_PORT:-6817}
@@ -47,7 +50,7 @@ HOST=$(hostname -s)
 CONF=$ROOT/etc/slurm.conf
 MUNGE_SOCKET=$ROOT/munge/run/munge.socket.2
 HOSTS_MARK="# lenet-slurm-testbed:$ROOT"
-SETTINGS="nodes=$NODES gpus=$GPUS partitions=$PARTITIONS ports=$CTLD_PORT,$SLURMD_PORT"
+SETTINGS="nodes=$NODES cpus=${CPUS:-auto} gpus=$GPUS partitions=$PARTITIONS ports=$CTLD_PORT,$SLURMD_PORT"
 export SLURM_CONF=$CONF
 
 log() { echo "[testbed up $(date +%T)] $*" >&2; }
@@ -63,6 +66,7 @@ die() {
 [[ $ROOT == /?* && $ROOT != *[[:space:]]* ]] ||
   die "SLURM_TEST_ROOT=$ROOT: use an absolute path without spaces"
 [[ $NODES =~ ^[1-9][0-9]*$ ]] || die "SLURM_TEST_NODES=$NODES: use a number >= 1"
+[[ $CPUS =~ ^([1-9][0-9]*)?$ ]] || die "SLURM_TEST_CPUS=$CPUS: use a number >= 1"
 [[ $GPUS =~ ^[0-9]+$ ]] || die "SLURM_TEST_GPUS=$GPUS: use a number >= 0"
 [ -n "${PARTITIONS// /}" ] || die "SLURM_TEST_PARTITIONS is empty: name at least one partition"
 if [ "$NODES" = 1 ]; then
@@ -154,6 +158,11 @@ munge -n -S "$MUNGE_SOCKET" | unmunge -S "$MUNGE_SOCKET" >/dev/null || die "mung
 
 # -- slurm.conf ---------------------------------------------------------------------------
 HARDWARE=$(slurmd -C | head -n1 | sed 's/^NodeName=[^ ]* //') # CPUs=.. ... RealMemory=..
+if [ -n "$CPUS" ]; then
+  # declared, not detected: slurmd must take the configuration's word for it (config_overrides)
+  HARDWARE="CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1"
+  HARDWARE+=" $(slurmd -C | head -n1 | grep -o 'RealMemory=[0-9]*')"
+fi
 {
   cat <<EOF
 # Written by slurm/testbed/up.sh: a single-host test cluster under $ROOT.
@@ -201,6 +210,7 @@ MinJobAge=300
 KillWait=5
 Waittime=0
 EOF
+  if [ -n "$CPUS" ]; then echo "SlurmdParameters=config_overrides"; fi
   gres=""
   if [ "$GPUS" -gt 0 ]; then
     echo "GresTypes=gpu"
@@ -268,5 +278,5 @@ healthy || {
 
 echo "export SLURM_CONF=$CONF" >"$ROOT/env.sh"
 log "up in $(awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s:" \
-  "nodes ${NODE_NAMES[*]}, $GPUS fake GPU(s) each, partitions $PARTITIONS"
+  "nodes ${NODE_NAMES[*]}, ${CPUS:-all} CPUs and $GPUS fake GPU(s) each, partitions $PARTITIONS"
 echo "export SLURM_CONF=$CONF"
