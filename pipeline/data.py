@@ -1,20 +1,22 @@
 """MNIST as tensors on the training device, sharded across ranks, cut into batches.
 
 The decoded dataset is moved to the device once, normalised and padded to 32x32 there, so the
-training loop never touches per-sample Python, PIL or transforms. Each epoch a
-`DistributedSampler` (seeded, `set_epoch` every epoch, identical on every rank) picks this
-rank's shard; the shard is gathered once into a contiguous tensor and batches are views of it.
-Evaluation splits the test set so that every image is counted exactly once across ranks.
+training loop never touches per-sample Python, PIL or transforms. Each epoch this rank's shard
+is the one `DistributedSampler` would give (seeded, reshuffled every epoch, identical on every
+rank), computed with tensor operations; it is gathered once into a buffer that is reused from
+epoch to epoch, and batches are views of it. Every batch has the same shape (the ragged tail is
+dropped), which is what compiled graphs and CUDA graphs need. Evaluation splits the test set so
+that every image is counted exactly once across ranks.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler
 
 MEAN, STD = 0.1307, 0.3081  # MNIST's training-set pixel statistics
 
@@ -48,6 +50,22 @@ def eval_indices(n: int, rank: int, world_size: int) -> torch.Tensor:
     return torch.arange(rank, n, world_size)
 
 
+def shard_indices(n: int, rank: int, world_size: int, seed: int, epoch: int) -> torch.Tensor:
+    """The indices `DistributedSampler(shuffle=True, drop_last=False)` yields, as a tensor.
+
+    The same seeded permutation, padded by wrapping around to a multiple of the world size and
+    strided by rank, without a Python list of every index.
+    """
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    perm = torch.randperm(n, generator=g)
+    per_rank = math.ceil(n / world_size)
+    total = per_rank * world_size
+    if total > n:
+        perm = perm.repeat(math.ceil(total / n))[:total]
+    return perm[rank:total:world_size].contiguous()
+
+
 class TrainBatches:
     """This rank's training batches for one epoch at a time, from the seeded shard."""
 
@@ -61,34 +79,35 @@ class TrainBatches:
         seed: int,
     ):
         self.x, self.y, self.micro_batch = x, y, micro_batch
-        self.sampler = DistributedSampler(
-            range(len(y)),
-            num_replicas=world_size,
-            rank=rank,
-            shuffle=True,
-            seed=seed,
-            drop_last=False,
-        )
-        if len(self.sampler) < micro_batch:
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shard_size = math.ceil(len(y) / world_size)
+        if self.shard_size < micro_batch:
             raise ValueError(
-                f"each rank's shard holds {len(self.sampler)} images, fewer than "
+                f"each rank's shard holds {self.shard_size} images, fewer than "
                 f"one batch of {micro_batch}"
             )
+        # The epoch's images in shard order: allocated once, refilled every epoch.
+        used = self.micro_steps_per_epoch * micro_batch
+        self._xs = x.new_empty((used, *x.shape[1:]))
+        self._ys = y.new_empty((used, *y.shape[1:]))
 
     @property
     def micro_steps_per_epoch(self) -> int:
         # The incomplete tail is dropped so that every step has the same shape on every rank.
-        return len(self.sampler) // self.micro_batch
+        return self.shard_size // self.micro_batch
 
     def shard(self, epoch: int) -> torch.Tensor:
-        self.sampler.set_epoch(epoch)
-        return torch.tensor(list(self.sampler), dtype=torch.long)
+        return shard_indices(len(self.y), self.rank, self.world_size, self.seed, epoch)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Micro-batches of `epoch`, starting at micro-step `start` (for exact resume)."""
-        idx = self.shard(epoch)[: self.micro_steps_per_epoch * self.micro_batch]
-        idx = idx.to(self.x.device)
-        xs, ys = self.x.index_select(0, idx), self.y.index_select(0, idx)
+        """Micro-batches of `epoch`, starting at micro-step `start` (for exact resume).
+
+        The batches are views of a buffer that the next call to `epoch` refills: use them
+        before asking for the next epoch.
+        """
+        idx = self.shard(epoch)[: len(self._ys)].to(self.x.device)
+        torch.index_select(self.x, 0, idx, out=self._xs)
+        torch.index_select(self.y, 0, idx, out=self._ys)
         b = self.micro_batch
         for i in range(start, self.micro_steps_per_epoch):
-            yield xs[i * b : (i + 1) * b], ys[i * b : (i + 1) * b]
+            yield self._xs[i * b : (i + 1) * b], self._ys[i * b : (i + 1) * b]

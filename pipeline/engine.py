@@ -1,15 +1,27 @@
 """One optimizer step, and evaluation: the tutorial's loop with DDP, AMP, compile and no_sync.
 
-The step is the tutorial's forward, loss, zero_grad, backward, step, repeated over
+The step is the tutorial's forward, loss, backward and optimizer step, repeated over
 gradient-accumulation micro-batches, with DDP's all-reduce skipped (`no_sync`) on all but the
 last. Nothing in the step reads a value back to the host: the loss is summed on the device and
 read only when the caller asks for it at a logging interval.
+
+Speed options (`train.*`):
+- `precision`: fp32; bf16 autocast (CPU and CUDA); fp16 autocast with a gradient scaler (CUDA),
+  whose gradients are unscaled before clipping and whose overflowing steps are skipped.
+- `compile`: `model` compiles the DDP-wrapped network (torch's documented order, so that
+  Dynamo splits the graph at DDP's bucket boundaries); `step` compiles autocast, forward and loss
+  as one graph, whose backward AOTAutograd compiles too. The optimizer update is a single fused
+  kernel already (fused SGD/Adam/AdamW exist on CPU and CUDA), so it is not compiled.
+- `compile_mode=reduce-overhead` replays CUDA graphs on GPU. Batches have one static shape (the
+  data drops the ragged tail); gradients live in buffers allocated once, outside the graphs, so
+  that graph replays never overwrite them (what gradient accumulation needs).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -19,13 +31,27 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline.config import Config, OptimConfig
 from pipeline.dist import DistContext, all_reduce_sum
+from pipeline.errors import ConfigError
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Optimizers with a fused (one kernel for all parameters) implementation on these devices.
+_FUSED = {"sgd", "nesterov", "adam", "adamw"}
+_FUSED_DEVICES = {"cpu", "cuda"}
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Raise a one-line ConfigError when `precision` cannot run on `device`."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            f"config key train.precision: fp16 needs a CUDA device (it trains with a gradient "
+            f"scaler) but this run is on {device.type}; use train.precision=bf16 or fp32"
+        )
 
 
 def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer named by `optim.name`, with fused or foreach kernels where torch has them."""
-    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
+    fast = {"fused": True} if cfg.name in _FUSED and device.type in _FUSED_DEVICES else {}
+    fast = fast or {"foreach": True}
     if cfg.name in ("sgd", "nesterov"):
         return torch.optim.SGD(
             params,
@@ -33,14 +59,14 @@ def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.opt
             momentum=cfg.momentum,
             nesterov=cfg.name == "nesterov",
             weight_decay=cfg.weight_decay,
-            **fused,
+            **fast,
         )
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
     if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
     raise ValueError(f"unknown optimizer {cfg.name}")
 
 
@@ -91,6 +117,12 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=_AMP_DTYPES[precision])
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: call before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Engine:
     """Owns the wrapped model, optimizer, schedule and scaler; runs steps and evaluation."""
 
@@ -105,25 +137,42 @@ class Engine:
         self.model, self.ctx, self.cfg = model, ctx, cfg
         self.device = ctx.device
         self.precision = cfg.train.precision
-        if self.precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("fp16 needs CUDA")
+        check_precision(self.precision, self.device)
+        # NHWC convolutions: oneDNN (CPU) and cuDNN run them without reordering the tensors on
+        # every call; the values are those of the plain layout, up to rounding.
+        model.to(memory_format=torch.channels_last)
         self.ddp = model
         if ctx.world_size > 1:
             self.ddp = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.optimizer = build_optimizer(model.parameters(), cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, steps_per_epoch, total_steps)
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.criterion = loss_function(cfg.train.loss)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+        self._forward: Callable[[torch.Tensor], torch.Tensor] = self.ddp
         self._loss = self._eager_loss
-        forward = self.ddp
         if cfg.train.compile == "model":
-            forward = torch.compile(self.ddp, mode=cfg.train.compile_mode)
+            self._forward = torch.compile(self.ddp, mode=cfg.train.compile_mode)
         elif cfg.train.compile == "step":
             self._loss = torch.compile(self._eager_loss, mode=cfg.train.compile_mode)
-        self._forward = forward
+        self.cuda_graphs = (
+            cfg.train.compile != "none"
+            and cfg.train.compile_mode == "reduce-overhead"
+            and self.device.type == "cuda"
+        )
+        if self.cuda_graphs:
+            # A gradient the compiled backward hands over would live in the CUDA-graph pool and
+            # be overwritten by the next replay; accumulating into buffers allocated here, once,
+            # keeps it safe (torch's advice for reduce-overhead with gradient accumulation).
+            for p in self.params:
+                p.grad = torch.zeros_like(p)
+
         # Running sums on the device, read only at logging intervals.
         self.loss_sum = torch.zeros((), device=self.device)
         self.finite_steps = torch.zeros((), dtype=torch.long, device=self.device)
+        # Seconds the first train_step took (compilation and warm-up included), once it ran.
+        self.first_step_s: float | None = None
 
     def _eager_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.precision):
@@ -131,39 +180,48 @@ class Engine:
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """One optimizer step over `micro_batches` (gradient accumulation when more than one)."""
-        self.model.train()
+        first = self.first_step_s is None
+        if first:
+            synchronize(self.device)
+            started = time.perf_counter()
+        if not self.model.training:
+            self.model.train()
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+            self.optimizer.zero_grad(set_to_none=False)  # keep the buffers of __init__
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         n = len(micro_batches)
         for i, (x, y) in enumerate(micro_batches):
-            last = i == n - 1
-            sync = (
-                contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
-            )
-            with sync:
+            skip_sync = i < n - 1 and self.ddp is not self.model
+            with self.ddp.no_sync() if skip_sync else contextlib.nullcontext():
                 loss = self._loss(x, y)
-                if i == 0:
-                    self.optimizer.zero_grad(set_to_none=True)
                 scaled = loss / n if n > 1 else loss
                 if self.scaler is not None:
                     scaled = self.scaler.scale(scaled)
                 scaled.backward()
-            self.loss_sum += loss.detach().float()
-            self.finite_steps += torch.isfinite(loss.detach()).long()
+            loss = loss.detach()
+            self.loss_sum += loss
+            self.finite_steps += torch.isfinite(loss)
         if self.cfg.optim.clip_grad_norm > 0:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)  # clip the true gradients
-            nn.utils.clip_grad_norm_(
-                self.model.parameters(), self.cfg.optim.clip_grad_norm, foreach=True
-            )
+            nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad_norm, foreach=True)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the step on inf/nan gradients
+            # Skips the update when a gradient overflowed, and lowers the scale. The fused
+            # optimizers do the check on the device; the others read one flag back.
+            self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.scheduler.step()
+        if first:
+            synchronize(self.device)
+            self.first_step_s = time.perf_counter() - started
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return float(self.optimizer.param_groups[0]["lr"])
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
@@ -188,7 +246,8 @@ class Engine:
 
     def state_dict(self) -> dict:
         return {
-            "model": self.model.state_dict(),
+            # In the plain layout, so that checkpoints do not depend on the training layout.
+            "model": {k: v.contiguous() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_ARGS, assert_ok, run_pipeline
 
 from pipeline import report
+
+from conftest import REPO, TINY_ARGS, assert_ok, run_pipeline
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, final_model
 
 from pipeline import checkpoint
 from pipeline.errors import EXIT_DISTRIBUTED
+
+from conftest import REPO, final_model
 
 pytestmark = pytest.mark.slow
 

@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
 
 from pipeline import dist, slurm_env
 from pipeline.errors import EXIT_DISTRIBUTED, DistributedError
+
+from conftest import REPO
 
 
 @pytest.fixture(autouse=True)

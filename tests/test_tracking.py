@@ -13,11 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_ARGS, assert_ok, run_pipeline
 
 from pipeline import checkpoint
 from pipeline.tracking import StepWindow, Tracker
 from pipeline.wandb_run import INIT_TIMEOUT_S, has_credentials, resolve_mode
+
+from conftest import REPO, TINY_ARGS, assert_ok, run_pipeline
 
 # -- reading a .wandb file back -------------------------------------------------------------
 # An offline run's run-<id>.wandb is a LevelDB-style log (a 7-byte ":W&B" header, then 32 KiB

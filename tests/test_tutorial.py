@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, real_mnist_root
 
 from pipeline.model import LeNet
+
+from conftest import REPO, real_mnist_root
 
 DOC = REPO / "docs" / "tutorial.md"
 # The number of python blocks in the document: deleting or merging blocks must be noticed.
