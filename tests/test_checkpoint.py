@@ -31,8 +31,12 @@ def test_kill_during_write_leaves_previous_checkpoint_intact(tmp_path):
     for attempt in range(5):
         run_dir = tmp_path / f"a{attempt}"
         run_dir.mkdir()
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(run_dir)], cwd=REPO,
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(run_dir)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stdout.readline().strip() == "first"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
@@ -76,13 +80,21 @@ def test_only_the_newest_k_are_kept(tmp_path):
     for step in range(1, 6):
         checkpoint.save(tmp_path, step, {"s": step}, keep=2)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
-        "ckpt-000000005.pt", "ckpt-000000004.pt"]
+        "ckpt-000000005.pt",
+        "ckpt-000000004.pt",
+    ]
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
 def _tiny(tiny_mnist, run_dir, *extra):
-    return [*TINY_ARGS, f"data.root={tiny_mnist}", f"train.run_dir={run_dir}", "train.epochs=2",
-            "checkpoint.every_steps=4", *extra]
+    return [
+        *TINY_ARGS,
+        f"data.root={tiny_mnist}",
+        f"train.run_dir={run_dir}",
+        "train.epochs=2",
+        "checkpoint.every_steps=4",
+        *extra,
+    ]
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_mnist, tmp_path):
@@ -106,9 +118,11 @@ def test_incompatible_checkpoint_is_refused_before_anything_is_overwritten(tiny_
     run_dir = tmp_path / "run"
     assert_ok(run_pipeline(_tiny(tiny_mnist, run_dir, "train.max_steps=8")))
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
-    for override, key in (("model.kernel_size=3", "model.kernel_size"),
-                          ("optim.name=adam", "optim.name"),
-                          ("train.batch_size=64", "train.batch_size")):
+    for override, key in (
+        ("model.kernel_size=3", "model.kernel_size"),
+        ("optim.name=adam", "optim.name"),
+        ("train.batch_size=64", "train.batch_size"),
+    ):
         proc = run_pipeline(_tiny(tiny_mnist, run_dir, "train.max_steps=16", override))
         assert proc.returncode == EXIT_CHECKPOINT, proc.stderr
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -130,9 +144,21 @@ def test_checkpoint_holds_what_resume_needs(tiny_mnist, tmp_path):
     run_dir = tmp_path / "run"
     assert_ok(run_pipeline(_tiny(tiny_mnist, run_dir, "train.max_steps=6")))
     state = checkpoint.load(checkpoint.list_checkpoints(run_dir)[0])
-    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "step_in_epoch",
-                "global_step", "rng", "config", "world_size", "run_id", "torch_version",
-                "git_revision"):
+    for key in (
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "epoch",
+        "step_in_epoch",
+        "global_step",
+        "rng",
+        "config",
+        "world_size",
+        "run_id",
+        "torch_version",
+        "git_revision",
+    ):
         assert key in state
     assert (state["global_step"], state["step_in_epoch"], state["epoch"]) == (6, 6, 0)
     assert not any(k.startswith("module.") or "_orig_mod" in k for k in state["model"])

@@ -30,15 +30,19 @@ def _check_one_line(proc, code, needle, nproc):
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_unknown_config_key(tiny_mnist, tmp_path, nproc):
-    proc = run_pipeline([*TINY_ARGS, f"data.root={tiny_mnist}", f"train.run_dir={tmp_path}",
-                         "optim.lrate=0.1"], nproc=nproc)
+    proc = run_pipeline(
+        [*TINY_ARGS, f"data.root={tiny_mnist}", f"train.run_dir={tmp_path}", "optim.lrate=0.1"],
+        nproc=nproc,
+    )
     _check_one_line(proc, EXIT_CONFIG, "unknown config key optim.lrate", nproc)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_missing_data_directory(tmp_path, nproc):
-    proc = run_pipeline([*TINY_ARGS, f"data.root={tmp_path / 'nowhere'}",
-                         f"train.run_dir={tmp_path / 'run'}"], nproc=nproc)
+    proc = run_pipeline(
+        [*TINY_ARGS, f"data.root={tmp_path / 'nowhere'}", f"train.run_dir={tmp_path / 'run'}"],
+        nproc=nproc,
+    )
     _check_one_line(proc, EXIT_DATA, "train-images-idx3-ubyte", nproc)
     assert str(tmp_path / "nowhere") in _our_error_lines(proc.stderr)[0]
 
@@ -49,8 +53,9 @@ def test_truncated_idx_file(tiny_mnist, tmp_path, nproc):
     shutil.copytree(tiny_mnist, root)
     images = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:5000])
-    proc = run_pipeline([*TINY_ARGS, f"data.root={root}", f"train.run_dir={tmp_path / 'run'}"],
-                        nproc=nproc)
+    proc = run_pipeline(
+        [*TINY_ARGS, f"data.root={root}", f"train.run_dir={tmp_path / 'run'}"], nproc=nproc
+    )
     _check_one_line(proc, EXIT_DATA, "train-images-idx3-ubyte", nproc)
     assert "truncated" in _our_error_lines(proc.stderr)[0]
 

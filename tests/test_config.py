@@ -18,8 +18,16 @@ def test_every_shipped_config_loads():
 def test_yaml_then_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("optim:\n  lr: 0.1\n  name: adam\ntrain:\n  epochs: 5\n")
-    cfg = load_config(f, ["optim.lr=0.05", "train.epochs=3", "data.root=/data",
-                          "data.download=false", "dist.timeout_s=30"])
+    cfg = load_config(
+        f,
+        [
+            "optim.lr=0.05",
+            "train.epochs=3",
+            "data.root=/data",
+            "data.download=false",
+            "dist.timeout_s=30",
+        ],
+    )
     assert cfg.optim.lr == 0.05 and cfg.optim.name == "adam"
     assert cfg.train.epochs == 3 and cfg.data.root == "/data" and cfg.data.download is False
     assert cfg.dist.timeout_s == 30.0
@@ -83,6 +91,11 @@ def test_batch_size_must_split_across_world_and_accumulation():
 
 def test_help_lists_every_key_with_default():
     text = help_text()
-    for key in ("optim.lr = 0.05", "train.batch_size = 64", "train.resume = 'auto'",
-                "model.kernel_size = 5 [5|3]", "tracking.mode = 'auto'"):
+    for key in (
+        "optim.lr = 0.05",
+        "train.batch_size = 64",
+        "train.resume = 'auto'",
+        "model.kernel_size = 5 [5|3]",
+        "tracking.mode = 'auto'",
+    ):
         assert key in text

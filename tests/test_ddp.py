@@ -8,9 +8,16 @@ STEPS = 8
 
 
 def _train(tiny_mnist, run_dir, nproc, batch, extra=()):
-    args = [*TINY_ARGS, f"data.root={tiny_mnist}", f"train.run_dir={run_dir}",
-            f"train.batch_size={batch}", f"train.max_steps={STEPS}", "optim.lr=0.1",
-            "optim.momentum=0.9", *extra]
+    args = [
+        *TINY_ARGS,
+        f"data.root={tiny_mnist}",
+        f"train.run_dir={run_dir}",
+        f"train.batch_size={batch}",
+        f"train.max_steps={STEPS}",
+        "optim.lr=0.1",
+        "optim.momentum=0.9",
+        *extra,
+    ]
     assert_ok(run_pipeline(args, nproc=nproc))
     return final_model(run_dir)
 
@@ -32,7 +39,8 @@ def test_two_ranks_match_one_rank_with_the_global_batch(tiny_mnist, tmp_path):
 
 def test_gradient_accumulation_matches_the_full_batch(tiny_mnist, tmp_path):
     full = _train(tiny_mnist, tmp_path / "full", nproc=2, batch=64)
-    accum = _train(tiny_mnist, tmp_path / "accum", nproc=2, batch=64,
-                   extra=["train.grad_accum=2"])  # 2 ranks x 2 micro-steps x 16
+    accum = _train(
+        tiny_mnist, tmp_path / "accum", nproc=2, batch=64, extra=["train.grad_accum=2"]
+    )  # 2 ranks x 2 micro-steps x 16
     for k in full:
         torch.testing.assert_close(accum[k], full[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -7,15 +7,29 @@ from conftest import assert_ok, run_pipeline
 
 def test_two_ranks_one_epoch_reach_97_percent(mnist_root, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_pipeline(["--config", "configs/cpu.yaml", f"data.root={mnist_root}",
-                         f"train.run_dir={run_dir}", "train.epochs=1", "tracking.mode=disabled"],
-                        nproc=2)
+    proc = run_pipeline(
+        [
+            "--config",
+            "configs/cpu.yaml",
+            f"data.root={mnist_root}",
+            f"train.run_dir={run_dir}",
+            "train.epochs=1",
+            "tracking.mode=disabled",
+        ],
+        nproc=2,
+    )
     assert_ok(proc)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1  # one record per epoch, written once (rank 0)
     record = records[0]
-    for key in ("epoch", "train_loss", "test_loss", "test_accuracy", "epoch_time_s",
-                "images_per_s"):
+    for key in (
+        "epoch",
+        "train_loss",
+        "test_loss",
+        "test_accuracy",
+        "epoch_time_s",
+        "images_per_s",
+    ):
         assert key in record
     assert record["test_count"] == 10000  # every test image counted once across ranks
     assert record["test_accuracy"] >= 0.97

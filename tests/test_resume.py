@@ -17,9 +17,16 @@ from conftest import REPO, TINY_ARGS, assert_ok, final_model, run_pipeline
 
 
 def _args(tiny_mnist, run_dir, *extra):
-    return [*TINY_ARGS, f"data.root={tiny_mnist}", f"train.run_dir={run_dir}", "train.epochs=2",
-            "optim.schedule=cosine", "optim.warmup_epochs=0.5", "checkpoint.every_steps=5",
-            *extra]
+    return [
+        *TINY_ARGS,
+        f"data.root={tiny_mnist}",
+        f"train.run_dir={run_dir}",
+        "train.epochs=2",
+        "optim.schedule=cosine",
+        "optim.warmup_epochs=0.5",
+        "checkpoint.every_steps=5",
+        *extra,
+    ]
 
 
 def _assert_same(a_dir, b_dir):
@@ -48,8 +55,12 @@ def test_stop_and_resume_is_bitwise_identical(tiny_mnist, tmp_path, nproc):
 def test_rank_killed_under_torchrun_restarts_and_resumes(tiny_mnist, tmp_path):
     straight, faulty = tmp_path / "straight", tmp_path / "faulty"
     assert_ok(run_pipeline(_args(tiny_mnist, straight), nproc=2))
-    proc = run_pipeline(_args(tiny_mnist, faulty, "debug.fail_rank=1", "debug.fail_step=13"),
-                        nproc=2, extra_launcher_args=["--max-restarts=1"], timeout=240)
+    proc = run_pipeline(
+        _args(tiny_mnist, faulty, "debug.fail_rank=1", "debug.fail_step=13"),
+        nproc=2,
+        extra_launcher_args=["--max-restarts=1"],
+        timeout=240,
+    )
     assert_ok(proc)
     assert "debug: rank 1 exits at step 13" in proc.stderr
     assert f"resumed from {faulty / checkpoint.checkpoint_name(10)}" in proc.stdout
@@ -67,13 +78,27 @@ def _spawn_ranks(args, world=2):
     port = str(_free_port())
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
-               "WANDB_MODE": "disabled"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=REPO,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+            "WANDB_MODE": "disabled",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "pipeline.train", *args],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return procs
 
 
@@ -88,8 +113,7 @@ def _wait_for_training(run_dir, procs, timeout=120):
     pytest.fail("training did not start")
 
 
-def test_sigterm_saves_exits_with_the_documented_code_and_rerun_completes(tiny_mnist,
-                                                                           tmp_path):
+def test_sigterm_saves_exits_with_the_documented_code_and_rerun_completes(tiny_mnist, tmp_path):
     run_dir, straight = tmp_path / "run", tmp_path / "straight"
     args = _args(tiny_mnist, run_dir, "train.epochs=40", "checkpoint.every_steps=0")
     procs = _spawn_ranks(args)
@@ -105,16 +129,25 @@ def test_sigterm_saves_exits_with_the_documented_code_and_rerun_completes(tiny_m
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert f"global step {saved['global_step']})" in outs[0][0]
-    straight_procs = _spawn_ranks(_args(tiny_mnist, straight, "train.epochs=40",
-                                        "checkpoint.every_steps=0"))
+    straight_procs = _spawn_ranks(
+        _args(tiny_mnist, straight, "train.epochs=40", "checkpoint.every_steps=0")
+    )
     assert [p.wait(timeout=300) for p in straight_procs] == [0, 0]
     _assert_same(straight, run_dir)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_mnist, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_pipeline(_args(tiny_mnist, run_dir, "optim.lr=1e6", "optim.schedule=none",
-                              "optim.warmup_epochs=0", "checkpoint.every_steps=1"))
+    proc = run_pipeline(
+        _args(
+            tiny_mnist,
+            run_dir,
+            "optim.lr=1e6",
+            "optim.schedule=none",
+            "optim.warmup_epochs=0",
+            "checkpoint.every_steps=1",
+        )
+    )
     assert proc.returncode == EXIT_NONFINITE, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "non-finite at or after step" in errors[0], proc.stderr
@@ -129,8 +162,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_mnist, tm
 
 def test_a_hanging_peer_ends_the_job_after_the_collective_timeout(tiny_mnist, tmp_path):
     run_dir = tmp_path / "run"
-    procs = _spawn_ranks(_args(tiny_mnist, run_dir, "train.epochs=200", "dist.timeout_s=5",
-                               "checkpoint.every_steps=0"))
+    procs = _spawn_ranks(
+        _args(
+            tiny_mnist, run_dir, "train.epochs=200", "dist.timeout_s=5", "checkpoint.every_steps=0"
+        )
+    )
     try:
         _wait_for_training(run_dir, procs)
         procs[1].send_signal(signal.SIGSTOP)  # rank 1 hangs

@@ -41,9 +41,17 @@ def test_bf16_and_compile_reach_the_accuracy_of_fp32_eager(mnist_root, tmp_path,
         name, extra = item
         run_dir = tmp_path / name.replace(" ", "_")
         # One epoch of the CPU recipe, its schedule run to the end: about 97.8% test accuracy.
-        args = ["--config", "configs/fast_cpu.yaml", f"data.root={mnist_root}",
-                "data.download=false", f"train.run_dir={run_dir}", "train.epochs=1",
-                f"train.batch_size={BATCH}", "tracking.mode=disabled", *extra]
+        args = [
+            "--config",
+            "configs/fast_cpu.yaml",
+            f"data.root={mnist_root}",
+            "data.download=false",
+            f"train.run_dir={run_dir}",
+            "train.epochs=1",
+            f"train.batch_size={BATCH}",
+            "tracking.mode=disabled",
+            *extra,
+        ]
         assert_ok(run_pipeline(args, env=inductor_env))
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         return name, json.loads(lines[-1])["test_accuracy"]
@@ -63,8 +71,15 @@ def tiny_4096(tmp_path_factory):
 
 def _tiny_run(root, run_dir, nproc, batch, extra=(), env=None):
     """8 steps (2 epochs of 4) at global batch `batch`; the final model."""
-    args = [*TINY_ARGS, f"data.root={root}", f"train.run_dir={run_dir}", "train.epochs=2",
-            f"train.batch_size={batch}", "optim.lr=0.1", *extra]
+    args = [
+        *TINY_ARGS,
+        f"data.root={root}",
+        f"train.run_dir={run_dir}",
+        "train.epochs=2",
+        f"train.batch_size={batch}",
+        "optim.lr=0.1",
+        *extra,
+    ]
     assert_ok(run_pipeline(args, nproc=nproc, env=env))
     return final_model(run_dir)
 
@@ -87,8 +102,14 @@ def test_compiled_ddp_on_two_ranks_matches_one_rank_eager(
     tiny_4096, tmp_path, mode, eager_references, inductor_env
 ):
     full, half = eager_references
-    two = _tiny_run(tiny_4096, tmp_path, nproc=2, batch=2 * BATCH,
-                    extra=[f"train.compile={mode}"], env=inductor_env)
+    two = _tiny_run(
+        tiny_4096,
+        tmp_path,
+        nproc=2,
+        batch=2 * BATCH,
+        extra=[f"train.compile={mode}"],
+        env=inductor_env,
+    )
     # Compiled kernels round differently from eager ones, far less than a missing all-reduce.
     assert _max_diff(full, half) > 1e-3
     for k in full:
@@ -96,8 +117,13 @@ def test_compiled_ddp_on_two_ranks_matches_one_rank_eager(
 
 
 def test_fp16_on_cpu_is_a_one_line_config_error(tiny_mnist, tmp_path):
-    args = [*TINY_ARGS, f"data.root={tiny_mnist}", f"train.run_dir={tmp_path / 'run'}",
-            "train.precision=fp16", "dist.device=cpu"]
+    args = [
+        *TINY_ARGS,
+        f"data.root={tiny_mnist}",
+        f"train.run_dir={tmp_path / 'run'}",
+        "train.precision=fp16",
+        "dist.device=cpu",
+    ]
     proc = run_pipeline(args)
     assert proc.returncode == EXIT_CONFIG, proc.stderr
     lines = proc.stderr.strip().splitlines()
