@@ -8,6 +8,7 @@ Errors end in one line on stderr and an exit code listed in `pipeline.errors`.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import sys
@@ -400,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return EXIT_UNEXPECTED
     finally:
+        # The DDP model sits in reference cycles (hooks, compiled graphs) and holds the process
+        # group and its pending work. Free it, then the group, while the interpreter is whole:
+        # left to interpreter exit, gloo's threads can die mid-teardown and abort the process.
+        run = None
+        gc.collect()
         dist.shutdown()
 
 
