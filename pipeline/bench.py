@@ -34,7 +34,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from pipeline import mnist
+from pipeline import host, mnist
 from pipeline.config import Config, load_config, validate_for_world
 from pipeline.data import MEAN, STD, TrainBatches, eval_indices, to_device
 from pipeline.dist import DistContext
@@ -141,6 +141,8 @@ def classic_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
 
 # -- the two trainers, each: steps of an epoch, a logging-interval flush, evaluation ----------
 def pipeline_trainer(cfg, ctx, data, raw, model, micro, workers):
+    if cfg.train.reuse_host_memory and ctx.device.type == "cpu":
+        host.reuse_freed_memory()  # as pipeline.train does; the baseline keeps the defaults
     batches = TrainBatches(
         data.train_x, data.train_y, micro, ctx.rank, ctx.world_size, cfg.train.seed
     )

@@ -120,6 +120,11 @@ class TrainConfig:
         "torch.compile mode (reduce-overhead uses CUDA graphs)",
         ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     )
+    reuse_host_memory: bool = _opt(
+        True,
+        "CPU runs: malloc keeps freed memory for the next step instead of returning it to the "
+        "kernel (no page faults per step; Linux with glibc)",
+    )
     max_steps: int = _opt(
         0,
         "stop after this many optimizer steps in all (0: no limit)",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import __version__, checkpoint, dist, mnist
+from pipeline import __version__, checkpoint, dist, host, mnist
 from pipeline.config import Config, help_text, load_config, to_dict, to_yaml, validate_for_world
 from pipeline.data import TrainBatches, eval_indices, to_device
 from pipeline.engine import Engine
@@ -57,11 +57,12 @@ def _env_rank() -> int:
     return 0
 
 
-def header(ctx: dist.DistContext, run_dir: Path) -> str:
+def header(ctx: dist.DistContext, run_dir: Path, reused_memory: bool) -> str:
     if ctx.device.type == "cuda":
         device = f"{torch.cuda.get_device_name(ctx.device)} x{ctx.world_size}"
     else:
-        device = f"cpu ({torch.get_num_threads()} threads per rank, {os.cpu_count()} cores)"
+        device = f"cpu ({torch.get_num_threads()} threads per rank, {os.cpu_count()} cores"
+        device += ", malloc reuses freed memory)" if reused_memory else ")"
     return (
         f"lenet-ddp {__version__} | torch {torch.__version__} | python "
         f"{platform.python_version()} | {device} | world {ctx.world_size} ({ctx.launcher}, "
@@ -85,6 +86,9 @@ class Run:
     # -- build ------------------------------------------------------------------------------
     def build(self) -> None:
         cfg, ctx = self.cfg, self.ctx
+        reused_memory = (
+            cfg.train.reuse_host_memory and ctx.device.type == "cpu" and host.reuse_freed_memory()
+        )
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         path = checkpoint.resolve(self.run_dir, cfg.train.resume, ctx, self.tracker.warn)
@@ -117,7 +121,7 @@ class Run:
         total = self.steps_per_epoch * cfg.train.epochs
         self.engine = Engine(model, cfg, ctx, self.steps_per_epoch, total)
 
-        self.tracker.info(header(ctx, self.run_dir))
+        self.tracker.info(header(ctx, self.run_dir, reused_memory))
         if saved is not None:
             self.restore(saved)
             self.tracker.info(
