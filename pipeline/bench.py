@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import statistics
 import sys
 import tempfile
@@ -532,7 +533,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     records = summarize([aggregate(v) for v in runs.values()])
     result = {
-        "command": "python -m pipeline.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": shlex.join(
+            ["python", "-m", "pipeline.bench", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "repeat": args.repeat,
         "baseline_workers": workers,
