@@ -61,7 +61,9 @@ def header(ctx: dist.DistContext, run_dir: Path, reused_memory: bool) -> str:
     if ctx.device.type == "cuda":
         device = f"{torch.cuda.get_device_name(ctx.device)} x{ctx.world_size}"
     else:
-        device = f"cpu ({torch.get_num_threads()} threads per rank, {os.cpu_count()} cores"
+        threads = torch.get_num_threads()
+        device = f"cpu ({threads} thread{'s' if threads != 1 else ''} per rank, "
+        device += f"{os.cpu_count()} cores"
         device += ", malloc reuses freed memory)" if reused_memory else ")"
     return (
         f"lenet-ddp {__version__} | torch {torch.__version__} | python "
