@@ -84,6 +84,7 @@ class Run:
         # Epoch totals so far (global over ranks), carried in checkpoints.
         self.epoch_loss_sum, self.epoch_micro_steps, self.epoch_time = 0.0, 0, 0.0
         self.best_accuracy, self.last_eval = 0.0, None
+        self.first_step_reported = False
 
     # -- build ------------------------------------------------------------------------------
     def build(self) -> None:
@@ -230,6 +231,10 @@ class Run:
         pending = 0  # steps since the last flush
         while self.step_in_epoch < self.steps_per_epoch:
             self.engine.train_step([next(micro_batches) for _ in range(self.accum)])
+            if not self.first_step_reported:
+                self.first_step_reported = True
+                what = "warm-up" if cfg.train.compile == "none" else "compilation and warm-up"
+                self.tracker.info(f"first step: {self.engine.first_step_s:.2f} s ({what})")
             self.step_in_epoch += 1
             self.global_step += 1
             pending += 1
@@ -342,6 +347,7 @@ class Run:
                 "epochs": self.last_eval["epoch"],
                 "global_step": self.global_step,
                 "train_time_s": time.perf_counter() - started,
+                "first_step_s": self.engine.first_step_s,
             }
         )
 

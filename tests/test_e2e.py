@@ -35,4 +35,7 @@ def test_two_ranks_one_epoch_reach_97_percent(mnist_root, tmp_path):
     assert record["test_accuracy"] >= 0.97
     assert proc.stdout.count("epoch 1: train loss") == 1  # only rank 0 prints
     assert "world 2 (torchrun, gloo)" in proc.stdout
+    # The first step (warm-up, or compilation) is timed and reported apart, once.
+    assert proc.stdout.count("first step: ") == 1
+    assert json.loads((run_dir / "summary.json").read_text())["first_step_s"] > 0
     assert (run_dir / "config.yaml").is_file()
