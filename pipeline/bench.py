@@ -14,14 +14,11 @@ read only after the device has finished its queued work.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import platform
 import re
 import resource
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -36,9 +33,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pipeline import host, mnist
+from pipeline.bench_report import THRESHOLDS, aggregate, fmt_s, machine, markdown, summarize
 from pipeline.config import Config, load_config, validate_for_world
 from pipeline.data import MEAN, STD, TrainBatches, eval_indices, to_device
-from pipeline.dist import DistContext
+from pipeline.dist import DistContext, shutdown
 from pipeline.engine import Engine, build_scheduler, loss_function, synchronize
 from pipeline.errors import PipelineError
 from pipeline.model import LeNet
@@ -46,7 +44,6 @@ from pipeline.model import LeNet
 REPO = Path(__file__).resolve().parents[1]
 WARMUP_STEPS = 5  # steps after the first that count as warm-up, not steady state
 QUICK_STEPS = 150
-THRESHOLDS = ("98%", "99%")
 
 
 @dataclass
@@ -258,8 +255,7 @@ def run_case(rank: int, case: Case, cfg: Config, max_steps: int, store: str, out
         )
         _measure(ctx, case, cfg, max_steps, out)
     finally:
-        gc.collect()  # the DDP model, in reference cycles, goes before its process group
-        dist.destroy_process_group()
+        shutdown()  # _measure's model is gone; collect its cycles, then destroy the group
 
 
 def _measure(ctx: DistContext, case: Case, cfg: Config, max_steps: int, out: str) -> None:
@@ -363,124 +359,6 @@ def spawn(case: Case, data_root: str, device: str, max_steps: int) -> dict:
     return record
 
 
-def aggregate(runs: list[dict]) -> dict:
-    """One record per case: the median of each timing over the repeats (accuracy is the same
-    in every repeat: same seed, same run)."""
-    r = dict(runs[0])
-    med = statistics.median
-    for key in ("images_per_s", "train_s", "first_step_s", "warmup_s", "wall_s", "other_load"):
-        r[key] = med(x[key] for x in runs)
-    r["epoch_s"] = [med(x["epoch_s"][i] for x in runs) for i in range(len(r["epoch_s"]))]
-    r["time_to"] = {
-        m: None if r["time_to"][m] is None else med(x["time_to"][m] for x in runs)
-        for m in THRESHOLDS
-    }
-    r["images_per_s_runs"] = [x["images_per_s"] for x in runs]
-    r["other_load_runs"] = [x["other_load"] for x in runs]
-    return r
-
-
-def _baseline_for(r: dict, records: list[dict]) -> dict | None:
-    """The baseline of the same config and world size, else of the same config."""
-    same = [b for b in records if b["kind"] == "baseline" and b["config"] == r["config"]]
-    return ([b for b in same if b["world"] == r["world"]] or same or [None])[0]
-
-
-def summarize(records: list[dict]) -> list[dict]:
-    for r in records:
-        b = _baseline_for(r, records) if r["kind"] == "pipeline" else None
-        r["baseline"] = b["name"] if b else None
-        r["speedup"] = r["images_per_s"] / b["images_per_s"] if b else None
-        both = b and r["time_to"]["99%"] and b["time_to"]["99%"]
-        r["time_to_99_speedup"] = b["time_to"]["99%"] / r["time_to"]["99%"] if both else None
-    return records
-
-
-def machine(device: str) -> dict:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [x for x in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in x]
-        cpu = names[0].split(":", 1)[1].strip() if names else cpu
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": str(torch.__version__),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-    }
-    if device == "cuda":
-        info.update(gpu=f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}")
-        info.update(cuda=torch.version.cuda)
-    return info
-
-
-def _s(v: float | None, fmt: str = ".1f") -> str:
-    return "-" if v is None else format(v, fmt)
-
-
-def _x(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}x"
-
-
-def headlines(records: list[dict]) -> list[str]:
-    lines = []
-    for r in records:
-        if r["speedup"] and r["config"].endswith("/cpu.yaml") and len(r["overrides"]) == 0:
-            lines.append(
-                f"- {r['config']}, {r['world']} process(es): {r['images_per_s']:,.0f} img/s, "
-                f"{_x(r['speedup'])} the baseline's (both fp32 eager, batch {r['batch_size']})."
-            )
-    reached = [r for r in records if r["kind"] == "pipeline" and r["time_to"]["99%"]]
-    if reached:
-        best = min(reached, key=lambda r: r["time_to"]["99%"])
-        lines.append(
-            f"- Fastest to 99% test accuracy: {best['name']}, {best['time_to']['99%']:.1f} s of "
-            f"training ({_x(best['time_to_99_speedup'])} faster than the baseline of its config)."
-        )
-    return lines
-
-
-def markdown(result: dict) -> str:
-    m = result["machine"]
-    lines = [
-        f"# Benchmark: {m.get('gpu') or m['cpu']}, {m['cores']} CPU cores",
-        "",
-        f"Command: `{result['command']}` ({result['date']}); torch {m['torch']}, "
-        f"python {m['python']}, numpy {m['numpy']}, {m['platform']}. "
-        f"Each case ran {result['repeat']} time(s) in fresh processes; timings are medians.",
-        "",
-        "- **img/s**: train images per second in the steady state; the first step "
-        f"(compilation) and the next {WARMUP_STEPS} (warm-up) are timed apart.",
-        "- **to 98% / 99%**: train seconds (first step included, evaluation excluded) at the "
-        "first end of epoch whose test accuracy reaches the mark; `-`: not reached.",
-        "- **baseline**: the same model, optimizer, schedule and batch size in fp32 eager, "
-        f"reading MNIST the classic way: {result['baseline_transform']}, a DataLoader "
-        f"(num_workers={result['baseline_workers']}) with a DistributedSampler, `loss.item()` "
-        "every step. Ratios are pipeline/baseline of the "
-        "same config and world size (for time to 99%: baseline time / pipeline time).",
-        "- **other load**: CPU cores other programs kept busy meanwhile; above ~0.2 the "
-        "timings of that case are disturbed.",
-        "",
-        "| case | ranks x threads | batch | precision | compile | img/s | vs baseline | "
-        "epoch s (first / rest) | first step s | warm-up s | to 98% s | to 99% s | "
-        "99% vs baseline | accuracy by epoch | other load |",
-        "|" + "---|" * 15,
-    ]
-    for r in result["records"]:
-        ep = r["epoch_s"]
-        rest = statistics.mean(ep[1:]) if len(ep) > 1 else None
-        accs = " ".join(f"{a:.2%}" for a in r["accuracy"])
-        lines.append(
-            f"| {r['name']} | {r['world']} x {r['threads']} | {r['batch_size']} | "
-            f"{r['precision']} | {r['compile']} | {r['images_per_s']:,.0f} | "
-            f"{_x(r['speedup'])} | {ep[0]:.1f} / {_s(rest)} | {r['first_step_s']:.2f} | "
-            f"{r['warmup_s']:.2f} | {_s(r['time_to']['98%'])} | {_s(r['time_to']['99%'])} | "
-            f"{_x(r['time_to_99_speedup'])} | {accs} | {r['other_load']:.2f} |"
-        )
-    return "\n".join([*lines, "", *headlines(result["records"])]) + "\n"
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help=f"a fast check: {QUICK_STEPS} steps a case")
@@ -528,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[case.name].append(r)
             print(
                 f"{r['images_per_s']:,.0f} img/s, first step {r['first_step_s']:.2f} s, to 99% "
-                f"{_s(r['time_to']['99%'])} s, other load {r['other_load']:.2f}",
+                f"{fmt_s(r['time_to']['99%'])} s, other load {r['other_load']:.2f}",
                 flush=True,
             )
     records = summarize([aggregate(v) for v in runs.values()])
@@ -538,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "repeat": args.repeat,
+        "warmup_steps": WARMUP_STEPS,
         "baseline_workers": workers,
         "machine": machine(device),
         "baseline_transform": next(

@@ -9,6 +9,7 @@ too, so rank logic stays in one place.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -170,6 +171,14 @@ def _rendezvous_store(ctx: DistContext, timeout: timedelta) -> dist.Store:
 
 
 def shutdown() -> None:
+    """Destroy the process group, after what still holds it.
+
+    A DDP model sits in reference cycles (hooks, compiled graphs) and holds the group and its
+    pending work: collect it first, while the interpreter is whole. Left to interpreter exit,
+    gloo's threads can die mid-teardown and abort a process that finished its work. Callers drop
+    their own references to the model before calling this.
+    """
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
 

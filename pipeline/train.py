@@ -8,7 +8,6 @@ Errors end in one line on stderr and an exit code listed in `pipeline.errors`.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import platform
 import sys
@@ -84,7 +83,6 @@ class Run:
         # Epoch totals so far (global over ranks), carried in checkpoints.
         self.epoch_loss_sum, self.epoch_micro_steps, self.epoch_time = 0.0, 0, 0.0
         self.best_accuracy, self.last_eval = 0.0, None
-        self.first_step_reported = False
 
     # -- build ------------------------------------------------------------------------------
     def build(self) -> None:
@@ -230,9 +228,9 @@ class Run:
         t_interval = t_epoch = time.perf_counter()
         pending = 0  # steps since the last flush
         while self.step_in_epoch < self.steps_per_epoch:
+            first = self.engine.first_step_s is None
             self.engine.train_step([next(micro_batches) for _ in range(self.accum)])
-            if not self.first_step_reported:
-                self.first_step_reported = True
+            if first:
                 what = "warm-up" if cfg.train.compile == "none" else "compilation and warm-up"
                 self.tracker.info(f"first step: {self.engine.first_step_s:.2f} s ({what})")
             self.step_in_epoch += 1
@@ -413,11 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return EXIT_UNEXPECTED
     finally:
-        # The DDP model sits in reference cycles (hooks, compiled graphs) and holds the process
-        # group and its pending work. Free it, then the group, while the interpreter is whole:
-        # left to interpreter exit, gloo's threads can die mid-teardown and abort the process.
-        run = None
-        gc.collect()
+        run = None  # the model goes before the process group (see dist.shutdown)
         dist.shutdown()
 
 

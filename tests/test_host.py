@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, TINY_ARGS, assert_ok, run_pipeline
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallopt"),
@@ -59,8 +59,6 @@ def test_freed_buffers_are_reused_without_page_faults():
 
 
 def test_training_reports_the_setting(tiny_mnist, tmp_path):
-    from conftest import TINY_ARGS, assert_ok, run_pipeline
-
     common = [*TINY_ARGS, f"data.root={tiny_mnist}", "dist.device=cpu"]
     on = run_pipeline([*common, f"train.run_dir={tmp_path / 'on'}"])
     off = run_pipeline(
