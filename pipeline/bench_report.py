@@ -18,17 +18,22 @@ THRESHOLDS = ("98%", "99%")  # test accuracies whose train time is reported
 
 
 def aggregate(runs: list[dict]) -> dict:
-    """One record per case: the median of each timing over the repeats (accuracy is the same
-    in every repeat: same seed, same run)."""
+    """One record per case: the median of each timing over the runs, the mean test accuracy of
+    each epoch over them (one seed gives the same accuracy in every repeat on CPU; several seeds
+    give the mean over seeds), and the train time to each mark read on that mean: the median
+    time, compilation and warm-up excluded, to the first end of epoch whose mean reaches it."""
     r = dict(runs[0])
     med = statistics.median
     for key in ("images_per_s", "train_s", "first_step_s", "warmup_s", "wall_s", "other_load"):
         r[key] = med(x[key] for x in runs)
-    r["epoch_s"] = [med(x["epoch_s"][i] for x in runs) for i in range(len(r["epoch_s"]))]
-    r["time_to"] = {
-        m: None if r["time_to"][m] is None else med(x["time_to"][m] for x in runs)
-        for m in THRESHOLDS
-    }
+    epochs = range(len(r["epoch_s"]))
+    r["epoch_s"] = [med(x["epoch_s"][i] for x in runs) for i in epochs]
+    r["accuracy"] = [statistics.fmean(x["accuracy"][i] for x in runs) for i in epochs]
+    r["time_to"] = {}
+    for mark in THRESHOLDS:
+        reached = [i for i in epochs if r["accuracy"][i] >= float(mark[:-1]) / 100]
+        r["time_to"][mark] = med(x["epoch_end_s"][reached[0]] for x in runs) if reached else None
+    r["seeds"] = sorted({x["seed"] for x in runs})
     r["images_per_s_runs"] = [x["images_per_s"] for x in runs]
     r["other_load_runs"] = [x["other_load"] for x in runs]
     return r
@@ -41,10 +46,18 @@ def _baseline_for(r: dict, records: list[dict]) -> dict | None:
 
 
 def summarize(records: list[dict]) -> list[dict]:
+    """Ratios against the baseline. With repeats, `speedup` is the median of the per-round
+    ratios: a pipeline run and its baseline of the same round ran minutes apart, so a slow
+    spell of the machine that lasts longer than a round cancels out of their ratio."""
     for r in records:
         b = _baseline_for(r, records) if r["kind"] == "pipeline" else None
         r["baseline"] = b["name"] if b else None
-        r["speedup"] = r["images_per_s"] / b["images_per_s"] if b else None
+        r["speedup_runs"] = (
+            [p / q for p, q in zip(r["images_per_s_runs"], b["images_per_s_runs"], strict=True)]
+            if b
+            else []
+        )
+        r["speedup"] = statistics.median(r["speedup_runs"]) if b else None
         both = b and r["time_to"]["99%"] and b["time_to"]["99%"]
         r["time_to_99_speedup"] = b["time_to"]["99%"] / r["time_to"]["99%"] if both else None
     return records
@@ -77,13 +90,20 @@ def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
+def _x_runs(r: dict) -> str:
+    """The median ratio, and its range over the rounds when there were several."""
+    runs = r.get("speedup_runs") or []
+    spread = f" ({min(runs):.2f}-{max(runs):.2f})" if len(runs) > 1 else ""
+    return _x(r["speedup"]) + spread
+
+
 def headlines(records: list[dict]) -> list[str]:
     lines = []
     for r in records:
         if r["speedup"] and r["config"].endswith("/cpu.yaml") and len(r["overrides"]) == 0:
             lines.append(
                 f"- {r['config']}, {r['world']} process(es): {r['images_per_s']:,.0f} img/s, "
-                f"{_x(r['speedup'])} the baseline's (both fp32 eager, batch {r['batch_size']})."
+                f"{_x_runs(r)} the baseline's (both fp32 eager, batch {r['batch_size']})."
             )
     reached = [r for r in records if r["kind"] == "pipeline" and r["time_to"]["99%"]]
     if reached:
@@ -95,6 +115,18 @@ def headlines(records: list[dict]) -> list[str]:
     return lines
 
 
+def _rounds(result: dict) -> str:
+    seeds = result.get("seeds") or []
+    times = f"{result['repeat']} time(s)"
+    if len(seeds) > 1:
+        return f"with seeds {seeds[0]}-{seeds[-1]}, {times} each"
+    return times
+
+
+def _accuracy_note(result: dict) -> str:
+    return ", accuracies the means over seeds" if len(result.get("seeds") or []) > 1 else ""
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
@@ -102,17 +134,22 @@ def markdown(result: dict) -> str:
         "",
         f"Command: `{result['command']}` ({result['date']}); torch {m['torch']}, "
         f"python {m['python']}, numpy {m['numpy']}, {m['platform']}. "
-        f"Each case ran {result['repeat']} time(s) in fresh processes; timings are medians.",
+        f"Each case ran {_rounds(result)} in fresh processes; timings are medians"
+        f"{_accuracy_note(result)}.",
         "",
         "- **img/s**: train images per second in the steady state; the first step "
         f"(compilation) and the next {result['warmup_steps']} (warm-up) are timed apart.",
-        "- **to 98% / 99%**: train seconds (first step included, evaluation excluded) at the "
-        "first end of epoch whose test accuracy reaches the mark; `-`: not reached.",
+        "- **to 98% / 99%**: train seconds to the first end of epoch whose test accuracy "
+        "reaches the mark, evaluation excluded, and compilation too: the first step and the "
+        "warm-up count at the steady-state rate (their own times are in their columns); "
+        "`-`: not reached.",
         "- **baseline**: the same model, optimizer, schedule and batch size in fp32 eager, "
         f"reading MNIST the classic way: {result['baseline_transform']}, a DataLoader "
         f"(num_workers={result['baseline_workers']}) with a DistributedSampler, `loss.item()` "
         "every step. Ratios are pipeline/baseline of the "
-        "same config and world size (for time to 99%: baseline time / pipeline time).",
+        "same config and world size (for time to 99%: baseline time / pipeline time); with "
+        "repeats, img/s is the median over the rounds and `vs baseline` the median of the "
+        "per-round ratios, with their range.",
         "- **other load**: CPU cores other programs kept busy meanwhile; above ~0.2 the "
         "timings of that case are disturbed.",
         "",
@@ -128,7 +165,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['name']} | {r['world']} x {r['threads']} | {r['batch_size']} | "
             f"{r['precision']} | {r['compile']} | {r['images_per_s']:,.0f} | "
-            f"{_x(r['speedup'])} | {ep[0]:.1f} / {fmt_s(rest)} | {r['first_step_s']:.2f} | "
+            f"{_x_runs(r)} | {ep[0]:.1f} / {fmt_s(rest)} | {r['first_step_s']:.2f} | "
             f"{r['warmup_s']:.2f} | {fmt_s(r['time_to']['98%'])} | {fmt_s(r['time_to']['99%'])} | "
             f"{_x(r['time_to_99_speedup'])} | {accs} | {r['other_load']:.2f} |"
         )
