@@ -290,8 +290,11 @@ def _measure(ctx: DistContext, case: Case, cfg: Config, max_steps: int, out: str
     steady_s = clock.train_s - clock.first_step_s - clock.warmup_s
     steady_images = images - (1 + WARMUP_STEPS) * cfg.train.batch_size
     # The train time at each end of epoch with the first step (compilation) and the warm-up
-    # counted at the steady-state rate: time to accuracy with compilation reported apart.
-    setup_s = clock.first_step_s + clock.warmup_s - (1 + WARMUP_STEPS) * steady_s / steady_steps
+    # counted at the steady-state rate when they took longer: time to accuracy with
+    # compilation reported apart.
+    setup_s = max(
+        0.0, clock.first_step_s + clock.warmup_s - (1 + WARMUP_STEPS) * steady_s / steady_steps
+    )
     ends = [0.0] + [e["train_s"] for e in epochs]
     record.update(
         seed=cfg.train.seed,

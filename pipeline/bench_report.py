@@ -28,6 +28,7 @@ def aggregate(runs: list[dict]) -> dict:
         r[key] = med(x[key] for x in runs)
     epochs = range(len(r["epoch_s"]))
     r["epoch_s"] = [med(x["epoch_s"][i] for x in runs) for i in epochs]
+    r["epoch_end_s"] = [med(x["epoch_end_s"][i] for x in runs) for i in epochs]
     r["accuracy"] = [statistics.fmean(x["accuracy"][i] for x in runs) for i in epochs]
     r["time_to"] = {}
     for mark in THRESHOLDS:

@@ -31,6 +31,11 @@ from pipeline.model import LeNet
 from pipeline.preemption import StopRequest
 from pipeline.tracking import make_tracker
 
+# How long a rank that leaves the report of an error to the main rank waits before it exits:
+# under torchrun the first worker to exit ends the job, and the main rank's line must get out
+# first. A job that is being stopped ends the wait at once.
+REPORT_GRACE_S = 5.0
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -391,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         # happened.
         if (ctx.is_main if ctx else _env_rank() == 0) or getattr(e, "report_here", False):
             print(f"error: {e}", file=sys.stderr, flush=True)
+        elif (ctx.world_size if ctx else int(os.environ.get("WORLD_SIZE", "1"))) > 1:
+            time.sleep(REPORT_GRACE_S)
         if run is not None:
             run.tracker.close(e.exit_code)
         return e.exit_code

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def real_mnist_root() -> Path:
-    return Path(os.environ.get("MNIST_ROOT", REPO.parent / "shared" / "data"))
+    # Absolute: batch jobs and launched processes run from other directories.
+    return Path(os.environ.get("MNIST_ROOT", REPO.parent / "shared" / "data")).resolve()
 
 
 @pytest.fixture(scope="session")
