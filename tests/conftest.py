@@ -109,3 +109,35 @@ def final_model(run_dir: Path) -> dict:
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
     output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert proc.returncode == 0, f"exit {proc.returncode}\n{output}"
+
+
+def tiny_run(root, run_dir, nproc=1, batch=1024, extra=(), env=None) -> dict:
+    """8 steps (2 epochs of 4) at global batch `batch` on `root`'s 4096 images; the final model
+    in float32."""
+    args = [
+        *TINY_ARGS,
+        f"data.root={root}",
+        f"train.run_dir={run_dir}",
+        "train.epochs=2",
+        f"train.batch_size={batch}",
+        "optim.lr=0.1",
+        *extra,
+    ]
+    assert_ok(run_pipeline(args, nproc=nproc, env=env))
+    return {k: v.float() for k, v in final_model(run_dir).items()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    """The largest elementwise difference between two state dicts."""
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def run_bench(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m pipeline.bench ARGS` from the repository root (text output)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.bench", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -3,22 +3,17 @@ the ratio between them, the table printed and written. Numbers are checked for s
 for speed (speed is what the benchmark reports, not what a test asserts)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from pipeline.bench_report import aggregate, summarize
 
-from conftest import REPO
+from conftest import run_bench
 
 
 def test_quick_benchmark_compares_pipeline_with_baseline(mnist_root, tmp_path):
-    proc = subprocess.run(
+    proc = run_bench(
         [
-            sys.executable,
-            "-m",
-            "pipeline.bench",
             "--quick",
             "--only",
             "^(baseline|pipeline) cpu.yaml w1$",
@@ -26,11 +21,7 @@ def test_quick_benchmark_compares_pipeline_with_baseline(mnist_root, tmp_path):
             str(mnist_root),
             "--out",
             str(tmp_path),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        ]
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "cpu-quick-partial.json").read_text())
@@ -52,13 +43,7 @@ def test_quick_benchmark_compares_pipeline_with_baseline(mnist_root, tmp_path):
 
 
 def test_missing_data_is_one_line_and_exit_3(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench", "--data-root", str(tmp_path), "--quick"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_bench(["--data-root", str(tmp_path), "--quick"], timeout=120)
     assert proc.returncode == 3
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(tmp_path) in lines[0] and "--data-root" in lines[0], lines

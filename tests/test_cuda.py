@@ -3,13 +3,11 @@ with gradient accumulation, NCCL across two GPUs, and the benchmark on a GPU. Th
 skip without it; run them on a GPU machine with `python -m pytest -q tests/test_cuda.py`."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_ARGS, assert_ok, final_model, run_pipeline, write_tiny_mnist
+from conftest import assert_ok, max_diff, run_bench, run_pipeline, tiny_run, write_tiny_mnist
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TOLERANCE = 0.01  # accuracy (as a fraction) a precision may differ from fp32
@@ -45,23 +43,7 @@ def tiny_4096(tmp_path_factory):
 
 
 def _tiny_cuda_run(root, run_dir, nproc=1, batch=1024, extra=()):
-    """8 steps (2 epochs of 4) on CUDA; the final model."""
-    args = [
-        *TINY_ARGS,
-        f"data.root={root}",
-        f"train.run_dir={run_dir}",
-        "train.epochs=2",
-        f"train.batch_size={batch}",
-        "optim.lr=0.1",
-        "dist.device=cuda",
-        *extra,
-    ]
-    assert_ok(run_pipeline(args, nproc=nproc))
-    return {k: v.float() for k, v in final_model(run_dir).items()}
-
-
-def _max_diff(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+    return tiny_run(root, run_dir, nproc, batch, [*extra, "dist.device=cuda"])
 
 
 @needs_cuda
@@ -75,8 +57,8 @@ def test_cuda_graph_step_with_accumulation_matches_eager(tiny_4096, tmp_path):
     )
     # A replay that overwrote the first micro-batch's gradients would leave the model that a
     # half batch trains; compiled kernels only round differently (TF32 convolutions included).
-    assert _max_diff(eager, half) > 1e-3
-    assert _max_diff(graphs, eager) < _max_diff(eager, half) / 10
+    assert max_diff(eager, half) > 1e-3
+    assert max_diff(graphs, eager) < max_diff(eager, half) / 10
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
@@ -84,17 +66,14 @@ def test_nccl_two_ranks_match_one_rank(tiny_4096, tmp_path):
     one = _tiny_cuda_run(tiny_4096, tmp_path / "one")
     half = _tiny_cuda_run(tiny_4096, tmp_path / "half", batch=512)
     two = _tiny_cuda_run(tiny_4096, tmp_path / "two", nproc=2)
-    assert _max_diff(one, half) > 1e-3
-    assert _max_diff(two, one) < _max_diff(one, half) / 10
+    assert max_diff(one, half) > 1e-3
+    assert max_diff(two, one) < max_diff(one, half) / 10
 
 
 @needs_cuda
 def test_quick_benchmark_on_cuda(mnist_root, tmp_path):
-    proc = subprocess.run(
+    proc = run_bench(
         [
-            sys.executable,
-            "-m",
-            "pipeline.bench",
             "--quick",
             "--device",
             "cuda",
@@ -105,9 +84,6 @@ def test_quick_benchmark_on_cuda(mnist_root, tmp_path):
             "--out",
             str(tmp_path),
         ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=1200,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -17,7 +17,14 @@ from pipeline.engine import Engine
 from pipeline.errors import EXIT_CONFIG, ConfigError
 from pipeline.model import LeNet
 
-from conftest import TINY_ARGS, assert_ok, final_model, run_pipeline, write_tiny_mnist
+from conftest import (
+    TINY_ARGS,
+    assert_ok,
+    max_diff,
+    run_pipeline,
+    tiny_run,
+    write_tiny_mnist,
+)
 
 TOLERANCE = 0.01  # accuracy (as a fraction) a variant may differ from fp32 eager
 BATCH = 512  # configs/fast_cpu.yaml's; both tests compile graphs of it, the second reuses some
@@ -69,32 +76,13 @@ def tiny_4096(tmp_path_factory):
     return write_tiny_mnist(tmp_path_factory.mktemp("tiny-4096"), n_train=4096)
 
 
-def _tiny_run(root, run_dir, nproc, batch, extra=(), env=None):
-    """8 steps (2 epochs of 4) at global batch `batch`; the final model."""
-    args = [
-        *TINY_ARGS,
-        f"data.root={root}",
-        f"train.run_dir={run_dir}",
-        "train.epochs=2",
-        f"train.batch_size={batch}",
-        "optim.lr=0.1",
-        *extra,
-    ]
-    assert_ok(run_pipeline(args, nproc=nproc, env=env))
-    return final_model(run_dir)
-
-
 @pytest.fixture(scope="module")
 def eager_references(tiny_4096, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eager")
-    full = _tiny_run(tiny_4096, tmp / "full", nproc=1, batch=2 * BATCH)
+    full = tiny_run(tiny_4096, tmp / "full", nproc=1, batch=2 * BATCH)
     # What a rank would end with if the all-reduce were lost: its own half batch.
-    half = _tiny_run(tiny_4096, tmp / "half", nproc=1, batch=BATCH)
+    half = tiny_run(tiny_4096, tmp / "half", nproc=1, batch=BATCH)
     return full, half
-
-
-def _max_diff(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.mark.parametrize("mode", ["model", "step"])
@@ -102,7 +90,7 @@ def test_compiled_ddp_on_two_ranks_matches_one_rank_eager(
     tiny_4096, tmp_path, mode, eager_references, inductor_env
 ):
     full, half = eager_references
-    two = _tiny_run(
+    two = tiny_run(
         tiny_4096,
         tmp_path,
         nproc=2,
@@ -111,7 +99,7 @@ def test_compiled_ddp_on_two_ranks_matches_one_rank_eager(
         env=inductor_env,
     )
     # Compiled kernels round differently from eager ones, far less than a missing all-reduce.
-    assert _max_diff(full, half) > 1e-3
+    assert max_diff(full, half) > 1e-3
     for k in full:
         torch.testing.assert_close(two[k], full[k], rtol=1e-4, atol=2e-5, msg=k)
 
