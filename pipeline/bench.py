@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from pipeline import host, mnist
+from pipeline import host, kernels, mnist
 from pipeline.bench_report import aggregate, machine, markdown, summarize
 from pipeline.config import Config, load_config, validate_for_world
 from pipeline.data import MEAN, STD, TrainBatches, eval_indices, to_device
@@ -78,6 +78,8 @@ def cases(device: str, n_gpus: int, quick: bool) -> list[Case]:
         out += [
             Case("pipeline cpu.yaml bf16 w1", "pipeline", cpu, 1, ["train.precision=bf16"]),
             Case("pipeline cpu.yaml compile w1", "pipeline", cpu, 1, ["train.compile=model"]),
+            # The default config on torch's ops only: what the fused conv1 kernel adds.
+            Case("pipeline cpu.yaml torch-ops w1", "pipeline", cpu, 1, ["train.fused_conv1=false"]),
             Case("baseline fast_cpu.yaml w1", "baseline", fast, 1),
         ]
     return out + [
@@ -163,7 +165,7 @@ def pipeline_trainer(cfg, ctx, data, raw, model, micro, workers):
     def evaluate(x, y):
         return engine.evaluate(x, y, cfg.train.eval_batch_size)["test_accuracy"]
 
-    return epoch_steps, flush, evaluate, {}
+    return epoch_steps, flush, evaluate, {"conv1": conv1_impl(engine.fused_conv1)}
 
 
 def baseline_trainer(cfg, ctx, data, raw, model, micro, workers):
@@ -209,7 +211,12 @@ def baseline_trainer(cfg, ctx, data, raw, model, micro, workers):
         dist.all_reduce(correct)
         return (correct[0] / correct[1]).item()
 
-    return epoch_steps, lambda: None, evaluate, {"baseline_transform": dataset.transform_name}
+    record = {"baseline_transform": dataset.transform_name, "conv1": conv1_impl(False)}
+    return epoch_steps, lambda: None, evaluate, record
+
+
+def conv1_impl(fused: bool) -> str:
+    return "fused kernel" if fused else "torch ops"
 
 
 class Clock:
@@ -409,6 +416,13 @@ def main(argv: list[str] | None = None) -> int:
         if re.search(args.only, c.name)
     ]
     workers = args.baseline_workers if args.baseline_workers >= 0 else 4 * (device == "cuda")
+    kernel_s, kernel_problem = None, None
+    if device == "cpu":  # built (or loaded from the cache) once here, before any case runs
+        started = time.perf_counter()
+        kernel_problem = kernels.load(print)
+        kernel_s = time.perf_counter() - started
+        if kernel_problem:
+            print(f"warning: the fused conv1 kernel is not available: {kernel_problem}")
     for c in todo:
         c.workers = workers if c.kind == "baseline" else 0
     runs: dict[str, list[dict]] = {c.name: [] for c in todo}
@@ -436,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": sorted({r["seed"] for v in runs.values() for r in v}),
         "warmup_steps": WARMUP_STEPS,
         "baseline_workers": workers,
+        "kernel_load_s": kernel_s,
+        "kernel_problem": kernel_problem,
         "machine": machine(device),
         "baseline_transform": next(
             (r["baseline_transform"] for r in records if "baseline_transform" in r), ""

@@ -120,6 +120,11 @@ class TrainConfig:
         "torch.compile mode (reduce-overhead uses CUDA graphs)",
         ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     )
+    fused_conv1: bool = _opt(
+        True,
+        "CPU runs: conv1, its max-pool and ReLU as one C++ kernel, built on first use (about "
+        "15 s, needs a C++ compiler) into torch's extension cache; torch's ops where it cannot",
+    )
     reuse_host_memory: bool = _opt(
         True,
         "CPU runs: malloc keeps freed memory for the next step instead of returning it to the "

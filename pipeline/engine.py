@@ -6,6 +6,8 @@ last. Nothing in the step reads a value back to the host: the loss is summed on 
 read only when the caller asks for it at a logging interval.
 
 Speed options (`train.*`):
+- `fused_conv1` (CPU): the model's first stage, conv1 -> max-pool -> ReLU, runs as one C++
+  kernel (pipeline/kernels.py) instead of three torch ops; torch's ops where it cannot be built.
 - `precision`: fp32; bf16 autocast (CPU and CUDA); fp16 autocast with a gradient scaler (CUDA),
   whose gradients are unscaled before clipping and whose overflowing steps are skipped.
 - `compile`: `model` compiles the DDP-wrapped network (torch's documented order, so that
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable
 
@@ -29,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from pipeline import kernels
 from pipeline.config import Config, OptimConfig
 from pipeline.dist import DistContext, all_reduce_sum
 from pipeline.errors import ConfigError
@@ -133,6 +137,8 @@ class Engine:
         ctx: DistContext,
         steps_per_epoch: int,
         total_steps: int,
+        info: Callable[[str], None] = lambda _: None,
+        warn: Callable[[str], None] = lambda m: print(f"warning: {m}", file=sys.stderr),
     ):
         self.model, self.ctx, self.cfg = model, ctx, cfg
         self.device = ctx.device
@@ -141,6 +147,14 @@ class Engine:
         # NHWC convolutions: oneDNN (CPU) and cuDNN run them without reordering the tensors on
         # every call; the values are those of the plain layout, up to rounding.
         model.to(memory_format=torch.channels_last)
+        self.fused_conv1 = False
+        if cfg.train.fused_conv1 and self.device.type == "cpu":
+            problem = kernels.load(info)
+            if problem is None:
+                model.conv1_pool_relu = kernels.conv1_pool_relu
+                self.fused_conv1 = True
+            else:
+                warn(f"the fused conv1 kernel is not available, using torch's ops: {problem}")
         self.ddp = model
         if ctx.world_size > 1:
             self.ddp = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None)

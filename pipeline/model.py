@@ -6,6 +6,8 @@ padded by 2 on each side).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,12 +26,17 @@ class LeNet(nn.Module):
         self.fc1 = nn.Linear(16 * side * side, fc1_width)
         self.fc2 = nn.Linear(fc1_width, 84)
         self.fc3 = nn.Linear(84, num_classes)
+        # Set to pipeline.kernels.conv1_pool_relu to run the first stage as one CPU kernel.
+        self.conv1_pool_relu: Callable[[nn.Conv2d, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The tutorial writes max_pool2d(relu(conv(x))). ReLU and max-pooling commute (ReLU
         # keeps order), so pooling first gives the same values and the same gradients while
         # ReLU and its backward touch a quarter of the elements: a tenth of a CPU step.
-        x = F.relu(F.max_pool2d(self.conv1(x), (2, 2)))
+        if self.conv1_pool_relu is None:
+            x = F.relu(F.max_pool2d(self.conv1(x), (2, 2)))
+        else:
+            x = self.conv1_pool_relu(self.conv1, x)
         x = F.relu(F.max_pool2d(self.conv2(x), 2))
         x = torch.flatten(x, 1)
         x = F.relu(self.fc1(x))

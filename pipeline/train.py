@@ -61,14 +61,18 @@ def _env_rank() -> int:
     return 0
 
 
-def header(ctx: dist.DistContext, run_dir: Path, reused_memory: bool) -> str:
+def header(ctx: dist.DistContext, run_dir: Path, reused_memory: bool, fused_conv1: bool) -> str:
     if ctx.device.type == "cuda":
         device = f"{torch.cuda.get_device_name(ctx.device)} x{ctx.world_size}"
     else:
         threads = torch.get_num_threads()
-        device = f"cpu ({threads} thread{'s' if threads != 1 else ''} per rank, "
-        device += f"{os.cpu_count()} cores"
-        device += ", malloc reuses freed memory)" if reused_memory else ")"
+        notes = [
+            f"{threads} thread{'s' if threads != 1 else ''} per rank",
+            f"{os.cpu_count()} cores",
+        ]
+        notes += ["malloc reuses freed memory"] if reused_memory else []
+        notes += ["fused conv1 kernel"] if fused_conv1 else []
+        device = f"cpu ({', '.join(notes)})"
     return (
         f"lenet-ddp {__version__} | torch {torch.__version__} | python "
         f"{platform.python_version()} | {device} | world {ctx.world_size} ({ctx.launcher}, "
@@ -125,9 +129,11 @@ class Run:
                 f"train.batch_size={cfg.train.batch_size} is larger than the training set; lower it"
             )
         total = self.steps_per_epoch * cfg.train.epochs
-        self.engine = Engine(model, cfg, ctx, self.steps_per_epoch, total)
+        self.engine = Engine(
+            model, cfg, ctx, self.steps_per_epoch, total, self.tracker.info, self.tracker.warn
+        )
 
-        self.tracker.info(header(ctx, self.run_dir, reused_memory))
+        self.tracker.info(header(ctx, self.run_dir, reused_memory, self.engine.fused_conv1))
         if saved is not None:
             self.restore(saved)
             self.tracker.info(
