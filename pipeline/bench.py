@@ -78,8 +78,8 @@ def cases(device: str, n_gpus: int, quick: bool) -> list[Case]:
         out += [
             Case("pipeline cpu.yaml bf16 w1", "pipeline", cpu, 1, ["train.precision=bf16"]),
             Case("pipeline cpu.yaml compile w1", "pipeline", cpu, 1, ["train.compile=model"]),
-            # The default config on torch's ops only: what the fused conv1 kernel adds.
-            Case("pipeline cpu.yaml torch-ops w1", "pipeline", cpu, 1, ["train.fused_conv1=false"]),
+            # The default config on torch's ops only: what the fused conv kernels add.
+            Case("pipeline cpu.yaml torch-ops w1", "pipeline", cpu, 1, ["train.fused_conv=false"]),
             Case("baseline fast_cpu.yaml w1", "baseline", fast, 1),
         ]
     return out + [
@@ -165,7 +165,7 @@ def pipeline_trainer(cfg, ctx, data, raw, model, micro, workers):
     def evaluate(x, y):
         return engine.evaluate(x, y, cfg.train.eval_batch_size)["test_accuracy"]
 
-    return epoch_steps, flush, evaluate, {"conv1": conv1_impl(engine.fused_conv1)}
+    return epoch_steps, flush, evaluate, {"conv": conv_impl(engine.fused_conv)}
 
 
 def baseline_trainer(cfg, ctx, data, raw, model, micro, workers):
@@ -211,12 +211,12 @@ def baseline_trainer(cfg, ctx, data, raw, model, micro, workers):
         dist.all_reduce(correct)
         return (correct[0] / correct[1]).item()
 
-    record = {"baseline_transform": dataset.transform_name, "conv1": conv1_impl(False)}
+    record = {"baseline_transform": dataset.transform_name, "conv": conv_impl(False)}
     return epoch_steps, lambda: None, evaluate, record
 
 
-def conv1_impl(fused: bool) -> str:
-    return "fused kernel" if fused else "torch ops"
+def conv_impl(fused: bool) -> str:
+    return "fused kernels" if fused else "torch ops"
 
 
 class Clock:
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         kernel_problem = kernels.load(print)
         kernel_s = time.perf_counter() - started
         if kernel_problem:
-            print(f"warning: the fused conv1 kernel is not available: {kernel_problem}")
+            print(f"warning: the fused conv kernels are not available: {kernel_problem}")
     for c in todo:
         c.workers = workers if c.kind == "baseline" else 0
     runs: dict[str, list[dict]] = {c.name: [] for c in todo}

@@ -101,10 +101,10 @@ def _x_runs(r: dict) -> str:
 def headlines(records: list[dict]) -> list[str]:
     lines = []
     for r in records:
-        torch_ops = r["overrides"] == ["train.fused_conv1=false"]
+        torch_ops = r["overrides"] == ["train.fused_conv=false"]
         if r["speedup"] and r["config"].endswith("/cpu.yaml") and (torch_ops or not r["overrides"]):
             lines.append(
-                f"- {r['config']}, {r['world']} process(es), conv1 as {r.get('conv1', '-')}: "
+                f"- {r['config']}, {r['world']} process(es), convs as {r.get('conv', '-')}: "
                 f"{r['images_per_s']:,.0f} img/s, {_x_runs(r)} the baseline's (both fp32 "
                 f"eager, batch {r['batch_size']})."
             )
@@ -134,12 +134,13 @@ def _kernel_note(result: dict) -> list[str]:
     if result.get("kernel_load_s") is None:
         return []
     if result.get("kernel_problem"):
-        return [f"- **conv1**: the fused kernel could not be built: {result['kernel_problem']}."]
+        return [f"- **conv**: the fused kernels could not be built: {result['kernel_problem']}."]
     return [
-        "- **conv1**: `fused kernel` is conv1, its max-pool and ReLU as one C++ kernel "
-        "(pipeline/kernels.py), built once per machine (about 15 s) and cached; here it was "
+        "- **conv**: `fused kernels`: each conv, its max-pool and ReLU as one C++ kernel "
+        "(pipeline/kernels.py), built once per machine (about 20 s) and cached; here they were "
         f"ready {result['kernel_load_s']:.1f} s after the benchmark started, before any case "
-        "ran, and each case loads it outside its train time. `torch ops`: torch's three ops."
+        "ran, and each case loads them outside its train time. `torch ops`: torch's three ops "
+        "a stage."
     ]
 
 
@@ -170,7 +171,7 @@ def markdown(result: dict) -> str:
         "timings of that case are disturbed.",
         *_kernel_note(result),
         "",
-        "| case | ranks x threads | batch | precision | compile | conv1 | img/s | vs baseline | "
+        "| case | ranks x threads | batch | precision | compile | conv | img/s | vs baseline | "
         "epoch s (first / rest) | first step s | warm-up s | to 98% s | to 99% s | "
         "99% vs baseline | accuracy by epoch | other load |",
         "|" + "---|" * 16,
@@ -181,7 +182,7 @@ def markdown(result: dict) -> str:
         accs = " ".join(f"{a:.2%}" for a in r["accuracy"])
         lines.append(
             f"| {r['name']} | {r['world']} x {r['threads']} | {r['batch_size']} | "
-            f"{r['precision']} | {r['compile']} | {r.get('conv1', '-')} | "
+            f"{r['precision']} | {r['compile']} | {r.get('conv', '-')} | "
             f"{r['images_per_s']:,.0f} | "
             f"{_x_runs(r)} | {ep[0]:.1f} / {fmt_s(rest)} | {r['first_step_s']:.2f} | "
             f"{r['warmup_s']:.2f} | {fmt_s(r['time_to']['98%'])} | {fmt_s(r['time_to']['99%'])} | "

@@ -120,10 +120,11 @@ class TrainConfig:
         "torch.compile mode (reduce-overhead uses CUDA graphs)",
         ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     )
-    fused_conv1: bool = _opt(
+    fused_conv: bool = _opt(
         True,
-        "CPU runs: conv1, its max-pool and ReLU as one C++ kernel, built on first use (about "
-        "15 s, needs a C++ compiler) into torch's extension cache; torch's ops where it cannot",
+        "CPU runs: each conv -> max-pool -> ReLU stage as one C++ kernel, built on first use "
+        "(about 20 s, needs a C++ compiler) into torch's extension cache; torch's ops where it "
+        "cannot be built",
     )
     reuse_host_memory: bool = _opt(
         True,

@@ -6,7 +6,7 @@ last. Nothing in the step reads a value back to the host: the loss is summed on 
 read only when the caller asks for it at a logging interval.
 
 Speed options (`train.*`):
-- `fused_conv1` (CPU): the model's first stage, conv1 -> max-pool -> ReLU, runs as one C++
+- `fused_conv` (CPU): each of the model's stages, conv -> max-pool -> ReLU, runs as one C++
   kernel (pipeline/kernels.py) instead of three torch ops; torch's ops where it cannot be built.
 - `precision`: fp32; bf16 autocast (CPU and CUDA); fp16 autocast with a gradient scaler (CUDA),
   whose gradients are unscaled before clipping and whose overflowing steps are skipped.
@@ -147,14 +147,14 @@ class Engine:
         # NHWC convolutions: oneDNN (CPU) and cuDNN run them without reordering the tensors on
         # every call; the values are those of the plain layout, up to rounding.
         model.to(memory_format=torch.channels_last)
-        self.fused_conv1 = False
-        if cfg.train.fused_conv1 and self.device.type == "cpu":
+        self.fused_conv = False
+        if cfg.train.fused_conv and self.device.type == "cpu":
             problem = kernels.load(info)
             if problem is None:
-                model.conv1_pool_relu = kernels.conv1_pool_relu
-                self.fused_conv1 = True
+                model.conv_pool_relu = kernels.conv_pool_relu
+                self.fused_conv = True
             else:
-                warn(f"the fused conv1 kernel is not available, using torch's ops: {problem}")
+                warn(f"the fused conv kernels are not available, using torch's ops: {problem}")
         self.ddp = model
         if ctx.world_size > 1:
             self.ddp = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None)

@@ -1,14 +1,15 @@
-"""The fused CPU kernel of LeNet's first stage: relu(max_pool2d(conv1(x), 2)) in one pass.
+"""Fused CPU kernels for LeNet's two stages: relu(max_pool2d(conv(x), 2)), each in one pass.
 
-`load()` builds `pipeline/csrc/conv1_pool_relu.cpp` with torch's C++ extension tooling the
-first time (about 15 s; a C++ compiler and ninja are needed) into torch's extension cache
-(`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), one build per torch
-version and CPU instruction set, and loads it from there afterwards. `conv1_pool_relu` is what
-`LeNet` calls when the kernel is attached: it gives the values and gradients of torch's three
-ops (up to float rounding) and falls back to those ops wherever the kernel does not apply:
-another device or dtype, torch.compile tracing, an input that needs its own gradient. Under
-bf16 autocast it still runs, in fp32 (the next layer casts its output): on this model that is
-faster than torch's bf16 convolution and max-pool, and no less precise.
+`load()` builds `pipeline/csrc/` with torch's C++ extension tooling the first time (about
+20 s; a C++ compiler is needed, and ninja, which the project depends on) into torch's
+extension cache (`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), one build
+per torch version and CPU instruction set, and loads it from there afterwards.
+`conv_pool_relu` is what `LeNet` calls for each stage when the kernels are attached: it gives
+the values and gradients of torch's three ops (up to float rounding) and falls back to those
+ops wherever a kernel does not apply: another device, dtype or shape, torch.compile tracing,
+conv1's input needing its own gradient. Under bf16 autocast the kernels still run, in fp32 (the
+next layer casts their output): on LeNet that is faster than torch's bf16 ops, and no less
+precise.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-SOURCE = Path(__file__).with_name("csrc") / "conv1_pool_relu.cpp"
+from pipeline.model import conv_pool_relu as torch_conv_pool_relu
+
+SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.cpp"))
 # Instruction sets to compile for, by torch's own reading of this CPU: a build cached for one
 # CPU never runs on another that lacks its instructions (clusters share home directories).
 _ISA_FLAGS = {
@@ -38,7 +40,7 @@ def _isa() -> str:
 
 def build_name() -> str:
     version = re.sub(r"\W", "_", torch.__version__)
-    return f"lenet_conv1_pool_relu_{_isa().lower()}_torch{version}"
+    return f"lenet_conv_pool_relu_{_isa().lower()}_torch{version}"
 
 
 def build_dir() -> Path:
@@ -47,7 +49,7 @@ def build_dir() -> Path:
 
 
 def toolchain_problem() -> str | None:
-    """Why the kernel cannot be built here (no compiler, no ninja), or None."""
+    """Why the kernels cannot be built here (no compiler, no ninja), or None."""
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler}) on PATH"
@@ -61,37 +63,35 @@ def toolchain_problem() -> str | None:
 
 
 def load(info: Callable[[str], None] = lambda _: None) -> str | None:
-    """Build (once) and load the kernel; None when it is ready, else why it is not."""
-    if hasattr(torch.ops.lenet, "conv1_pool_relu"):
+    """Build (once) and load the kernels; None when they are ready, else why they are not."""
+    if hasattr(torch.ops.lenet, "conv2_pool_relu"):
         return None
     problem = toolchain_problem()
     if problem:
-        return f"{problem}; or set train.fused_conv1=false"
+        return f"{problem}; or set train.fused_conv=false"
     from torch.utils.cpp_extension import load as load_extension
 
     name, directory = build_name(), build_dir()
     if not (directory / f"{name}.so").exists():
-        info(f"building the fused conv1 kernel into {directory} (once, about 15 s)")
+        info(f"building the fused conv kernels into {directory} (once, about 20 s)")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         load_extension(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(s) for s in SOURCES],
             build_directory=str(directory),
-            extra_cflags=[
-                "-O3",
-                "-fopenmp",
-                *_ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), []),
-            ],
+            extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(_isa(), [])],
             is_python_module=False,
         )
     except Exception as e:  # noqa: BLE001 - any build or load failure means: use torch's ops
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"{first}; or set train.fused_conv1=false"
+        return f"{first}; or set train.fused_conv=false"
     return None
 
 
 class _Conv1PoolReLU(torch.autograd.Function):
+    """conv1 (1 -> 6): the input's gradient is never needed, only the weight's and bias's."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         y, code = torch.ops.lenet.conv1_pool_relu(x, weight, bias)
@@ -106,27 +106,49 @@ class _Conv1PoolReLU(torch.autograd.Function):
         return None, grad_w, grad_b
 
 
-def _applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+class _Conv2PoolReLU(torch.autograd.Function):
+    """conv2 (6 -> 16): gradients of the input, the weight and the bias."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        y, code = torch.ops.lenet.conv2_pool_relu(x, weight, bias)
+        ctx.save_for_backward(code, x, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        code, x, weight = ctx.saved_tensors
+        return tuple(torch.ops.lenet.conv2_pool_relu_backward(grad_y, code, x, weight))
+
+
+def _kernel(conv: nn.Conv2d, x: torch.Tensor) -> type[torch.autograd.Function] | None:
+    """The kernel for this stage and input, or None where torch's ops must run."""
     w = conv.weight
-    return (
+    plain = (
         x.device.type == "cpu"
         and x.dtype == w.dtype == torch.float32
         and x.dim() == 4
-        and x.shape[1] == 1
-        and x.shape[3] <= 32
-        and w.shape[0] == 6
-        and w.shape[-1] in (3, 5)
         and conv.bias is not None
         and conv.stride == (1, 1)
         and conv.padding == (0, 0)
         and conv.dilation == (1, 1)
-        and not x.requires_grad
+        and conv.groups == 1
+        and w.shape[-1] == w.shape[-2] in (3, 5)
+        and min(x.shape[2:]) > w.shape[-1]
         and not torch.compiler.is_compiling()
     )
+    if not plain:
+        return None
+    if w.shape[:2] == (6, 1) and x.shape[3] <= 32 and not x.requires_grad:
+        return _Conv1PoolReLU
+    if w.shape[:2] == (16, 6):
+        return _Conv2PoolReLU
+    return None
 
 
-def conv1_pool_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """relu(max_pool2d(conv(x), 2)): the fused kernel where it applies, torch's ops elsewhere."""
-    if _applies(conv, x):
-        return _Conv1PoolReLU.apply(x, conv.weight, conv.bias)
-    return F.relu(F.max_pool2d(conv(x), 2))
+def conv_pool_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """relu(max_pool2d(conv(x), 2)): a fused kernel where one applies, torch's ops elsewhere."""
+    kernel = _kernel(conv, x)
+    if kernel is None:
+        return torch_conv_pool_relu(conv, x)
+    return kernel.apply(x, conv.weight, conv.bias)

@@ -13,6 +13,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def conv_pool_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """One stage of LeNet: convolution, 2x2 max-pool, ReLU.
+
+    The tutorial writes max_pool2d(relu(conv(x))). ReLU and max-pooling commute (ReLU keeps
+    order), so pooling first gives the same values and the same gradients while ReLU and its
+    backward touch a quarter of the elements: a tenth of a CPU step.
+    """
+    return F.relu(F.max_pool2d(conv(x), 2))
+
+
 class LeNet(nn.Module):
     """conv1 1->6, conv2 6->16 (kxk), ReLU, 2x2 max-pool after each; fc1 -> fc2 84 -> fc3 10."""
 
@@ -26,18 +36,13 @@ class LeNet(nn.Module):
         self.fc1 = nn.Linear(16 * side * side, fc1_width)
         self.fc2 = nn.Linear(fc1_width, 84)
         self.fc3 = nn.Linear(84, num_classes)
-        # Set to pipeline.kernels.conv1_pool_relu to run the first stage as one CPU kernel.
-        self.conv1_pool_relu: Callable[[nn.Conv2d, torch.Tensor], torch.Tensor] | None = None
+        # How each stage runs: torch's ops, or pipeline.kernels.conv_pool_relu (fused CPU
+        # kernels with the same values and gradients). Not a parameter: checkpoints ignore it.
+        self.conv_pool_relu: Callable[[nn.Conv2d, torch.Tensor], torch.Tensor] = conv_pool_relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The tutorial writes max_pool2d(relu(conv(x))). ReLU and max-pooling commute (ReLU
-        # keeps order), so pooling first gives the same values and the same gradients while
-        # ReLU and its backward touch a quarter of the elements: a tenth of a CPU step.
-        if self.conv1_pool_relu is None:
-            x = F.relu(F.max_pool2d(self.conv1(x), (2, 2)))
-        else:
-            x = self.conv1_pool_relu(self.conv1, x)
-        x = F.relu(F.max_pool2d(self.conv2(x), 2))
+        x = self.conv_pool_relu(self.conv1, x)
+        x = self.conv_pool_relu(self.conv2, x)
         x = torch.flatten(x, 1)
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))

@@ -61,7 +61,7 @@ def _env_rank() -> int:
     return 0
 
 
-def header(ctx: dist.DistContext, run_dir: Path, reused_memory: bool, fused_conv1: bool) -> str:
+def header(ctx: dist.DistContext, run_dir: Path, reused_memory: bool, fused_conv: bool) -> str:
     if ctx.device.type == "cuda":
         device = f"{torch.cuda.get_device_name(ctx.device)} x{ctx.world_size}"
     else:
@@ -71,7 +71,7 @@ def header(ctx: dist.DistContext, run_dir: Path, reused_memory: bool, fused_conv
             f"{os.cpu_count()} cores",
         ]
         notes += ["malloc reuses freed memory"] if reused_memory else []
-        notes += ["fused conv1 kernel"] if fused_conv1 else []
+        notes += ["fused conv kernels"] if fused_conv else []
         device = f"cpu ({', '.join(notes)})"
     return (
         f"lenet-ddp {__version__} | torch {torch.__version__} | python "
@@ -133,7 +133,7 @@ class Run:
             model, cfg, ctx, self.steps_per_epoch, total, self.tracker.info, self.tracker.warn
         )
 
-        self.tracker.info(header(ctx, self.run_dir, reused_memory, self.engine.fused_conv1))
+        self.tracker.info(header(ctx, self.run_dir, reused_memory, self.engine.fused_conv))
         if saved is not None:
             self.restore(saved)
             self.tracker.info(

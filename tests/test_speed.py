@@ -39,7 +39,7 @@ def inductor_env(tmp_path_factory):
 
 def test_bf16_and_compile_reach_the_accuracy_of_fp32_eager(mnist_root, tmp_path, inductor_env):
     variants = {
-        "fp32 eager, torch ops": ["train.precision=fp32", "train.fused_conv1=false"],
+        "fp32 eager, torch ops": ["train.precision=fp32", "train.fused_conv=false"],
         "fp32 eager": ["train.precision=fp32"],
         "bf16 eager": ["train.precision=bf16"],
         "fp32 compile=model": ["train.precision=fp32", "train.compile=model"],

@@ -17,23 +17,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdint>
 #include <cstring>
-#include <limits>
 #include <vector>
+
+#include "vec.h"
 
 namespace {
 
-constexpr int L = 16;  // lanes: one vector holds a pooled row (at most 16 wide)
-typedef float vf __attribute__((vector_size(L * 4)));
-typedef int32_t vi __attribute__((vector_size(L * 4)));
-constexpr int RW = 2 * L + 8;  // floats per deinterleaved input row (zero padded)
+using lenet::L, lenet::load, lenet::pool_relu, lenet::vf, lenet::vi;
 
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
+constexpr int RW = 2 * L + 8;  // floats per deinterleaved input row (zero padded)
 
 // The image's even and odd columns as two rows of RW floats each, zero padded: conv outputs
 // at even and at odd columns then read contiguous vectors, and the 2x2 pool is lane-wise.
@@ -77,17 +70,9 @@ struct Kernel {
         }
       }
       for (int c = 0; c < C; ++c) {
-        vf m = vf{} - std::numeric_limits<float>::infinity();
-        vi k = vi{};
-        for (int q = 0; q < 4; ++q) {  // max_pool2d's rule: strictly greater, or NaN
-          const vf v = cand[q][c];
-          const vi take = (v > m) | (v != v);
-          m = take ? v : m;
-          k = take ? (vi{} + q) : k;
-        }
-        const vi keep = (m > 0) | (m != m);  // relu, NaN kept
-        const vf out = keep ? m : vf{};
-        const vi cd = (out > 0) ? k : (vi{} + 4);
+        vf out;
+        vi cd;
+        pool_relu(cand[0][c], cand[1][c], cand[2][c], cand[3][c], out, cd);
         for (int j2 = 0; j2 < Wp; ++j2) {
           y[(i2 * Wp + j2) * C + c] = out[j2];
           code[(i2 * Wp + j2) * C + c] = static_cast<uint8_t>(cd[j2]);
@@ -211,7 +196,9 @@ std::tuple<at::Tensor, at::Tensor> backward_k(const at::Tensor& gy, const at::Te
                                cp + n * Hp * Wp * 6, xe.data(), xo.data(), G.data(),
                                part.data() + t * 6 * K * K, partb.data() + t * 6);
   });
-  auto gw = at::zeros({6, 1, K, K}, x.options());
+  // In the layout of LeNet's channels-last weight, as DDP's gradient buckets expect.
+  auto gw = at::empty({6, 1, K, K}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  gw.zero_();
   auto gb = at::zeros({6}, x.options());
   float *gwp = gw.data_ptr<float>(), *gbp = gb.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) {
@@ -241,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& gy_, const at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY(lenet, m) {
+TORCH_LIBRARY_FRAGMENT(lenet, m) {
   m.def("conv1_pool_relu(Tensor x, Tensor w, Tensor b) -> (Tensor, Tensor)");
   m.def("conv1_pool_relu_backward(Tensor gy, Tensor code, Tensor x, int K) -> (Tensor, Tensor)");
 }
