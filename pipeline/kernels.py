@@ -3,7 +3,7 @@
 `load()` builds `pipeline/csrc/` with torch's C++ extension tooling the first time (about
 20 s; a C++ compiler is needed, and ninja, which the project depends on) into torch's
 extension cache (`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), one build
-per torch version and CPU instruction set, and loads it from there afterwards.
+per torch installation and CPU instruction set, and loads it from there afterwards.
 `conv_pool_relu` is what `LeNet` calls for each stage when the kernels are attached: it gives
 the values and gradients of torch's three ops (up to float rounding) and falls back to those
 ops wherever a kernel does not apply: another device, dtype or shape, torch.compile tracing,
@@ -14,6 +14,7 @@ precise.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -39,8 +40,11 @@ def _isa() -> str:
 
 
 def build_name() -> str:
+    """One name per torch version, torch installation and CPU instruction set: environments
+    that share a home directory never rebuild over each other's kernels."""
     version = re.sub(r"\W", "_", torch.__version__)
-    return f"lenet_conv_pool_relu_{_isa().lower()}_torch{version}"
+    install = hashlib.sha1(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:8]
+    return f"lenet_conv_pool_relu_{_isa().lower()}_torch{version}_{install}"
 
 
 def build_dir() -> Path:
