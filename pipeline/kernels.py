@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from pipeline.model import conv_pool_relu as torch_conv_pool_relu
 
-SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.cpp"))
+CSRC = Path(__file__).with_name("csrc")
 # Instruction sets to compile for, by torch's own reading of this CPU: a build cached for one
 # CPU never runs on another that lacks its instructions (clusters share home directories).
 _ISA_FLAGS = {
@@ -82,7 +82,7 @@ def load(info: Callable[[str], None] = lambda _: None) -> str | None:
         directory.mkdir(parents=True, exist_ok=True)
         load_extension(
             name=name,
-            sources=[str(s) for s in SOURCES],
+            sources=[str(s) for s in sorted(CSRC.glob("*.cpp"))],
             build_directory=str(directory),
             extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(_isa(), [])],
             is_python_module=False,
