@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.dist import DistContext, broadcast_object
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, describe
 
 MAGIC = b"LENET-DDP-CKPT-1\n"
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
@@ -105,8 +105,7 @@ def parse(blob: bytes, path: Path) -> dict:
     try:
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {first_line}") from e
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {describe(e)}") from e
 
 
 def newest_valid(run_dir: Path, warn: Callable[[str], None]) -> Path | None:

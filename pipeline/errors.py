@@ -17,6 +17,15 @@ EXIT_DISTRIBUTED = 6
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved; run the same command again to resume.
 
 
+def describe(e: BaseException, with_type: bool = False, limit: int = 200) -> str:
+    """The first line of an exception (its type's name where it has no text), for one-line
+    messages; `with_type` puts the type's name in front."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if with_type or not text:
+        text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class PipelineError(Exception):
     """An error whose message is one line that says what went wrong and what to do."""
 

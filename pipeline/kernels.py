@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from pipeline.errors import describe
 from pipeline.model import conv_pool_relu as torch_conv_pool_relu
 
 CSRC = Path(__file__).with_name("csrc")
@@ -88,8 +89,7 @@ def load(info: Callable[[str], None] = lambda _: None) -> str | None:
             is_python_module=False,
         )
     except Exception as e:  # noqa: BLE001 - any build or load failure means: use torch's ops
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"{first}; or set train.fused_conv=false"
+        return f"{describe(e)}; or set train.fused_conv=false"
     return None
 
 

@@ -22,7 +22,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, describe
 
 FILES: dict[tuple[str, str], str] = {
     ("train", "images"): "train-images-idx3-ubyte",
@@ -49,10 +49,6 @@ _REDOWNLOAD = "delete it and download again (or set data.download=true)"
 def raw_dir(root: str | os.PathLike[str]) -> Path:
     """Where the IDX files live: `<root>/MNIST/raw`, as torchvision lays them out."""
     return Path(root) / "MNIST" / "raw"
-
-
-def _oneline(e: BaseException) -> str:
-    return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 def _other_form(path: Path) -> Path:
@@ -83,11 +79,11 @@ def _read_bytes(path: Path) -> tuple[Path, bytes]:
         return found, found.read_bytes()
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # BadGzipFile first: it is an OSError
         raise DataError(
-            f"MNIST file {found} is a damaged gzip file ({_oneline(e)}); {_REDOWNLOAD}"
+            f"MNIST file {found} is a damaged gzip file ({describe(e, with_type=True)}); {_REDOWNLOAD}"
         ) from e
     except OSError as e:
         raise DataError(
-            f"MNIST file {found} cannot be read ({_oneline(e)}); check its permissions"
+            f"MNIST file {found} cannot be read ({describe(e, with_type=True)}); check its permissions"
         ) from e
 
 
@@ -256,7 +252,7 @@ def _load_cache(path: Path) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # damaged files raise RuntimeError, EOFError, UnpicklingError...
         raise DataError(
-            f"MNIST cache {path} is unreadable ({_oneline(e)}); run prepare to rebuild it"
+            f"MNIST cache {path} is unreadable ({describe(e, with_type=True)}); run prepare to rebuild it"
         ) from e
     meta = obj.get("meta") if isinstance(obj, dict) else None
     if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION:
@@ -322,7 +318,7 @@ def prepare(
         err = _download(root)
         found, missing = _raw_files(root)
     if missing:
-        why = f" (download failed: {_oneline(err)})" if err else ""
+        why = f" (download failed: {describe(err, with_type=True)})" if err else ""
         raise _missing_error(root, missing, why) from err
     fingerprint = _fingerprint(found)
     for cache in _cache_paths(root):

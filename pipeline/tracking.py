@@ -18,11 +18,11 @@ from typing import Any, TextIO
 
 from pipeline import checkpoint
 from pipeline.dist import DistContext
+from pipeline.errors import describe
 from pipeline.wandb_run import (
     WandbMissing,
     WandbRun,
     WandbUnavailable,
-    describe,
     new_run_id,
     open_run,
     resolve_mode,
@@ -223,7 +223,7 @@ class Tracker:
         except Exception as e:
             self.wandb = None
             self.warn(
-                f"W&B logging stopped: {what} failed ({describe(e)}); training goes on, "
+                f"W&B logging stopped: {what} failed ({describe(e, with_type=True)}); training goes on, "
                 f"results stay in {self.run_dir}"
             )
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pipeline.errors import describe
+
 DEFAULT_HOST = "https://api.wandb.ai"
 # An unreachable server must not hold up start-up for the wandb default of 90 s; the 30 s
 # limit can be changed with WANDB_INIT_TIMEOUT (seconds).
@@ -72,19 +74,12 @@ def new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-def describe(e: BaseException) -> str:
-    """The first line of an exception, short enough for a one-line warning."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 def _import_wandb():
     try:
         import wandb
     except Exception as e:  # not installed, or broken: either way not usable
         raise WandbMissing(
-            f"wandb cannot be imported ({describe(e)}); pip install -e .[wandb], "
+            f"wandb cannot be imported ({describe(e, with_type=True)}); pip install -e .[wandb], "
             "or set tracking.mode=disabled"
         ) from e
     return wandb
@@ -160,7 +155,7 @@ def open_run(
         run.define_metric("epoch/*", step_metric="epoch/epoch")
     except Exception as e:
         _abandon(wandb)
-        raise WandbUnavailable(f"the {mode} W&B run could not start ({describe(e)})") from e
+        raise WandbUnavailable(f"the {mode} W&B run could not start ({describe(e, with_type=True)})") from e
     return WandbRun(run, wandb, mode)
 
 

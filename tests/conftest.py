@@ -15,6 +15,14 @@ from pipeline.mnist import FILES, write_idx
 REPO = Path(__file__).resolve().parents[1]
 
 
+def require(reason: str) -> None:
+    """A prerequisite is missing: skip with `reason` for a user; fail with it in CI (CI=true),
+    where every prerequisite must be present and no test may pass by skipping."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: this test must run, not skip)", pytrace=False)
+    pytest.skip(reason)
+
+
 def real_mnist_root() -> Path:
     # Absolute: batch jobs and launched processes run from other directories.
     return Path(os.environ.get("MNIST_ROOT", REPO.parent / "shared" / "data")).resolve()
@@ -22,10 +30,11 @@ def real_mnist_root() -> Path:
 
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
-    """The full MNIST (MNIST_ROOT, default ../shared/data); tests using it skip where absent."""
+    """The full MNIST (MNIST_ROOT, default ../shared/data); tests using it skip where absent
+    (and fail in CI)."""
     root = real_mnist_root()
     if not (root / "MNIST" / "raw").is_dir():
-        pytest.skip(
+        require(
             f"real MNIST not found at {root}/MNIST/raw; set MNIST_ROOT to a directory "
             "holding MNIST/raw"
         )
