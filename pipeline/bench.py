@@ -19,6 +19,7 @@ import os
 import re
 import resource
 import shlex
+import socket
 import sys
 import tempfile
 import time
@@ -27,17 +28,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from pipeline import host, kernels, mnist
+from pipeline import dist, host, kernels, mnist
 from pipeline.bench_report import aggregate, machine, markdown, summarize
 from pipeline.config import Config, load_config, validate_for_world
 from pipeline.data import MEAN, STD, TrainBatches, eval_indices, to_device
-from pipeline.dist import DistContext, shutdown
+from pipeline.dist import DistContext
 from pipeline.engine import Engine, build_scheduler, loss_function, synchronize
+from pipeline.engine import evaluate as evaluate_model
 from pipeline.errors import PipelineError
 from pipeline.model import LeNet
 
@@ -155,17 +156,11 @@ def pipeline_trainer(cfg, ctx, data, raw, model, micro, workers):
             engine.train_step([next(it) for _ in range(cfg.train.grad_accum)])
             yield cfg.train.batch_size
 
-    def flush():  # what the trainer does at each logging interval: one read-back
-        totals = torch.stack([engine.loss_sum.double(), engine.finite_steps.double()])
-        dist.all_reduce(totals)
-        totals.tolist()
-        engine.loss_sum.zero_()
-        engine.finite_steps.zero_()
-
     def evaluate(x, y):
         return engine.evaluate(x, y, cfg.train.eval_batch_size)["test_accuracy"]
 
-    return epoch_steps, flush, evaluate, {"conv": conv_impl(engine.fused_conv)}
+    # What the trainer does at each logging interval: one read-back of the loss.
+    return epoch_steps, engine.read_loss, evaluate, {"conv": conv_impl(engine.fused_conv)}
 
 
 def baseline_trainer(cfg, ctx, data, raw, model, micro, workers):
@@ -200,16 +195,8 @@ def baseline_trainer(cfg, ctx, data, raw, model, micro, workers):
             running_loss += loss.item()
             yield len(y) * world
 
-    @torch.no_grad()
-    def evaluate(x, y):  # on the same device-resident test tensors as the pipeline (untimed)
-        model.eval()
-        correct = torch.zeros(2, dtype=torch.float64, device=device)
-        for i in range(0, len(y), cfg.train.eval_batch_size):
-            out = model(x[i : i + cfg.train.eval_batch_size])
-            correct[0] += (out.argmax(1) == y[i : i + cfg.train.eval_batch_size]).sum()
-        correct[1] = len(y)
-        dist.all_reduce(correct)
-        return (correct[0] / correct[1]).item()
+    def evaluate(x, y):  # the pipeline's evaluation, on the same test tensors (untimed)
+        return evaluate_model(model, x, y, cfg.train.eval_batch_size, criterion)["test_accuracy"]
 
     record = {"baseline_transform": dataset.transform_name, "conv": conv_impl(False)}
     return epoch_steps, lambda: None, evaluate, record
@@ -245,24 +232,18 @@ class Clock:
         self.train_s += time.perf_counter() - self.t
 
 
-def run_case(rank: int, case: Case, cfg: Config, max_steps: int, store: str, out: str) -> None:
-    """One rank of one case; rank 0 writes the record to `out`."""
+def run_case(rank: int, case: Case, cfg: Config, max_steps: int, out: str) -> None:
+    """One rank of one case (rendezvous at MASTER_ADDR:MASTER_PORT); rank 0 writes the record
+    to `out`."""
     world = case.world
-    cuda = cfg.dist.device == "cuda"
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    else:
+    if cfg.dist.device != "cuda":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    backend = "nccl" if cuda else "gloo"
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
+    ctx = DistContext(rank, rank, world, world, launcher="bench")
     try:
-        ctx = DistContext(
-            rank, rank, world, world, launcher="bench", device=device, backend=backend
-        )
+        dist.init(ctx, cfg.dist)
         _measure(ctx, case, cfg, max_steps, out)
     finally:
-        shutdown()  # _measure's model is gone; collect its cycles, then destroy the group
+        dist.shutdown()  # _measure's model is gone; collect its cycles, then destroy the group
 
 
 def _measure(ctx: DistContext, case: Case, cfg: Config, max_steps: int, out: str) -> None:
@@ -335,6 +316,12 @@ def _own_cpu_s() -> float:
     return sum(r.ru_utime + r.ru_stime for r in own)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def spawn(case: Case, data_root: str, device: str, max_steps: int, seed: int | None) -> dict:
     """Run `case` in `case.world` fresh processes; rank 0's record and the case's facts."""
     seeded = [] if seed is None else [f"train.seed={seed}"]
@@ -346,11 +333,12 @@ def spawn(case: Case, data_root: str, device: str, max_steps: int, seed: int | N
     with tempfile.TemporaryDirectory(prefix="lenet-bench-") as tmp:
         # A cold compile cache: the compile time the first run of a new program sees.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")
-        store, out = str(Path(tmp) / "store"), Path(tmp) / "result.json"
+        out = Path(tmp) / "result.json"
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         busy, own, started = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
         mp.start_processes(
             run_case,
-            args=(case, cfg, max_steps, store, str(out)),
+            args=(case, cfg, max_steps, str(out)),
             nprocs=case.world,
             start_method="spawn",
         )

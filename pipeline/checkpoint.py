@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.dist import DistContext, broadcast_object
+from pipeline.dist import DistContext, broadcast_object, gather_to_main
 from pipeline.errors import CheckpointError, describe
 
 MAGIC = b"LENET-DDP-CKPT-1\n"
@@ -207,14 +207,21 @@ def git_revision() -> str | None:
 
 def save_all_ranks(ctx: DistContext, run_dir: Path, step: int, state: dict, keep: int) -> None:
     """Collective: gather every rank's RNG state to rank 0, which writes the checkpoint."""
-    import torch.distributed as dist
-
     buf = io.BytesIO()
     torch.save(state["rng"], buf)  # plain bytes travel safely through the object collectives
-    blobs = [buf.getvalue()]
-    if ctx.world_size > 1:
-        blobs = [None] * ctx.world_size
-        dist.all_gather_object(blobs, buf.getvalue(), group=ctx.control_group)
-    if ctx.is_main:
+    blobs = gather_to_main(ctx, buf.getvalue())
+    if blobs is not None:
         rngs = [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
         save(run_dir, step, {**state, "rng": rngs}, keep)
+
+
+def load_for_resume(
+    run_dir: Path, resume: str, ctx: DistContext, warn: Callable[[str], None]
+) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from, and its state, on every rank (None, None: start fresh).
+
+    Rank 0 reads the file; every rank decodes the same bytes, so no shared disk is needed.
+    """
+    path = resolve(run_dir, resume, ctx, warn)
+    blob = broadcast_object(ctx, path.read_bytes() if path and ctx.is_main else None)
+    return path, (parse(blob, path) if blob is not None else None)

@@ -13,39 +13,35 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
 from pipeline.errors import ConfigError
 
 
-def _opt(
-    default: Any,
-    help: str,
-    choices: tuple | None = None,
-    check: Callable | None = None,
-    rule: str = "",
-) -> Any:
-    """A config field with its help text, allowed values and an optional check."""
-    return field(
-        default=default, metadata={"help": help, "choices": choices, "check": check, "rule": rule}
-    )
+class Rule(NamedTuple):
+    """A range check of a numeric key, and how `--help` and errors state it."""
+
+    check: Callable[[Any], bool]
+    text: str
 
 
-_positive = (lambda v: v > 0, "a number > 0")
-_non_negative = (lambda v: v >= 0, "a number >= 0")
-_fraction = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+POSITIVE = Rule(lambda v: v > 0, "a number > 0")
+NON_NEGATIVE = Rule(lambda v: v >= 0, "a number >= 0")
+FRACTION = Rule(lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, rule: Rule | None = None) -> Any:
+    """A config field with its help text, and its allowed values or range where it has one."""
+    return field(default=default, metadata={"help": help, "choices": choices, "rule": rule})
 
 
 @dataclass
 class ModelConfig:
     kernel_size: int = _opt(5, "convolution kernel size: 5 (the tutorial's LeNet) or 3", (5, 3))
     fc1_width: int = _opt(
-        120,
-        "width of the first fully connected layer (the tutorial uses 120)",
-        check=_positive[0],
-        rule=_positive[1],
+        120, "width of the first fully connected layer (the tutorial uses 120)", rule=POSITIVE
     )
 
 
@@ -58,51 +54,34 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = _opt("sgd", "optimizer", ("sgd", "nesterov", "adam", "adamw", "rmsprop"))
-    lr: float = _opt(0.05, "peak learning rate", check=_positive[0], rule=_positive[1])
-    momentum: float = _opt(
-        0.9, "momentum (sgd, nesterov, rmsprop)", check=_fraction[0], rule=_fraction[1]
-    )
-    weight_decay: float = _opt(0.0, "weight decay", check=_non_negative[0], rule=_non_negative[1])
+    lr: float = _opt(0.05, "peak learning rate", rule=POSITIVE)
+    momentum: float = _opt(0.9, "momentum (sgd, nesterov, rmsprop)", rule=FRACTION)
+    weight_decay: float = _opt(0.0, "weight decay", rule=NON_NEGATIVE)
     schedule: str = _opt("none", "learning-rate schedule", ("none", "step", "cosine", "onecycle"))
     warmup_epochs: float = _opt(
-        0.0,
-        "linear warm-up length in epochs (none, step, cosine)",
-        check=_non_negative[0],
-        rule=_non_negative[1],
+        0.0, "linear warm-up length in epochs (none, step, cosine)", rule=NON_NEGATIVE
     )
     step_epochs: int = _opt(
-        1,
-        "step schedule: multiply the lr by gamma every this many epochs",
-        check=_positive[0],
-        rule=_positive[1],
+        1, "step schedule: multiply the lr by gamma every this many epochs", rule=POSITIVE
     )
-    gamma: float = _opt(0.5, "step schedule: lr factor", check=_positive[0], rule=_positive[1])
+    gamma: float = _opt(0.5, "step schedule: lr factor", rule=POSITIVE)
     clip_grad_norm: float = _opt(
-        0.0,
-        "clip the gradient norm to this value (0: off)",
-        check=_non_negative[0],
-        rule=_non_negative[1],
+        0.0, "clip the gradient norm to this value (0: off)", rule=NON_NEGATIVE
     )
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _opt(3, "number of epochs", check=_positive[0], rule=_positive[1])
+    epochs: int = _opt(3, "number of epochs", rule=POSITIVE)
     batch_size: int = _opt(
         64,
         "global batch size per optimizer step, split across ranks and accumulation micro-steps",
-        check=_positive[0],
-        rule=_positive[1],
+        rule=POSITIVE,
     )
     grad_accum: int = _opt(
-        1,
-        "micro-steps per optimizer step (no all-reduce on the others)",
-        check=_positive[0],
-        rule=_positive[1],
+        1, "micro-steps per optimizer step (no all-reduce on the others)", rule=POSITIVE
     )
-    eval_batch_size: int = _opt(
-        1000, "evaluation batch size per rank", check=_positive[0], rule=_positive[1]
-    )
+    eval_batch_size: int = _opt(1000, "evaluation batch size per rank", rule=POSITIVE)
     loss: str = _opt(
         "cross_entropy", "loss function (mse: against one-hot targets)", ("cross_entropy", "mse")
     )
@@ -132,16 +111,10 @@ class TrainConfig:
         "kernel (no page faults per step; Linux with glibc)",
     )
     max_steps: int = _opt(
-        0,
-        "stop after this many optimizer steps in all (0: no limit)",
-        check=_non_negative[0],
-        rule=_non_negative[1],
+        0, "stop after this many optimizer steps in all (0: no limit)", rule=NON_NEGATIVE
     )
     log_every: int = _opt(
-        50,
-        "optimizer steps between progress updates and step metrics",
-        check=_positive[0],
-        rule=_positive[1],
+        50, "optimizer steps between progress updates and step metrics", rule=POSITIVE
     )
     run_dir: str = _opt("runs/default", "run directory: config, metrics and checkpoints")
     resume: str = _opt("auto", "auto (newest valid checkpoint in run_dir), none, or a path")
@@ -151,30 +124,19 @@ class TrainConfig:
         ("SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"),
     )
     stop_check_every: int = _opt(
-        10,
-        "steps between the ranks' check for a stop signal",
-        check=_positive[0],
-        rule=_positive[1],
+        10, "steps between the ranks' check for a stop signal", rule=POSITIVE
     )
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = _opt(
-        0,
-        "save every this many optimizer steps (0: only at epoch ends)",
-        check=_non_negative[0],
-        rule=_non_negative[1],
+        0, "save every this many optimizer steps (0: only at epoch ends)", rule=NON_NEGATIVE
     )
     every_epochs: int = _opt(
-        1,
-        "save every this many epochs (the last epoch is always saved)",
-        check=_positive[0],
-        rule=_positive[1],
+        1, "save every this many epochs (the last epoch is always saved)", rule=POSITIVE
     )
-    keep: int = _opt(
-        3, "number of checkpoints kept in the run directory", check=_positive[0], rule=_positive[1]
-    )
+    keep: int = _opt(3, "number of checkpoints kept in the run directory", rule=POSITIVE)
 
 
 @dataclass
@@ -190,8 +152,7 @@ class DistConfig:
     timeout_s: float = _opt(
         600.0,
         "seconds a collective may wait for a peer before the job ends with an error",
-        check=_positive[0],
-        rule=_positive[1],
+        rule=POSITIVE,
     )
 
 
@@ -206,9 +167,7 @@ class TrackingConfig:
     project: str = _opt("lenet-ddp", "W&B project")
     entity: str = _opt("", "W&B entity (team or user); empty: your default")
     name: str = _opt("", "W&B run name; empty: the run directory's name")
-    log_every: int = _opt(
-        50, "optimizer steps between W&B step metrics", check=_positive[0], rule=_positive[1]
-    )
+    log_every: int = _opt(50, "optimizer steps between W&B step metrics", rule=POSITIVE)
     artifact: bool = _opt(False, "upload the final checkpoint as a W&B artifact")
 
 
@@ -291,12 +250,12 @@ def _convert(key: str, f: dataclasses.Field, value: Any) -> Any:
 
 
 def _check(key: str, f: dataclasses.Field, value: Any) -> None:
-    choices, check, rule = f.metadata["choices"], f.metadata["check"], f.metadata["rule"]
+    choices, rule = f.metadata["choices"], f.metadata["rule"]
     if choices and value not in choices:
         allowed = ", ".join(str(c) for c in choices)
         raise ConfigError(f"config key {key}: {value!r} is not allowed; choose one of: {allowed}")
-    if check and not check(value):
-        raise ConfigError(f"config key {key}: {value!r} is out of range; it must be {rule}")
+    if rule and not rule.check(value):
+        raise ConfigError(f"config key {key}: {value!r} is out of range; it must be {rule.text}")
 
 
 def _unknown(key: str, known: list[str]) -> ConfigError:

@@ -2,9 +2,11 @@
 
 `detect` reads the launcher's environment (torchrun, SLURM's srun, or nothing for one plain
 process) without starting anything, so the config can be validated against the world size first.
-`init` starts the process group: a world of one still gets a real gloo group, so a laptop or CI run
-takes the same code path as a multi-node job. The few collectives the trainer needs live here
-too, so rank logic stays in one place.
+`init` starts the process group: a world of one still gets a real gloo group, and every control
+collective below runs in it, so a laptop or CI run takes the same code path as a multi-node job.
+(Only DDP's wrapper is left out at world 1: it would all-reduce each gradient with no peer.)
+Every collective the project calls lives here, with the classification of a collective's
+failure, so rank logic stays in one place.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import DistributedError, PipelineError
+from pipeline.config import DistConfig
+from pipeline.errors import DistributedError, PipelineError, describe
 
 T = TypeVar("T")
 
@@ -108,9 +111,26 @@ def _choose_device(ctx: DistContext, want: str) -> torch.device:
     return torch.device("cuda", ctx.local_rank)
 
 
-def init(ctx: DistContext, device: str, backend: str, timeout_s: float) -> DistContext:
+def env_rank() -> int:
+    """This process's rank as the launcher's environment gives it (0 without a launcher): who
+    reports an error met before `detect` could build a context."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def env_world_size() -> int:
+    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def init(ctx: DistContext, cfg: DistConfig) -> DistContext:
     """Pick the device and backend, and start the process group (world of one included)."""
-    ctx.device = _choose_device(ctx, device)
+    ctx.device = _choose_device(ctx, cfg.device)
+    backend, timeout_s = cfg.backend, cfg.timeout_s
     ctx.backend = (
         backend if backend != "auto" else ("nccl" if ctx.device.type == "cuda" else "gloo")
     )
@@ -184,14 +204,13 @@ def shutdown() -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over all ranks, in place (on the training device's group)."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def any_rank(ctx: DistContext, flag: bool) -> bool:
     """True on every rank when `flag` is true on any rank (a collective: all ranks call it)."""
-    if ctx.world_size == 1:
-        return flag
     t = torch.tensor([int(flag)], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.control_group)
     return bool(t.item())
@@ -199,8 +218,6 @@ def any_rank(ctx: DistContext, flag: bool) -> bool:
 
 def broadcast_object(ctx: DistContext, obj: T) -> T:
     """Rank 0's `obj` on every rank."""
-    if ctx.world_size == 1:
-        return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=ctx.control_group)
     return box[0]
@@ -221,8 +238,7 @@ def leader_then_all(
         except PipelineError as e:
             error = e
     code = torch.tensor([error.exit_code if error else 0], dtype=torch.int32)
-    if ctx.world_size > 1:
-        dist.all_reduce(code, op=dist.ReduceOp.MAX, group=ctx.control_group)
+    dist.all_reduce(code, op=dist.ReduceOp.MAX, group=ctx.control_group)
     if error is not None:
         error.report_here = True  # type: ignore[attr-defined]
         raise error
@@ -231,9 +247,33 @@ def leader_then_all(
     return all_fn()
 
 
+def gather_to_main(ctx: DistContext, obj: T) -> list[T] | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None elsewhere). A collective."""
+    found: list = [None] * ctx.world_size
+    dist.all_gather_object(found, obj, group=ctx.control_group)
+    return found if ctx.is_main else None
+
+
 def barrier(ctx: DistContext) -> None:
-    if ctx.world_size > 1:
-        dist.barrier(group=ctx.control_group)
+    dist.barrier(group=ctx.control_group)
+
+
+def collective_failure(e: BaseException, timeout_s: float) -> DistributedError | None:
+    """What a failed collective means for a person, or None when `e` is not one.
+
+    torch raises a DistError subclass for most of these, but gloo's lost peers and some
+    timeouts still arrive as a plain RuntimeError, recognisable only by their text.
+    """
+    text = str(e).lower()
+    markers = ("gloo", "nccl", "connection closed", "timed out", "connection reset")
+    if not isinstance(e, dist.DistError) and not any(k in text for k in markers):
+        return None
+    if "timed out" in text or "timeout" in text:
+        return DistributedError(
+            f"a collective waited more than dist.timeout_s={timeout_s:g} s "
+            f"for a peer rank that stopped responding ({describe(e)})"
+        )
+    return DistributedError(f"lost contact with a peer rank ({describe(e)}); see that rank's error")
 
 
 def restart_count() -> int:

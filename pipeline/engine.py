@@ -127,6 +127,33 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    precision: str = "fp32",
+) -> dict[str, float]:
+    """Loss and accuracy over this rank's test images `x`, `y`, summed over all ranks."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=x.device)
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        with autocast(x.device, precision):
+            out = model(xb)
+        totals[0] += (criterion(out, yb) * len(yb)).double()
+        totals[1] += (out.argmax(1) == yb).sum()
+        totals[2] += len(yb)
+    loss_sum, correct, count = all_reduce_sum(totals).tolist()
+    return {
+        "test_loss": loss_sum / count,
+        "test_accuracy": correct / count,
+        "test_count": int(count),
+    }
+
+
 class Engine:
     """Owns the wrapped model, optimizer, schedule and scaler; runs steps and evaluation."""
 
@@ -155,6 +182,8 @@ class Engine:
                 self.fused_conv = True
             else:
                 warn(f"the fused conv kernels are not available, using torch's ops: {problem}")
+        # A world of one trains the plain model: DDP would all-reduce every gradient bucket with
+        # no peer, a cost on each step for nothing.
         self.ddp = model
         if ctx.world_size > 1:
             self.ddp = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None)
@@ -237,26 +266,17 @@ class Engine:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    @torch.no_grad()
+    def read_loss(self) -> tuple[float, int]:
+        """The loss summed over all ranks' micro-steps since the last call, and how many of
+        those losses were finite; a collective, and the step's only read-back to the host."""
+        totals = all_reduce_sum(torch.stack([self.loss_sum.double(), self.finite_steps.double()]))
+        self.loss_sum.zero_()
+        self.finite_steps.zero_()
+        loss_sum, finite = totals.tolist()
+        return loss_sum, int(finite)
+
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
-        """Loss and accuracy over this rank's test images, summed over all ranks."""
-        self.model.eval()
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for i in range(0, len(y), batch_size):
-            xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-            with autocast(self.device, self.precision):
-                out = self.model(xb)
-            loss = self.criterion(out, yb) * len(yb)
-            totals[0] += loss.double()
-            totals[1] += (out.argmax(1) == yb).sum()
-            totals[2] += len(yb)
-        all_reduce_sum(totals)
-        loss_sum, correct, count = totals.tolist()
-        return {
-            "test_loss": loss_sum / count,
-            "test_accuracy": correct / count,
-            "test_count": int(count),
-        }
+        return evaluate(self.model, x, y, batch_size, self.criterion, self.precision)
 
     def state_dict(self) -> dict:
         return {

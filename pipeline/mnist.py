@@ -79,11 +79,13 @@ def _read_bytes(path: Path) -> tuple[Path, bytes]:
         return found, found.read_bytes()
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # BadGzipFile first: it is an OSError
         raise DataError(
-            f"MNIST file {found} is a damaged gzip file ({describe(e, with_type=True)}); {_REDOWNLOAD}"
+            f"MNIST file {found} is a damaged gzip file ({describe(e, with_type=True)}); "
+            f"{_REDOWNLOAD}"
         ) from e
     except OSError as e:
         raise DataError(
-            f"MNIST file {found} cannot be read ({describe(e, with_type=True)}); check its permissions"
+            f"MNIST file {found} cannot be read ({describe(e, with_type=True)}); "
+            "check its permissions"
         ) from e
 
 
@@ -252,7 +254,8 @@ def _load_cache(path: Path) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # damaged files raise RuntimeError, EOFError, UnpicklingError...
         raise DataError(
-            f"MNIST cache {path} is unreadable ({describe(e, with_type=True)}); run prepare to rebuild it"
+            f"MNIST cache {path} is unreadable ({describe(e, with_type=True)}); "
+            "run prepare to rebuild it"
         ) from e
     meta = obj.get("meta") if isinstance(obj, dict) else None
     if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pipeline import checkpoint
+from pipeline.config import Config, to_dict, to_yaml
 from pipeline.dist import DistContext
 from pipeline.errors import describe
 from pipeline.wandb_run import (
@@ -115,23 +116,12 @@ class StepWindow:
         return r["step"], row
 
 
-class NullTracker:
-    """The tracker of ranks that do not report."""
-
-    run_id: str | None = None
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        pass
-
-    def __getattr__(self, name: str):
-        return lambda *args, **kwargs: None
-
-
 class Tracker:
     """Console, progress bar and JSON-lines files of the main rank; W&B when enabled."""
 
     def __init__(self, run_dir: Path, stream: TextIO = sys.stdout):
         self.run_dir, self.stream = run_dir, stream
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.progress: Progress | None = None
         self.run_id: str | None = None
         self.wandb: WandbRun | None = None
@@ -151,38 +141,33 @@ class Tracker:
             f.write(json.dumps(record) + "\n")
 
     def start(
-        self,
-        config: dict,
-        config_yaml: str,
-        meta: dict,
-        resumed: bool,
-        global_step: int,
-        epochs_done: int,
+        self, cfg: Config, meta: dict, resumed: bool, global_step: int, epochs_done: int
     ) -> None:
         """Print and save the resolved config; on resume, drop records past the checkpoint."""
+        config_yaml = to_yaml(cfg)
         self.info("resolved config:\n  " + config_yaml.rstrip().replace("\n", "\n  "))
         (self.run_dir / "config.yaml").write_text(config_yaml)
         self._trim("metrics.jsonl", lambda r: resumed and r["epoch"] <= epochs_done)
         self._trim("steps.jsonl", lambda r: resumed and r["step"] <= global_step)
-        self._start_wandb(config, meta, global_step)
+        self._start_wandb(cfg, meta, global_step)
 
-    def _start_wandb(self, config: dict, meta: dict, global_step: int) -> None:
+    def _start_wandb(self, cfg: Config, meta: dict, global_step: int) -> None:
         """Open (or, with the checkpoint's run id, continue) the job's W&B run."""
-        t = config.get("tracking", {})
-        mode = resolve_mode(t.get("mode", "auto"))
+        t = cfg.tracking
+        mode = resolve_mode(t.mode)
         if mode == "disabled":
             return
-        self.artifact = bool(t.get("artifact", False))
+        self.artifact = t.artifact
         # The id is chosen here, not by wandb, so that it is in the first checkpoint even
         # when W&B cannot start now and a later attempt of the job can.
         self.run_id = self.run_id or new_run_id()
         args = dict(
             run_dir=self.run_dir,
             run_id=self.run_id,
-            project=t.get("project", "lenet-ddp"),
-            entity=t.get("entity", ""),
-            name=t.get("name", ""),
-            config={**config, "meta": {k: v for k, v in meta.items() if v is not None}},
+            project=t.project,
+            entity=t.entity,
+            name=t.name,
+            config={**to_dict(cfg), "meta": {k: v for k, v in meta.items() if v is not None}},
         )
         try:
             self.wandb = open_run(mode, **args)
@@ -203,9 +188,7 @@ class Tracker:
                 )
                 return
             self.warn(f"{e}; logging offline instead: {self._sync_hint()}")
-        self.window = StepWindow(
-            t.get("log_every", 50), global_step, meta.get("steps_per_epoch", 1)
-        )
+        self.window = StepWindow(t.log_every, global_step, meta["steps_per_epoch"])
         if self.wandb.mode == "online":
             self.info(f"W&B run {self.run_id}: {self.wandb.url}")
         else:
@@ -223,8 +206,8 @@ class Tracker:
         except Exception as e:
             self.wandb = None
             self.warn(
-                f"W&B logging stopped: {what} failed ({describe(e, with_type=True)}); training goes on, "
-                f"results stay in {self.run_dir}"
+                f"W&B logging stopped: {what} failed ({describe(e, with_type=True)}); "
+                f"training goes on, results stay in {self.run_dir}"
             )
 
     def _trim(self, name: str, keep) -> None:
@@ -301,5 +284,40 @@ class Tracker:
         self.wandb = None
 
 
-def make_tracker(ctx: DistContext, run_dir: Path) -> Tracker | NullTracker:
+class NullTracker(Tracker):
+    """The tracker of ranks that do not report: every method of `Tracker` does nothing.
+
+    It overrides each one by name, so a method added to `Tracker` but not here fails loudly
+    (a test compares the two), and a misspelled call fails as it would on the main rank.
+    """
+
+    def __init__(self) -> None:
+        self.run_id = None
+
+    def info(self, message: str) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
+        pass
+
+    def start(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def start_epoch(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_step(self, record: dict) -> None:
+        pass
+
+    def log_epoch(self, record: dict) -> None:
+        pass
+
+    def finish(self, summary: dict) -> None:
+        pass
+
+    def close(self, exit_code: int = 0) -> None:
+        pass
+
+
+def make_tracker(ctx: DistContext, run_dir: Path) -> Tracker:
     return Tracker(run_dir) if ctx.is_main else NullTracker()

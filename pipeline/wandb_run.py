@@ -155,7 +155,9 @@ def open_run(
         run.define_metric("epoch/*", step_metric="epoch/epoch")
     except Exception as e:
         _abandon(wandb)
-        raise WandbUnavailable(f"the {mode} W&B run could not start ({describe(e, with_type=True)})") from e
+        raise WandbUnavailable(
+            f"the {mode} W&B run could not start ({describe(e, with_type=True)})"
+        ) from e
     return WandbRun(run, wandb, mode)
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import checkpoint
-from pipeline.tracking import StepWindow, Tracker
+from pipeline.config import Config, load_config
+from pipeline.tracking import NullTracker, StepWindow, Tracker
 from pipeline.wandb_run import INIT_TIMEOUT_S, has_credentials, resolve_mode
 
 from conftest import REPO, TINY_ARGS, assert_ok, run_pipeline
@@ -195,15 +196,23 @@ def fake_wandb(fail_online: bool = False, fail_log_at: int | None = None):
     return module
 
 
-def tiny_config(mode: str, **tracking) -> dict:
-    t = {"mode": mode, "project": "p", "entity": "", "name": "", "log_every": 4, "artifact": False}
-    return {"train": {"epochs": 1}, "tracking": {**t, **tracking}}
+def tiny_config(mode: str, artifact: bool = False) -> Config:
+    return load_config(
+        None,
+        [
+            f"tracking.mode={mode}",
+            "tracking.project=p",
+            "tracking.log_every=4",
+            f"tracking.artifact={artifact}",
+            "train.epochs=1",
+        ],
+    )
 
 
-def drive(tracker: Tracker, config: dict, steps=range(2, 17, 2), resumed_at: int = 0) -> None:
-    """What train.py does: start, step records every 2 steps, an epoch record, finish."""
+def drive(tracker: Tracker, config: Config, steps=range(2, 17, 2), resumed_at: int = 0) -> None:
+    """What the trainer does: start, step records every 2 steps, an epoch record, finish."""
     meta = {"world_size": 2, "steps_per_epoch": 16}
-    tracker.start(config, "x: 1\n", meta, resumed_at > 0, resumed_at, 0)
+    tracker.start(config, meta, resumed_at > 0, resumed_at, 0)
     for s in steps:
         tracker.log_step(
             {"step": s, "epoch": 1, "step_in_epoch": s, "loss": 1.0 / s, "lr": 0.1}
@@ -376,3 +385,13 @@ def test_missing_wandb_leaves_training_unaffected(tiny_mnist, tmp_path):
         json.loads((tmp_path / d / "summary.json").read_text()) for d in ("off", "missing")
     )
     assert off["final_accuracy"] == missing["final_accuracy"]
+
+
+def test_null_tracker_does_nothing_for_every_method_and_refuses_unknown_ones():
+    public = {n for n in vars(Tracker) if not n.startswith("_") and callable(vars(Tracker)[n])}
+    assert public <= set(vars(NullTracker)), public - set(vars(NullTracker))
+    null = NullTracker()
+    drive(null, tiny_config("offline"))
+    assert null.run_id is None
+    with pytest.raises(AttributeError):
+        null.log_stepp({"step": 1})
