@@ -3,7 +3,10 @@
 `load()` builds `pipeline/csrc/` with torch's C++ extension tooling the first time (about
 20 s; a C++ compiler is needed, and ninja, which the project depends on) into torch's
 extension cache (`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), one build
-per torch installation and CPU instruction set, and loads it from there afterwards.
+per torch installation and CPU instruction set, and loads it from there afterwards. A failed
+build is remembered there (`build-failed.txt`, with the compiler's output) and not tried again
+until that file is deleted or the compiler (CXX), the sources or torch change; ranks starting
+together build once, the others wait for it.
 `conv_pool_relu` is what `LeNet` calls for each stage when the kernels are attached: it gives
 the values and gradients of torch's three ops (up to float rounding) and falls back to those
 ops wherever a kernel does not apply: another device, dtype or shape, torch.compile tracing,
@@ -15,10 +18,13 @@ precise.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,6 +40,9 @@ _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
 }
+# Files in the build directory next to torch's (build.ninja, objects, the library).
+FAILED = "build-failed.txt"  # why the last build failed, for the build it names
+_LOCK = "build.lock"
 
 
 def _isa() -> str:
@@ -53,11 +62,14 @@ def build_dir() -> Path:
     return Path(root) / build_name()
 
 
+def compiler() -> str:
+    return os.environ.get("CXX", "c++")  # what torch's extension tooling compiles with
+
+
 def toolchain_problem() -> str | None:
     """Why the kernels cannot be built here (no compiler, no ninja), or None."""
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        return f"no C++ compiler ({compiler}) on PATH"
+    if shutil.which(compiler()) is None:
+        return f"no C++ compiler ({compiler()}) on PATH"
     if shutil.which("ninja") is None:
         try:
             import ninja  # the PyPI wheel: its binary is not on PATH outside an activated venv
@@ -67,29 +79,132 @@ def toolchain_problem() -> str | None:
     return None
 
 
+def _compiler_id() -> list:
+    """The compiler as a build depends on it, without running it: CXX, the file it resolves
+    to, and that file's size and time (an upgrade in place changes them)."""
+    path = os.path.realpath(shutil.which(compiler()) or compiler())
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [compiler(), path]
+    return [compiler(), path, st.st_size, st.st_mtime_ns]
+
+
+def _build_key(cflags: list[str], ldflags: list[str]) -> str:
+    """What the library depends on: sources, flags, compiler, torch installation."""
+    h = hashlib.sha1()
+    for source in sorted(CSRC.iterdir()):
+        if source.suffix in (".cpp", ".h"):
+            h.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    parts = [cflags, ldflags, _compiler_id(), torch.__version__, torch.__file__]
+    h.update(json.dumps(parts).encode())
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never part of one."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, delete=False) as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(f.name, 0o644)  # not the temporary file's 0600: the cache may be shared
+    os.replace(f.name, path)
+
+
+def _remembered_failure(marker: Path, key: str) -> str | None:
+    """The reason recorded in `marker` for the build `key`, or None."""
+    try:
+        header = marker.read_text().split("\n\n", 1)[0].splitlines()
+    except OSError:
+        return None
+    fields = dict(line.split(": ", 1) for line in header if ": " in line)
+    return fields.get("reason") if fields.get("key") == key else None
+
+
+def _failure_reason(e: Exception) -> str:
+    """One line: the exception's first, up to the command torch puts there, and the compiler's
+    first error if there is one (the whole output goes into the FAILED file)."""
+    head = describe(e, limit=10_000).split(": [1/", 1)[0]
+    lines = str(e).splitlines()[1:]
+    error = next((line.strip() for line in lines if re.search(r"\berror\b", line)), None)
+    return describe(RuntimeError(f"{head}: {error}" if error else head), limit=300)
+
+
+@contextmanager
+def _exclusive(path: Path, info: Callable[[str], None]) -> Iterator[None]:
+    """One process at a time (the ranks of a run start together): the first builds, the others
+    then load its library or read its failure. The OS drops the lock if its holder dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock file still guards the build itself
+        yield
+        return
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info(f"waiting for another process to build the fused conv kernels in {path.parent}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def load(info: Callable[[str], None] = lambda _: None) -> str | None:
-    """Build (once) and load the kernels; None when they are ready, else why they are not."""
+    """Build (once) and load the kernels; None when they are ready, else why they are not.
+
+    A failed build is remembered in the build directory (FAILED) and not tried again until
+    that file is deleted or what the build depends on changes: the sources, the flags, the
+    compiler (CXX) or torch."""
     if hasattr(torch.ops.lenet, "conv2_pool_relu"):
         return None
     problem = toolchain_problem()
     if problem:
         return f"{problem}; or set train.fused_conv=false"
+    directory = build_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with _exclusive(directory / _LOCK, info):
+            problem = _build(directory, info)
+    except OSError as e:  # the build directory itself: not writable, disk full
+        problem = f"{describe(e)} (set TORCH_EXTENSIONS_DIR to a writable directory)"
+    return f"{problem}; or set train.fused_conv=false" if problem else None
+
+
+def _build(directory: Path, info: Callable[[str], None]) -> str | None:
+    cflags = ["-O3", "-fopenmp", *_ISA_FLAGS.get(_isa(), [])]
+    key = _build_key(cflags, [])
+    marker = directory / FAILED
+    reason = _remembered_failure(marker, key)
+    if reason is not None:
+        return f"{reason} (remembered: an earlier build failed; delete {marker} to retry)"
     from torch.utils.cpp_extension import load as load_extension
 
-    name, directory = build_name(), build_dir()
+    name = build_name()
     if not (directory / f"{name}.so").exists():
         info(f"building the fused conv kernels into {directory} (once, about 20 s)")
     try:
-        directory.mkdir(parents=True, exist_ok=True)
         load_extension(
             name=name,
             sources=[str(s) for s in sorted(CSRC.glob("*.cpp"))],
             build_directory=str(directory),
-            extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(_isa(), [])],
+            extra_cflags=cflags,
             is_python_module=False,
         )
     except Exception as e:  # noqa: BLE001 - any build or load failure means: use torch's ops
-        return f"{describe(e)}; or set train.fused_conv=false"
+        reason = _failure_reason(e)
+        header = f"key: {key}\nreason: {reason}\ncompiler: {compiler()}\n"
+        _write_atomic(marker, f"{header}\n{e}\n")  # the compiler's output after the header
+        return f"{reason} (not tried again until {marker} is deleted or CXX changes)"
+    marker.unlink(missing_ok=True)
     return None
 
 
