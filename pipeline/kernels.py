@@ -6,7 +6,9 @@ extension cache (`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`)
 per torch installation and CPU instruction set, and loads it from there afterwards. A failed
 build is remembered there (`build-failed.txt`, with the compiler's output) and not tried again
 until that file is deleted or the compiler (CXX), the sources or torch change; ranks starting
-together build once, the others wait for it.
+together build once, the others wait for it. The kernels compile with the OpenMP flags this
+compiler takes (probed once per compiler), or without OpenMP, for one thread, where it takes
+none.
 `conv_pool_relu` is what `LeNet` calls for each stage when the kernels are attached: it gives
 the values and gradients of torch's three ops (up to float rounding) and falls back to those
 ops wherever a kernel does not apply: another device, dtype or shape, torch.compile tracing,
@@ -17,14 +19,18 @@ precise.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import re
 import shutil
+import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,6 +48,8 @@ _ISA_FLAGS = {
 }
 # Files in the build directory next to torch's (build.ninja, objects, the library).
 FAILED = "build-failed.txt"  # why the last build failed, for the build it names
+_OPENMP_CACHE = "openmp.json"  # the OpenMP flags found for a compiler
+_BUILT = "built.json"  # which build the library there is
 _LOCK = "build.lock"
 
 
@@ -88,6 +96,92 @@ def _compiler_id() -> list:
     except OSError:
         return [compiler(), path]
     return [compiler(), path, st.st_size, st.st_mtime_ns]
+
+
+@dataclass(frozen=True)
+class OpenMP:
+    """Compile and link flags for the kernels' threads, and a note for the build's info line
+    ("" where nothing needs saying)."""
+
+    cflags: list[str]
+    ldflags: list[str]
+    note: str = ""
+
+
+# The kernels thread with at::parallel_for. With torch's OpenMP backend that is a `#pragma omp
+# parallel` inlined from ATen's headers into the kernels' own code: without the compiler's
+# OpenMP flag it compiles to a serial loop (correct, one thread). torch's extension tooling
+# adds no OpenMP flag. Candidates, each (compile flags, link flags):
+_OPENMP_CANDIDATES = [
+    # GCC: the GOMP_* calls resolve, when loaded, to the runtime torch itself loaded and
+    # sizes with torch.set_num_threads (linking -fopenmp could add a second copy).
+    (["-fopenmp"], []),
+    # LLVM clang: its calls (__kmpc_*) need LLVM's runtime, which torch's GNU one lacks.
+    (["-fopenmp"], ["-fopenmp"]),
+    # Apple's clang: OpenMP through the preprocessor only, and libomp linked by name (macOS
+    # torch wheels ship it in torch/lib, on the extension's library path).
+    (["-Xpreprocessor", "-fopenmp"], ["-lomp"]),
+]
+_OPENMP_PROBE = """\
+#include <omp.h>
+#ifndef _OPENMP
+#error "no OpenMP"
+#endif
+int lenet_openmp_probe() {
+  int n = 0;
+#pragma omp parallel
+  {
+#pragma omp single
+    n = omp_get_num_threads();
+  }
+  return n;
+}
+"""
+
+
+def _succeeds(cmd: list[str]) -> bool:
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _probe_openmp(directory: Path) -> OpenMP:
+    """The first candidate with which a tiny OpenMP library compiles, links and loads here."""
+    torch_dir = Path(torch.__file__).resolve().parent
+    with tempfile.TemporaryDirectory(dir=directory, prefix="openmp-probe-") as tmp:
+        source = Path(tmp) / "probe.cpp"
+        source.write_text(_OPENMP_PROBE)
+        for i, (cflags, ldflags) in enumerate(_OPENMP_CANDIDATES):
+            obj, lib = Path(tmp) / f"probe{i}.o", Path(tmp) / f"probe{i}.so"
+            compile_cmd = [compiler(), *cflags, "-fPIC", f"-I{torch_dir / 'include'}", "-c"]
+            link_cmd = [compiler(), "-shared", str(obj), "-o", str(lib), f"-L{torch_dir / 'lib'}"]
+            if _succeeds([*compile_cmd, str(source), "-o", str(obj)]) and _succeeds(
+                [*link_cmd, *ldflags]
+            ):
+                try:
+                    ctypes.CDLL(str(lib))  # its OpenMP calls resolve here, with torch loaded
+                except OSError:
+                    continue
+                return OpenMP(cflags, ldflags)
+    tried = " nor ".join(dict.fromkeys(" ".join(c) for c, _ in _OPENMP_CANDIDATES))
+    note = f" without OpenMP: they will run on one thread ({compiler()} takes neither {tried})"
+    return OpenMP([], [], note)
+
+
+def openmp(directory: Path) -> OpenMP:
+    """The OpenMP flags for the kernels with this compiler: probed once per compiler, then read
+    from the build directory."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return OpenMP([], [])  # torch's native thread pool: parallel_for calls into libtorch
+    cache = directory / _OPENMP_CACHE
+    found = _read_json(cache)
+    if found.get("compiler") == _compiler_id():
+        return OpenMP(found["cflags"], found["ldflags"], found["note"])
+    result = _probe_openmp(directory)
+    record = {"compiler": _compiler_id(), **result.__dict__}
+    _write_atomic(cache, json.dumps(record, indent=1))
+    return result
 
 
 def _build_key(cflags: list[str], ldflags: list[str]) -> str:
@@ -180,8 +274,9 @@ def load(info: Callable[[str], None] = lambda _: None) -> str | None:
 
 
 def _build(directory: Path, info: Callable[[str], None]) -> str | None:
-    cflags = ["-O3", "-fopenmp", *_ISA_FLAGS.get(_isa(), [])]
-    key = _build_key(cflags, [])
+    omp = openmp(directory)
+    cflags = ["-O3", *omp.cflags, *_ISA_FLAGS.get(_isa(), [])]
+    key = _build_key(cflags, omp.ldflags)
     marker = directory / FAILED
     reason = _remembered_failure(marker, key)
     if reason is not None:
@@ -189,14 +284,18 @@ def _build(directory: Path, info: Callable[[str], None]) -> str | None:
     from torch.utils.cpp_extension import load as load_extension
 
     name = build_name()
-    if not (directory / f"{name}.so").exists():
-        info(f"building the fused conv kernels into {directory} (once, about 20 s)")
+    built = _read_json(directory / _BUILT).get("key") == key  # the library there is this one
+    fresh = not built or not (directory / f"{name}.so").exists()
+    if fresh:
+        info(f"building the fused conv kernels into {directory} (once, about 20 s){omp.note}")
+    started = time.perf_counter()
     try:
         load_extension(
             name=name,
             sources=[str(s) for s in sorted(CSRC.glob("*.cpp"))],
             build_directory=str(directory),
             extra_cflags=cflags,
+            extra_ldflags=omp.ldflags,
             is_python_module=False,
         )
     except Exception as e:  # noqa: BLE001 - any build or load failure means: use torch's ops
@@ -205,6 +304,9 @@ def _build(directory: Path, info: Callable[[str], None]) -> str | None:
         _write_atomic(marker, f"{header}\n{e}\n")  # the compiler's output after the header
         return f"{reason} (not tried again until {marker} is deleted or CXX changes)"
     marker.unlink(missing_ok=True)
+    _write_atomic(directory / _BUILT, json.dumps({"key": key}))
+    if fresh:
+        info(f"built the fused conv kernels in {time.perf_counter() - started:.1f} s")
     return None
 
 

@@ -2,7 +2,8 @@
 where float sums are exact (integer data, full of ties), to rounding elsewhere; NaN spreads as
 in torch; they fall back to torch's ops where they do not apply; a machine that cannot build
 them trains with torch's ops after one warning, and does not try again at the next start
-unless the compiler or the sources changed."""
+unless the compiler or the sources changed; a compiler without OpenMP builds them for one
+thread; a build says when it is done."""
 
 import json
 import os
@@ -23,6 +24,7 @@ from conftest import REPO, TINY_ARGS, assert_ok, require, run_pipeline
 # (stage, kernel size): LeNet's input side at that stage (conv2 reads conv1's pooled output).
 STAGES = [("conv1", 5), ("conv1", 3), ("conv2", 5), ("conv2", 3)]
 SIDE = {("conv1", 5): 32, ("conv1", 3): 32, ("conv2", 5): 14, ("conv2", 3): 15}
+BUILT = re.compile(r"built the fused conv kernels in \d+\.\d s")
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +34,11 @@ def built():
     missing = kernels.toolchain_problem()
     if missing:
         require(f"the fused kernels cannot be built here: {missing}")
-    problem = kernels.load()
+    messages = []
+    problem = kernels.load(messages.append)
     assert problem is None, problem  # a compiler is here: the kernels must build
+    if any(m.startswith("building") for m in messages):
+        assert BUILT.fullmatch(messages[-1]), messages
 
 
 def stage(name: str, k: int, n: int, integer: bool = False):
@@ -289,3 +294,39 @@ def test_ranks_starting_together_build_once(tmp_path):
     reasons = {reason(r["problem"]) for r in results}
     assert len(reasons) == 1 and all(r["problem"] for r in results), results
     assert sum("remembered" in r["problem"] for r in results) == 2
+
+
+def test_openmp_flags_with_gcc_use_torchs_own_runtime(tmp_path):
+    if kernels.toolchain_problem():
+        require(f"no toolchain to probe: {kernels.toolchain_problem()}")
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's parallel backend is not OpenMP: the kernels need no OpenMP flags")
+    version = subprocess.run([kernels.compiler(), "--version"], capture_output=True, text=True)
+    if "Free Software Foundation" not in version.stdout:
+        pytest.skip(f"{kernels.compiler()} is not GCC")
+    found = kernels.openmp(tmp_path)
+    # Compiled for OpenMP (at::parallel_for's pragma), nothing linked: the OpenMP calls then
+    # go to the runtime torch loaded, the one torch.set_num_threads sizes.
+    assert (found.cflags, found.ldflags, found.note) == (["-fopenmp"], [], "")
+    assert json.loads((tmp_path / "openmp.json").read_text())["cflags"] == ["-fopenmp"]
+
+
+def test_without_openmp_they_build_for_one_thread_and_say_when_built(tmp_path):
+    real = shutil.which(kernels.compiler())
+    if kernels.toolchain_problem() or real is None:
+        require(f"the fused kernels cannot be built here: {kernels.toolchain_problem()}")
+    # A compiler without OpenMP: it refuses -fopenmp (as one without OpenMP support does).
+    cxx = script(
+        tmp_path / "cxx",
+        'for a in "$@"; do [ "$a" = -fopenmp ] && { echo "no OpenMP" >&2; exit 1; }; done\n'
+        f'exec {real} "$@"',
+    )
+    first = start(tmp_path, cxx, "--check")
+    assert first["problem"] is None, first
+    building, done = first["info"]
+    assert building.startswith("building the fused conv kernels into")
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert "without OpenMP: they will run on one thread" in building
+    assert BUILT.fullmatch(done), done
+    second = start(tmp_path, cxx, "--check")  # built: loaded, silently
+    assert second["problem"] is None and second["info"] == [], second
