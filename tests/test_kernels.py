@@ -1,7 +1,16 @@
 """The fused conv -> max-pool -> ReLU CPU kernels give torch's values and gradients: exactly
 where float sums are exact (integer data, full of ties), to rounding elsewhere; NaN spreads as
-in torch; they fall back to torch's ops where they do not apply; and a machine that cannot
-build them trains with torch's ops after one warning."""
+in torch; they fall back to torch's ops where they do not apply; a machine that cannot build
+them trains with torch's ops after one warning, and does not try again at the next start
+unless the compiler or the sources changed; a compiler without OpenMP builds them for one
+thread; a build says when it is done."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,20 +19,26 @@ import torch.nn as nn
 from pipeline import kernels
 from pipeline.model import LeNet, conv_pool_relu
 
-from conftest import TINY_ARGS, assert_ok, run_pipeline
+from conftest import REPO, TINY_ARGS, assert_ok, require, run_pipeline
 
 # (stage, kernel size): LeNet's input side at that stage (conv2 reads conv1's pooled output).
 STAGES = [("conv1", 5), ("conv1", 3), ("conv2", 5), ("conv2", 3)]
 SIDE = {("conv1", 5): 32, ("conv1", 3): 32, ("conv2", 5): 14, ("conv2", 3): 15}
+BUILT = re.compile(r"built the fused conv kernels in \d+\.\d s")
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def built():
+    """The kernels, built here or loaded from torch's extension cache; where no compiler is,
+    tests using them skip (and fail in CI)."""
     missing = kernels.toolchain_problem()
     if missing:
-        pytest.skip(f"the fused kernels cannot be built here: {missing}")
-    problem = kernels.load()
+        require(f"the fused kernels cannot be built here: {missing}")
+    messages = []
+    problem = kernels.load(messages.append)
     assert problem is None, problem  # a compiler is here: the kernels must build
+    if any(m.startswith("building") for m in messages):
+        assert BUILT.fullmatch(messages[-1]), messages
 
 
 def stage(name: str, k: int, n: int, integer: bool = False):
@@ -61,6 +76,7 @@ def both(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor):
     return out
 
 
+@pytest.mark.usefixtures("built")
 @pytest.mark.parametrize("name, k", STAGES)
 def test_integer_data_gives_torchs_exact_values_and_gradients(name, k):
     torch.manual_seed(k)
@@ -80,6 +96,7 @@ def test_integer_data_gives_torchs_exact_values_and_gradients(name, k):
     assert gw.stride() == conv.weight.stride()
 
 
+@pytest.mark.usefixtures("built")
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("name, k", STAGES[::2])
 def test_random_data_matches_torch_to_rounding(name, k, threads):
@@ -96,6 +113,7 @@ def test_random_data_matches_torch_to_rounding(name, k, threads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item() + 1e-6)
 
 
+@pytest.mark.usefixtures("built")
 @pytest.mark.parametrize("name", ["conv1", "conv2"])
 def test_nan_spreads_as_in_torch(name):
     torch.manual_seed(0)
@@ -119,6 +137,7 @@ def test_where_a_kernel_does_not_apply_torchs_ops_run():
     assert kernels._kernel(conv.double(), torch.randn(2, 1, 32, 32).double()) is None
 
 
+@pytest.mark.usefixtures("built")
 @pytest.mark.parametrize("name", ["conv1", "conv2"])
 def test_under_bf16_autocast_they_run_in_fp32(name):
     torch.manual_seed(0)
@@ -131,6 +150,7 @@ def test_under_bf16_autocast_they_run_in_fp32(name):
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("built")
 def test_lenet_with_the_kernels_is_lenet():
     torch.manual_seed(0)
     plain = LeNet().to(memory_format=torch.channels_last)
@@ -155,4 +175,158 @@ def test_a_machine_that_cannot_build_them_trains_with_torchs_ops(tiny_mnist, tmp
     warnings = [line for line in proc.stderr.splitlines() if "fused conv kernels" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: "), proc.stderr
     assert "train.fused_conv=false" in warnings[0]
+    assert "build-failed.txt" in warnings[0]  # how to make the next start try again
     assert "test acc" in proc.stdout + proc.stderr
+
+
+# A fresh process's kernels.load(): {"problem", "info" (its lines), "seconds"}; with --check,
+# the kernels it loaded are compared with torch's ops (two threads).
+START = """
+import json, sys, time
+from pathlib import Path
+from pipeline import kernels
+if len(sys.argv) > 1 and sys.argv[1] != "--check":
+    kernels.CSRC = Path(sys.argv[1])
+info = []
+started = time.perf_counter()
+problem = kernels.load(info.append)
+seconds = time.perf_counter() - started
+if problem is None and "--check" in sys.argv:
+    import torch
+    from pipeline.model import conv_pool_relu
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    conv = torch.nn.Conv2d(6, 16, 5).to(memory_format=torch.channels_last)
+    x = torch.randn(64, 6, 14, 14).contiguous(memory_format=torch.channels_last)
+    assert kernels._kernel(conv, x) is not None
+    with torch.no_grad():
+        y, y_ref = kernels.conv_pool_relu(conv, x), conv_pool_relu(conv, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+print(json.dumps({"problem": problem, "info": info, "seconds": seconds}))
+"""
+
+
+def start(tmp_path, cxx, *args: str, processes: int = 1):
+    """kernels.load() in `processes` new processes started together, as at a run's start:
+    compiler `cxx`, tmp_path/ext as torch's extension cache. One's result, or a list."""
+    env = {**os.environ, "CXX": str(cxx), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", START, *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(processes)
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.splitlines()[-1]))
+    return results[0] if processes == 1 else results
+
+
+def script(path, body: str):
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return path
+
+
+def failing_compiler(path, log):
+    """A compiler that fails whatever it is asked, and writes each call as a line of `log`."""
+    return script(path, f'echo "$*" >> {log}\necho "error: no compiler here" >&2\nexit 1')
+
+
+def reason(problem: str) -> str:
+    """load()'s reason without what it adds about trying again."""
+    return re.split(r" \((not tried again|remembered)", problem)[0]
+
+
+def calls(path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_a_failed_build_is_not_tried_again_at_the_next_start(tmp_path):
+    log = tmp_path / "calls"
+    cxx = failing_compiler(tmp_path / "cxx", log)
+    first = start(tmp_path, cxx)
+    assert first["problem"] and calls(log) > 0
+    marker = next((tmp_path / "ext").glob(f"*/{kernels.FAILED}"))
+    assert str(marker) in first["problem"] and "train.fused_conv=false" in first["problem"]
+    before = calls(log)
+    second = start(tmp_path, cxx)
+    assert calls(log) == before  # neither the build nor the OpenMP probe ran the compiler
+    assert second["seconds"] < 5, second  # the build alone takes longer (about 20 s)
+    assert reason(first["problem"]) == reason(second["problem"]), (first, second)
+    assert "remembered" in second["problem"] and "remembered" not in first["problem"]
+    assert f"delete {marker} to retry" in second["problem"]
+    assert second["info"] == []  # no "building" line: nothing is built
+    marker.unlink()
+    start(tmp_path, cxx)
+    assert calls(log) > before  # deleting the file is how to try again
+
+
+def test_a_new_compiler_or_changed_sources_are_tried(tmp_path):
+    log, other_log = tmp_path / "calls", tmp_path / "other-calls"
+    cxx = failing_compiler(tmp_path / "cxx", log)
+    start(tmp_path, cxx)
+    assert calls(log) > 0
+    other = failing_compiler(tmp_path / "other-cxx", other_log)
+    again = start(tmp_path, other)["problem"]
+    assert calls(other_log) > 0 and "remembered" not in again  # another CXX: built again
+    csrc = shutil.copytree(kernels.CSRC, tmp_path / "csrc")
+    with open(csrc / "conv2_pool_relu.cpp", "a") as f:
+        f.write("// changed\n")
+    before = calls(log)
+    again = start(tmp_path, cxx, str(csrc))["problem"]
+    assert calls(log) > before and "remembered" not in again  # changed sources: built again
+
+
+def test_ranks_starting_together_build_once(tmp_path):
+    alone, together = tmp_path / "alone", tmp_path / "together"
+    start(alone, failing_compiler(tmp_path / "cxx", tmp_path / "calls-alone"))
+    log = tmp_path / "calls-together"
+    results = start(together, failing_compiler(tmp_path / "cxx2", log), processes=3)
+    assert calls(log) == calls(tmp_path / "calls-alone")  # one process built, for all three
+    reasons = {reason(r["problem"]) for r in results}
+    assert len(reasons) == 1 and all(r["problem"] for r in results), results
+    assert sum("remembered" in r["problem"] for r in results) == 2
+
+
+def test_openmp_flags_with_gcc_use_torchs_own_runtime(tmp_path):
+    if kernels.toolchain_problem():
+        require(f"no toolchain to probe: {kernels.toolchain_problem()}")
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's parallel backend is not OpenMP: the kernels need no OpenMP flags")
+    version = subprocess.run([kernels.compiler(), "--version"], capture_output=True, text=True)
+    if "Free Software Foundation" not in version.stdout:
+        pytest.skip(f"{kernels.compiler()} is not GCC")
+    found = kernels.openmp(tmp_path)
+    # Compiled for OpenMP (at::parallel_for's pragma), nothing linked: the OpenMP calls then
+    # go to the runtime torch loaded, the one torch.set_num_threads sizes.
+    assert (found.cflags, found.ldflags, found.note) == (["-fopenmp"], [], "")
+    assert json.loads((tmp_path / "openmp.json").read_text())["cflags"] == ["-fopenmp"]
+
+
+def test_without_openmp_they_build_for_one_thread_and_say_when_built(tmp_path):
+    real = shutil.which(kernels.compiler())
+    if kernels.toolchain_problem() or real is None:
+        require(f"the fused kernels cannot be built here: {kernels.toolchain_problem()}")
+    # A compiler without OpenMP: it refuses -fopenmp (as one without OpenMP support does).
+    cxx = script(
+        tmp_path / "cxx",
+        'for a in "$@"; do [ "$a" = -fopenmp ] && { echo "no OpenMP" >&2; exit 1; }; done\n'
+        f'exec {real} "$@"',
+    )
+    first = start(tmp_path, cxx, "--check")
+    assert first["problem"] is None, first
+    building, done = first["info"]
+    assert building.startswith("building the fused conv kernels into")
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert "without OpenMP: they will run on one thread" in building
+    assert BUILT.fullmatch(done), done
+    second = start(tmp_path, cxx, "--check")  # built: loaded, silently
+    assert second["problem"] is None and second["info"] == [], second
