@@ -246,6 +246,9 @@ def _exclusive(path: Path, info: Callable[[str], None]) -> Iterator[None]:
         except BlockingIOError:
             info(f"waiting for another process to build the fused conv kernels in {path.parent}")
             fcntl.flock(f, fcntl.LOCK_EX)
+        # torch's own lock file: a build killed mid-way leaves it behind, and every later
+        # start would wait on it forever. Holding our lock, nobody else builds here now.
+        (path.parent / "lock").unlink(missing_ok=True)
         try:
             yield
         finally:

@@ -330,3 +330,16 @@ def test_without_openmp_they_build_for_one_thread_and_say_when_built(tmp_path):
     assert BUILT.fullmatch(done), done
     second = start(tmp_path, cxx, "--check")  # built: loaded, silently
     assert second["problem"] is None and second["info"] == [], second
+
+
+@pytest.mark.usefixtures("built")
+def test_a_build_killed_mid_way_does_not_hold_up_later_starts():
+    # torch's build leaves its lock file behind when killed; torch would wait on it forever.
+    stale = kernels.build_dir() / "lock"
+    stale.touch()
+    code = "from pipeline import kernels; print(kernels.load())"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "None", proc.stderr[-3000:]
+    assert not stale.exists()
