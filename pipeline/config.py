@@ -352,8 +352,9 @@ def help_text() -> str:
     lines = ["config keys (set in the YAML file or as section.key=value):"]
     for name, cls in _sections().items():
         for f in dataclasses.fields(cls):
-            choices = f.metadata["choices"]
+            choices, rule = f.metadata["choices"], f.metadata["rule"]
             allowed = f" [{'|'.join(str(c) for c in choices)}]" if choices else ""
+            allowed += f" ({rule.text})" if rule else ""
             lines.append(f"  {name}.{f.name} = {f.default!r}{allowed}")
             lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines)
