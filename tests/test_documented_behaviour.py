@@ -255,3 +255,22 @@ def test_build_scheduler_step_and_onecycle_values():
     assert _rising(cycle[: peak + 1])
     assert _rising(cycle[peak:][::-1])
     assert cycle[-1] == pytest.approx(0.1 / 25 / 1e4)  # and final_div_factor
+
+
+# -- bit for bit: same seed, world size and threads per rank -------------------------------
+
+
+def test_same_seed_world_and_threads_give_the_same_run_bit_for_bit(tiny_mnist, tmp_path):
+    # Two threads per rank: the CPU kernels' reductions are split across threads, so the bits
+    # depend on the thread count; with the same count they must not vary from run to run.
+    two_threads = {"OMP_NUM_THREADS": "2"}
+    first, second = tmp_path / "first", tmp_path / "second"
+    for run_dir in (first, second):
+        proc = run_pipeline(_args(tiny_mnist, run_dir, "train.epochs=2"), env=two_threads)
+        assert_ok(proc)
+        assert "cpu (2 threads per rank," in proc.stdout, proc.stdout[:500]
+    _assert_same_model(first, second)
+    keys = ("train_loss", "test_loss", "test_accuracy")
+    assert [[r[k] for k in keys] for r in _records(first / "metrics.jsonl")] == [
+        [r[k] for k in keys] for r in _records(second / "metrics.jsonl")
+    ]
