@@ -338,3 +338,34 @@ def test_more_tasks_than_gpus_stops_at_once_with_one_line(two_node_jobs):
         "equal to --gpus-per-node (and no --gpus-per-task or --gpu-bind, so that every task "
         "sees all GPUs of its node)"
     ], job.why()
+
+
+def test_warning_signal_without_requeue_checkpoints_and_exits_75(cluster, mnist_root, tmp_path):
+    """Submitted with --no-requeue: the warning still saves a checkpoint, the refused requeue
+    is logged with how to resume, and the job ends with 75 instead of being requeued."""
+    cluster.up(1)
+    sizes = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"]
+    job = cluster.submit("ddp_srun.sbatch", ["--no-requeue", *sizes], tmp_path, mnist_root)
+    steps = job.run_dir / "steps.jsonl"  # its first record (step 10): training is under way
+    deadline = time.monotonic() + 180
+    while not (steps.exists() and steps.stat().st_size):
+        assert job.show().get("JobState") in ("PENDING", "RUNNING"), job.why()
+        assert time.monotonic() < deadline, job.why()
+        time.sleep(0.05)
+    # What `#SBATCH --signal=B:USR1@120` sends before the time limit, without the wait.
+    cluster.run("scancel", "--signal=USR1", "--batch", job.id)
+    cluster.wait(job)
+
+    info, log = job.show(), job.log
+    assert (info["Requeue"], info["Restarts"]) == ("0", "0"), job.why()
+    # 75: the README's exit code for "stopped by a signal after saving a checkpoint"
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "75:0"), job.why()
+    saved = re.search(r"stop requested \(SIGTERM\): saved a checkpoint at step (\d+)", log)
+    assert saved and int(saved.group(1)) < STEPS, job.why()
+    refused = (
+        "requeue refused (submitted with --no-requeue?); to resume, submit again with "
+        f"RUN_DIR=runs/{job.name}-{job.id}"
+    )
+    assert refused in log, job.why()
+    names = [p.name for p in checkpoint.list_checkpoints(job.run_dir)]
+    assert names == [checkpoint.checkpoint_name(int(saved.group(1)))], job.why()
