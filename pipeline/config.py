@@ -85,7 +85,9 @@ class TrainConfig:
     loss: str = _opt(
         "cross_entropy", "loss function (mse: against one-hot targets)", ("cross_entropy", "mse")
     )
-    seed: int = _opt(0, "random seed: the same seed and world size give the same run")
+    seed: int = _opt(
+        0, "random seed: the same seed, world size and threads per rank give the same run"
+    )
     precision: str = _opt(
         "fp32",
         "fp32, bf16 autocast (CPU and CUDA) or fp16 autocast with a gradient scaler (CUDA)",

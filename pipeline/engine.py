@@ -216,6 +216,8 @@ class Engine:
         self.finite_steps = torch.zeros((), dtype=torch.long, device=self.device)
         # Seconds the first train_step took (compilation and warm-up included), once it ran.
         self.first_step_s: float | None = None
+        # The learning rate the last step used (read before the schedule moves on).
+        self.step_lr = self.optimizer.param_groups[0]["lr"]
 
     def _eager_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.precision):
@@ -257,6 +259,7 @@ class Engine:
             self.scaler.update()
         else:
             self.optimizer.step()
+        self.step_lr = self.optimizer.param_groups[0]["lr"]  # what this step used
         self.scheduler.step()
         if first:
             synchronize(self.device)
@@ -264,7 +267,8 @@ class Engine:
 
     @property
     def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
+        """The learning rate of the last step (before any step: of the first)."""
+        return float(self.step_lr)
 
     def read_loss(self) -> tuple[float, int]:
         """The loss summed over all ranks' micro-steps since the last call, and how many of

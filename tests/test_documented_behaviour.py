@@ -207,11 +207,6 @@ def test_onecycle_lr_rises_to_optim_lr_then_falls(one_cycle):
     assert {r["epoch"]: r["lr"] for r in _records(one_cycle / "metrics.jsonl")} == last
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the pipeline logs the lr after the scheduler step: the rate of the next step, and "
-    "after the last step a one-cycle rate past the schedule's end",
-)
 def test_logged_lr_is_the_rate_the_step_used(three_epochs, one_cycle):
     per_epoch = N_TRAIN // BATCH
     epochs = {r["epoch"]: r["lr"] for r in _records(three_epochs / "metrics.jsonl")}
