@@ -28,11 +28,12 @@ MAGIC = b"LENET-DDP-CKPT-1\n"
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 
 # Keys that must match between a checkpoint and the run resuming it: they change the model,
-# the optimizer's state or the sequence of batches.
+# the optimizer's state or the sequence of global batches. The world size and train.grad_accum
+# may change: the global batch at every step is the same set of samples for any split of it.
 MUST_MATCH = {
     "model": None,  # every key of the section
     "optim": None,
-    "train": ("batch_size", "grad_accum", "loss", "seed", "precision", "epochs"),
+    "train": ("batch_size", "loss", "seed", "precision", "epochs"),
 }
 
 
@@ -125,13 +126,27 @@ def newest_valid(run_dir: Path, warn: Callable[[str], None]) -> Path | None:
     return None
 
 
-def check_compatible(saved: dict, current: dict, world_size: int, path: Path) -> None:
-    """Raise CheckpointError naming the first setting that differs in a way resume cannot bear."""
-    if saved.get("world_size") != world_size:
+def check_compatible(
+    saved: dict, current: dict, world_size: int, steps_per_epoch: int, path: Path
+) -> None:
+    """Raise CheckpointError naming the first setting that differs in a way resume cannot bear.
+
+    Another world size is fine where it gives the same optimizer steps per epoch (it does
+    unless the training set does not split evenly); checkpoints written before that was
+    recorded resume on their own world size only.
+    """
+    old_world, old_steps = saved.get("world_size"), saved.get("steps_per_epoch")
+    if old_steps is None and old_world != world_size:
         raise CheckpointError(
-            f"checkpoint {path} was written by a world of {saved.get('world_size')} rank(s), "
-            f"this run has {world_size}; resume with the same number of processes or start a "
-            "new run (another train.run_dir)"
+            f"checkpoint {path} was written by a world of {old_world} rank(s) and does not "
+            f"record its epoch length; resume it with {old_world} processes, or start a new "
+            "run (another train.run_dir)"
+        )
+    if old_steps is not None and old_steps != steps_per_epoch:
+        raise CheckpointError(
+            f"checkpoint {path} was written with {old_steps} steps per epoch (world "
+            f"{old_world}), this run has {steps_per_epoch} (world {world_size}): the training "
+            f"set does not split alike; resume with {old_world} processes or start a new run"
         )
     old = saved["config"]
     for section, keys in MUST_MATCH.items():

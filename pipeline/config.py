@@ -132,6 +132,12 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
+    every_seconds: float = _opt(
+        0.0,
+        "also save when this many seconds passed since the last save (0: off): bounds the work "
+        "a hard kill loses whatever the step time; checked every train.stop_check_every steps",
+        rule=NON_NEGATIVE,
+    )
     every_steps: int = _opt(
         0, "save every this many optimizer steps (0: only at epoch ends)", rule=NON_NEGATIVE
     )

@@ -209,11 +209,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def any_rank(ctx: DistContext, flag: bool) -> bool:
-    """True on every rank when `flag` is true on any rank (a collective: all ranks call it)."""
-    t = torch.tensor([int(flag)], dtype=torch.int32)
+def any_rank(ctx: DistContext, *flags: bool) -> tuple[bool, ...]:
+    """Each flag, true on every rank when it is true on any rank (one collective for all of
+    them: every rank calls it with as many flags)."""
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.control_group)
-    return bool(t.item())
+    return tuple(bool(v) for v in t.tolist())
 
 
 def broadcast_object(ctx: DistContext, obj: T) -> T:
@@ -252,6 +253,23 @@ def gather_to_main(ctx: DistContext, obj: T) -> list[T] | None:
     found: list = [None] * ctx.world_size
     dist.all_gather_object(found, obj, group=ctx.control_group)
     return found if ctx.is_main else None
+
+
+def on_main(ctx: DistContext, fn: Callable[[], T]) -> T | None:
+    """`fn()` on rank 0 (None elsewhere). A PipelineError there is raised there; every other
+    rank ends quietly with the same exit code. A collective."""
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except PipelineError as e:
+            error = e
+    code = broadcast_object(ctx, error.exit_code if error else 0)
+    if error is not None:
+        raise error
+    if code:
+        raise PeerFailed(code)
+    return result
 
 
 def barrier(ctx: DistContext) -> None:

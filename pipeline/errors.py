@@ -14,6 +14,7 @@ EXIT_DATA = 3
 EXIT_CHECKPOINT = 4
 EXIT_NONFINITE = 5
 EXIT_DISTRIBUTED = 6
+EXIT_RUN_DIR = 7  # the run directory is in use by another job, or cannot be written
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved; run the same command again to resume.
 
 
@@ -50,6 +51,10 @@ class NonFiniteLossError(PipelineError):
 
 class DistributedError(PipelineError):
     exit_code = EXIT_DISTRIBUTED
+
+
+class RunDirError(PipelineError):
+    exit_code = EXIT_RUN_DIR
 
 
 class Preempted(Exception):

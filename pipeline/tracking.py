@@ -121,7 +121,6 @@ class Tracker:
 
     def __init__(self, run_dir: Path, stream: TextIO = sys.stdout):
         self.run_dir, self.stream = run_dir, stream
-        run_dir.mkdir(parents=True, exist_ok=True)
         self.progress: Progress | None = None
         self.run_id: str | None = None
         self.wandb: WandbRun | None = None

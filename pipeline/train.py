@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return EXIT_UNEXPECTED
     finally:
+        if trainer is not None:
+            trainer.close()
         trainer = None  # the model goes before the process group (see dist.shutdown)
         dist.shutdown()
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import __version__, checkpoint, dist, host, mnist
+from pipeline import __version__, checkpoint, dist, host, mnist, run_lock
 from pipeline.config import Config, DebugConfig, to_dict
 from pipeline.data import TrainBatches, eval_indices, to_device
 from pipeline.engine import Engine
@@ -92,6 +92,8 @@ class Trainer:
         self.last_eval: dict | None = None
         self.git_revision = checkpoint.git_revision()
         self.pending, self.interval_started = 0, 0.0  # steps not yet reported, and since when
+        self.saved_at = time.monotonic()  # for checkpoint.every_seconds
+        self.lock = None  # the run directory's, held by rank 0 for the whole run
 
     # -- parts and their state ---------------------------------------------------------------
     def build(self) -> None:
@@ -100,11 +102,10 @@ class Trainer:
         reused_memory = (
             cfg.train.reuse_host_memory and ctx.device.type == "cpu" and host.reuse_freed_memory()
         )
+        self.lock = dist.on_main(ctx, lambda: run_lock.acquire(self.run_dir, self.tracker.info))
         path, saved = checkpoint.load_for_resume(
             self.run_dir, cfg.train.resume, ctx, self.tracker.warn
         )
-        if saved is not None:
-            checkpoint.check_compatible(saved, to_dict(cfg), ctx.world_size, path)
 
         root = Path(cfg.data.root)
         raw = dist.leader_then_all(
@@ -125,6 +126,10 @@ class Trainer:
             raise PipelineError(
                 f"train.batch_size={cfg.train.batch_size} is larger than the training set; lower it"
             )
+        if saved is not None:
+            checkpoint.check_compatible(
+                saved, to_dict(cfg), ctx.world_size, self.steps_per_epoch, path
+            )
         total = self.steps_per_epoch * cfg.train.epochs
         self.engine = Engine(
             model, cfg, ctx, self.steps_per_epoch, total, self.tracker.info, self.tracker.warn
@@ -138,6 +143,13 @@ class Trainer:
                 f"resumed from {path} (epoch {s.epoch + 1}, step {s.step_in_epoch}/"
                 f"{self.steps_per_epoch}, global step {s.global_step})"
             )
+            if saved["world_size"] != ctx.world_size:
+                self.tracker.info(
+                    f"world {saved['world_size']} -> {ctx.world_size}: the same global batch of "
+                    f"{cfg.train.batch_size} per step, now {ctx.world_size} rank(s) x "
+                    f"{cfg.train.grad_accum} micro-step(s) x "
+                    f"{cfg.train.batch_size // (ctx.world_size * cfg.train.grad_accum)} images"
+                )
         self.tracker.start(
             cfg,
             self.meta(),
@@ -145,6 +157,11 @@ class Trainer:
             global_step=self.state.global_step,
             epochs_done=self.state.epoch,
         )
+
+    def close(self) -> None:
+        """Let go of the run directory, however the run ended."""
+        run_lock.release(self.run_dir, self.lock)
+        self.lock = None
 
     def meta(self) -> dict:
         """Facts about the job that go with the config into the tracker."""
@@ -169,6 +186,7 @@ class Trainer:
             "rng": checkpoint.rng_state(),
             "config": to_dict(self.cfg),
             "world_size": self.ctx.world_size,
+            "steps_per_epoch": self.steps_per_epoch,
             "run_id": self.tracker.run_id,
             "torch_version": str(torch.__version__),
             "git_revision": self.git_revision,
@@ -177,7 +195,16 @@ class Trainer:
     def load_state_dict(self, saved: dict) -> None:
         self.engine.load_state_dict(saved)
         self.state.load_state_dict(saved)
-        checkpoint.set_rng_state(saved["rng"][self.ctx.rank])
+        # The epoch's micro-steps are counted over all ranks; on another split of the global
+        # batch, count the steps already done in the new unit (the mean loss is unchanged).
+        old_split = saved["world_size"] * saved["config"]["train"]["grad_accum"]
+        new_split = self.ctx.world_size * self.cfg.train.grad_accum
+        if old_split != new_split:
+            s = self.state
+            s.epoch_micro_steps = s.epoch_micro_steps * new_split // old_split
+            s.epoch_loss_sum *= new_split / old_split
+        rngs = saved["rng"]  # one per rank that wrote it; a new rank takes rank 0's
+        checkpoint.set_rng_state(rngs[self.ctx.rank] if self.ctx.rank < len(rngs) else rngs[0])
         self.tracker.run_id = saved.get("run_id")
 
     def save(self) -> None:
@@ -189,6 +216,7 @@ class Trainer:
             self.state_dict(),
             self.cfg.checkpoint.keep,
         )
+        self.saved_at = time.monotonic()
 
     # -- the loop -----------------------------------------------------------------------------
     def finished(self) -> bool:
@@ -235,6 +263,7 @@ class Trainer:
         """Train the rest of the current epoch; False when train.max_steps ended it early."""
         cfg, ctx, s = self.cfg, self.ctx, self.state
         accum, max_steps = cfg.train.grad_accum, cfg.train.max_steps
+        every_steps, every_s = cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds
         self.tracker.start_epoch(s.epoch, cfg.train.epochs, self.steps_per_epoch)
         micro_batches = self.batches.epoch(s.epoch, start=s.step_in_epoch * accum)
         epoch_started = self.interval_started = time.perf_counter()
@@ -257,12 +286,17 @@ class Trainer:
                 or s.step_in_epoch == self.steps_per_epoch
             ):
                 self.report_steps()
-            if s.global_step % cfg.train.stop_check_every == 0 and dist.any_rank(
-                ctx, stop.requested is not None
-            ):
-                s.epoch_time += time.perf_counter() - epoch_started
-                self.stop_and_save(stop.requested)
-            if cfg.checkpoint.every_steps and s.global_step % cfg.checkpoint.every_steps == 0:
+            save = bool(every_steps and s.global_step % every_steps == 0)
+            if s.global_step % cfg.train.stop_check_every == 0:
+                # The ranks' clocks differ: they agree on the step to save at, with the stop
+                # request, in one collective.
+                due = bool(every_s) and time.monotonic() - self.saved_at >= every_s
+                stop_requested, due = dist.any_rank(ctx, stop.requested is not None, due)
+                if stop_requested:
+                    s.epoch_time += time.perf_counter() - epoch_started
+                    self.stop_and_save(stop.requested)
+                save = save or due
+            if save:
                 self.report_steps()
                 self.save()
         s.epoch_time += time.perf_counter() - epoch_started

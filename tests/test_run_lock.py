@@ -1,0 +1,117 @@
+"""One job per run directory: a second job stops at once naming the holder; a dead holder's
+lock is taken over with a line saying so; another attempt of the same job takes it silently."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline import run_lock
+from pipeline.errors import EXIT_RUN_DIR
+
+from conftest import REPO, TINY_ARGS, assert_ok, run_pipeline
+
+
+def _args(root, run_dir, *extra):
+    # Long enough to stop mid-run; a later job on the same directory ends after one step (or
+    # at once, when the holder's checkpoint is past it).
+    return [
+        *TINY_ARGS,
+        f"data.root={root}",
+        f"train.run_dir={run_dir}",
+        "train.epochs=100000",
+        *extra,
+    ]
+
+
+def _start(args, log, **env):
+    """A training process in the background, its output in the file `log`."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **env}
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.train", *args],
+            cwd=REPO,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _wait_for_training(run_dir, proc, log, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = run_dir / "steps.jsonl"
+        if steps.exists() and steps.read_text().count("\n") >= 1:
+            return
+        assert proc.poll() is None, f"training ended early:\n{log.read_text()[-3000:]}"
+        time.sleep(0.05)
+    pytest.fail(f"training did not start:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def holder(tiny_mnist, tmp_path):
+    """A long run holding tmp_path/run; killed at the end of the test whatever happens."""
+    run_dir, log = tmp_path / "run", tmp_path / "holder.log"
+    proc = _start(_args(tiny_mnist, run_dir), log, TORCHELASTIC_RUN_ID="a")
+    try:
+        _wait_for_training(run_dir, proc, log)
+        yield run_dir, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_a_second_job_on_the_same_run_dir_stops_at_once_naming_the_holder(tiny_mnist, holder):
+    run_dir, proc = holder
+    before = sorted(p.name for p in run_dir.iterdir())
+    second = run_pipeline(_args(tiny_mnist, run_dir, "train.max_steps=1"), timeout=120)
+    assert second.returncode == EXIT_RUN_DIR, second.stderr[-2000:]
+    (line,) = second.stderr.strip().splitlines()
+    assert line.startswith("error: run directory") and f"pid {proc.pid}" in line
+    assert "torchrun run a" in line and "train.run_dir" in line
+    assert proc.poll() is None  # the holder trains on
+    # The second job wrote nothing there (the holder may have added its own files meanwhile).
+    assert set(before) <= {p.name for p in run_dir.iterdir()}
+
+
+def test_a_dead_holders_lock_is_taken_over_with_a_line(tiny_mnist, holder):
+    run_dir, proc = holder
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = run_pipeline(_args(tiny_mnist, run_dir, "train.max_steps=1"), timeout=300)
+    assert_ok(again)
+    assert "took over the lock" in again.stdout and f"pid {proc.pid}" in again.stdout
+    assert not (run_dir / run_lock.OWNER).exists()  # released at the end
+
+
+def test_another_attempt_of_the_same_job_takes_its_lock_back_silently(tiny_mnist, holder):
+    run_dir, proc = holder
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = run_pipeline(
+        _args(tiny_mnist, run_dir, "train.max_steps=1"), env={"TORCHELASTIC_RUN_ID": "a"}
+    )
+    assert_ok(again)
+    assert "took over" not in again.stdout
+
+
+def test_a_run_dir_that_cannot_be_created_ends_in_one_line(tiny_mnist, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run_pipeline(_args(tiny_mnist, blocker / "run"), timeout=120)
+    assert proc.returncode == EXIT_RUN_DIR, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert str(blocker / "run") in line and "Traceback" not in proc.stderr
+
+
+def test_same_job_means_the_same_slurm_job_or_torchrun_run():
+    assert run_lock.same_job({"slurm_job_id": "7"}, {"slurm_job_id": "7"})
+    assert not run_lock.same_job({"slurm_job_id": "7"}, {"slurm_job_id": "8"})
+    assert run_lock.same_job({"torchrun_run_id": "x"}, {"torchrun_run_id": "x"})
+    assert not run_lock.same_job({"torchrun_run_id": None}, {"torchrun_run_id": None})
