@@ -135,6 +135,16 @@ def check_compatible(
     unless the training set does not split evenly); checkpoints written before that was
     recorded resume on their own world size only.
     """
+    old = saved["config"]
+    for section, keys in MUST_MATCH.items():
+        for key in keys or current[section]:
+            a, b = old.get(section, {}).get(key), current[section][key]
+            if a != b:
+                raise CheckpointError(
+                    f"checkpoint {path} was written with {section}.{key}={a!r}, this run has "
+                    f"{section}.{key}={b!r}; resume with the same value or start a new run "
+                    "(another train.run_dir)"
+                )
     old_world, old_steps = saved.get("world_size"), saved.get("steps_per_epoch")
     if old_steps is None and old_world != world_size:
         raise CheckpointError(
@@ -148,16 +158,6 @@ def check_compatible(
             f"{old_world}), this run has {steps_per_epoch} (world {world_size}): the training "
             f"set does not split alike; resume with {old_world} processes or start a new run"
         )
-    old = saved["config"]
-    for section, keys in MUST_MATCH.items():
-        for key in keys or current[section]:
-            a, b = old.get(section, {}).get(key), current[section][key]
-            if a != b:
-                raise CheckpointError(
-                    f"checkpoint {path} was written with {section}.{key}={a!r}, this run has "
-                    f"{section}.{key}={b!r}; resume with the same value or start a new run "
-                    "(another train.run_dir)"
-                )
 
 
 def resolve(

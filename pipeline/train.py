@@ -15,7 +15,7 @@ import traceback
 
 from pipeline import dist
 from pipeline.config import Config, help_text, load_config, validate_for_world
-from pipeline.errors import EXIT_UNEXPECTED, PipelineError, Preempted
+from pipeline.errors import EXIT_UNEXPECTED, PipelineError, Preempted, RunDirError, describe
 from pipeline.trainer import Trainer
 
 # How long a rank that leaves the report of an error to the main rank waits before it exits:
@@ -75,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         if trainer is not None:
             trainer.tracker.close(e.exit_code)
         return e.exit_code
+    except OSError as e:  # writing the run directory: no space, removed, not writable
+        err = RunDirError(
+            f"cannot write {e.filename or (cfg and cfg.train.run_dir)}: "
+            f"{e.strerror or describe(e)}; the checkpoints already there are kept; free space, "
+            "or choose a writable train.run_dir, and run again to resume"
+        )
+        report(err, ctx)
+        return err.exit_code
     except RuntimeError as e:  # torch.distributed.DistError included
         err = dist.collective_failure(e, cfg.dist.timeout_s if cfg else 0)
         if err is None:
