@@ -18,7 +18,7 @@ from pipeline import checkpoint
 from pipeline.tracking import StepWindow, Tracker
 from pipeline.wandb_run import INIT_TIMEOUT_S, has_credentials, resolve_mode
 
-from conftest import REPO, TINY_ARGS, assert_ok, run_pipeline
+from conftest import REPO, TINY_ARGS, assert_ok, read_jsonl, run_pipeline
 
 # -- reading a .wandb file back -------------------------------------------------------------
 # An offline run's run-<id>.wandb is a LevelDB-style log (a 7-byte ":W&B" header, then 32 KiB
@@ -85,10 +85,6 @@ class OfflineRun:
 
 def offline_runs(run_dir: Path) -> list[OfflineRun]:
     return [OfflineRun(d) for d in sorted((run_dir / "wandb").glob("offline-run-*"))]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def wandb_env(tmp: Path) -> dict:
