@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -134,6 +135,11 @@ def tiny_run(root, run_dir, nproc=1, batch=1024, extra=(), env=None) -> dict:
     ]
     assert_ok(run_pipeline(args, nproc=nproc, env=env))
     return {k: v.float() for k, v in final_model(run_dir).items()}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file (metrics.jsonl, steps.jsonl), in order."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def max_diff(a: dict, b: dict) -> float:

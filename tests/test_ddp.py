@@ -2,7 +2,7 @@
 
 import torch
 
-from conftest import TINY_ARGS, assert_ok, final_model, run_pipeline
+from conftest import TINY_ARGS, assert_ok, final_model, max_diff, run_pipeline
 
 STEPS = 8
 
@@ -22,10 +22,6 @@ def _train(tiny_mnist, run_dir, nproc, batch, extra=()):
     return final_model(run_dir)
 
 
-def _max_diff(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 def test_two_ranks_match_one_rank_with_the_global_batch(tiny_mnist, tmp_path):
     one = _train(tiny_mnist, tmp_path / "one", nproc=1, batch=64)
     two = _train(tiny_mnist, tmp_path / "two", nproc=2, batch=64)  # 32 per rank
@@ -34,7 +30,7 @@ def test_two_ranks_match_one_rank_with_the_global_batch(tiny_mnist, tmp_path):
     # The comparison is sensitive: half the batch (other samples, other gradients) drifts far
     # beyond the tolerance, as would summed instead of averaged gradients.
     half = _train(tiny_mnist, tmp_path / "half", nproc=1, batch=32)
-    assert _max_diff(one, half) > 1e-3
+    assert max_diff(one, half) > 1e-3
 
 
 def test_gradient_accumulation_matches_the_full_batch(tiny_mnist, tmp_path):

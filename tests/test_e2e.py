@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import assert_ok, run_pipeline
+from conftest import assert_ok, read_jsonl, run_pipeline
 
 
 def test_two_ranks_one_epoch_reach_97_percent(mnist_root, tmp_path):
@@ -19,7 +19,7 @@ def test_two_ranks_one_epoch_reach_97_percent(mnist_root, tmp_path):
         nproc=2,
     )
     assert_ok(proc)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(run_dir / "metrics.jsonl")
     assert len(records) == 1  # one record per epoch, written once (rank 0)
     record = records[0]
     for key in (

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline import report
 
-from conftest import REPO, TINY_ARGS, assert_ok, run_pipeline
+from conftest import REPO, TINY_ARGS, assert_ok, read_jsonl, run_pipeline
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -35,10 +35,6 @@ def run_report(*args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
     )
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def summary_fields(text: str) -> dict[str, str]:

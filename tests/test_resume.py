@@ -6,6 +6,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,66 +76,98 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn_ranks(args, world=2):
-    """Start `world` training processes the way srun or torchrun's workers see the world."""
+@contextmanager
+def _ranks(args, logs: Path, world=2) -> Iterator[list[subprocess.Popen]]:
+    """Start `world` training processes the way srun or torchrun's workers see the world.
+
+    Rank r writes to `logs`/rank<r>.out and .err: files, not pipes, which nobody would read
+    while the ranks run (a full pipe blocks its writer). Ranks still running when the block
+    ends, by an assertion or a timeout, are killed.
+    """
+    logs.mkdir(parents=True, exist_ok=True)
     port = str(_free_port())
     procs = []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-            "OMP_NUM_THREADS": "1",
-            "WANDB_MODE": "disabled",
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "pipeline.train", *args],
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+    try:
+        for rank in range(world):
+            procs.append(_start_rank(args, rank, world, port, logs))
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # SIGKILL ends a stopped (SIGSTOP) process too
+            p.wait()
+
+
+def _start_rank(args, rank: int, world: int, port: str, logs: Path) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "disabled",
+    }
+    # The child keeps its own copies of the descriptors; ours are closed on leaving the block.
+    with open(logs / f"rank{rank}.out", "w") as out, open(logs / f"rank{rank}.err", "w") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.train", *args],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=err,
         )
-    return procs
 
 
-def _wait_for_training(run_dir, procs, timeout=120):
+def _output(logs: Path, rank: int, stream: str = "out") -> str:
+    return (logs / f"rank{rank}.{stream}").read_text()
+
+
+def _shown(logs: Path) -> str:
+    """Every rank's output files (their ends), for assertion messages."""
+    return "".join(
+        f"\n--- {path}:\n{path.read_text()[-3000:]}" for path in sorted(logs.glob("rank*"))
+    )
+
+
+def _wait_for_training(run_dir, procs, logs: Path, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         steps = run_dir / "steps.jsonl"
         if steps.exists() and steps.read_text().count("\n") >= 2:
             return
-        assert all(p.poll() is None for p in procs), "training ended before the signal"
+        if any(p.poll() is not None for p in procs):
+            pytest.fail("training ended before the signal" + _shown(logs))
         time.sleep(0.05)
-    pytest.fail("training did not start")
+    pytest.fail("training did not start" + _shown(logs))
 
 
 def test_sigterm_saves_exits_with_the_documented_code_and_rerun_completes(tiny_mnist, tmp_path):
     run_dir, straight = tmp_path / "run", tmp_path / "straight"
     args = _args(tiny_mnist, run_dir, "train.epochs=40", "checkpoint.every_steps=0")
-    procs = _spawn_ranks(args)
-    _wait_for_training(run_dir, procs)
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [EXIT_PREEMPTED] * 2, outs
-    assert "stop requested (SIGTERM): saved a checkpoint at step" in outs[0][0]
+    stopped, rerun, uninterrupted = (
+        tmp_path / f"logs-{n}" for n in ("stopped", "rerun", "straight")
+    )
+    with _ranks(args, stopped) as procs:
+        _wait_for_training(run_dir, procs, stopped)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
+    assert codes == [EXIT_PREEMPTED] * 2, _shown(stopped)
+    stop = "stop requested (SIGTERM): saved a checkpoint at step"
+    assert stop in _output(stopped, 0), _shown(stopped)
     saved = checkpoint.load(checkpoint.list_checkpoints(run_dir)[0])
     assert 0 < saved["global_step"] < 40 * 16
-    procs = _spawn_ranks(args)
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    assert f"global step {saved['global_step']})" in outs[0][0]
-    straight_procs = _spawn_ranks(
-        _args(tiny_mnist, straight, "train.epochs=40", "checkpoint.every_steps=0")
-    )
-    assert [p.wait(timeout=300) for p in straight_procs] == [0, 0]
+    with _ranks(args, rerun) as procs:
+        codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0, 0], _shown(rerun)
+    assert f"global step {saved['global_step']})" in _output(rerun, 0), _shown(rerun)
+    straight_args = _args(tiny_mnist, straight, "train.epochs=40", "checkpoint.every_steps=0")
+    with _ranks(straight_args, uninterrupted) as procs:
+        codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0, 0], _shown(uninterrupted)
     _assert_same(straight, run_dir)
 
 
@@ -161,21 +196,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_mnist, tm
 
 
 def test_a_hanging_peer_ends_the_job_after_the_collective_timeout(tiny_mnist, tmp_path):
-    run_dir = tmp_path / "run"
-    procs = _spawn_ranks(
-        _args(
-            tiny_mnist, run_dir, "train.epochs=200", "dist.timeout_s=5", "checkpoint.every_steps=0"
-        )
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    args = _args(
+        tiny_mnist, run_dir, "train.epochs=200", "dist.timeout_s=5", "checkpoint.every_steps=0"
     )
-    try:
-        _wait_for_training(run_dir, procs)
+    with _ranks(args, logs) as procs:  # leaving it kills the stopped rank 1
+        _wait_for_training(run_dir, procs, logs)
         procs[1].send_signal(signal.SIGSTOP)  # rank 1 hangs
         started = time.monotonic()
-        _, err = procs[0].communicate(timeout=120)
-        assert procs[0].returncode == EXIT_DISTRIBUTED, err
-        assert time.monotonic() - started < 60
-        errors = [line for line in err.splitlines() if line.startswith("error")]
-        assert len(errors) == 1 and "rank 0" in errors[0], err
-    finally:
-        procs[1].kill()
-        procs[1].wait()
+        code = procs[0].wait(timeout=120)
+        waited = time.monotonic() - started
+    assert code == EXIT_DISTRIBUTED, _shown(logs)
+    assert waited < 60, _shown(logs)
+    err = _output(logs, 0, "err")
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "rank 0" in errors[0], _shown(logs)

@@ -9,8 +9,8 @@ unchanged, with sizes given on the sbatch command line as a user would: every ru
 The pytest session brings up the project's test cluster (slurm/testbed/up.sh: it installs
 slurmctld, slurmd and munge with apt-get where they are missing; fake GPUs let the GPU scripts
 schedule) and stops it at the end (down.sh; SLURM_TEST_KEEP=1 keeps it up to read the logs
-under $SLURM_TEST_ROOT/log). The tests skip where the cluster cannot be had;
-SLURM_TESTS_REQUIRED=1 (CI) turns that into a failure.
+under $SLURM_TEST_ROOT/log). The tests skip, with the reason, where the cluster cannot be had;
+in CI (CI=true) they fail instead (conftest.require).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from pipeline import checkpoint
 from pipeline.errors import EXIT_DISTRIBUTED
 
-from conftest import REPO, final_model
+from conftest import REPO, final_model, require
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +45,8 @@ KNOBS = ("RUN_DIR", "NPROC_PER_NODE", "LENET_DIR", "OMP_NUM_THREADS")
 
 
 def unavailable(reason: str) -> None:
-    if os.environ.get("SLURM_TESTS_REQUIRED") == "1":
-        pytest.fail(f"{reason} (SLURM_TESTS_REQUIRED=1)")
-    pytest.skip(reason)
+    """The test cluster cannot be had: skip for a user, fail in CI."""
+    require(reason)
 
 
 @dataclass

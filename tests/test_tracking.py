@@ -17,9 +17,9 @@ import pytest
 from pipeline import checkpoint
 from pipeline.config import Config, load_config
 from pipeline.tracking import NullTracker, StepWindow, Tracker
-from pipeline.wandb_run import INIT_TIMEOUT_S, has_credentials, resolve_mode
+from pipeline.wandb_run import has_credentials, resolve_mode
 
-from conftest import REPO, TINY_ARGS, assert_ok, run_pipeline
+from conftest import REPO, TINY_ARGS, assert_ok, read_jsonl, run_pipeline
 
 # -- reading a .wandb file back -------------------------------------------------------------
 # An offline run's run-<id>.wandb is a LevelDB-style log (a 7-byte ":W&B" header, then 32 KiB
@@ -86,10 +86,6 @@ class OfflineRun:
 
 def offline_runs(run_dir: Path) -> list[OfflineRun]:
     return [OfflineRun(d) for d in sorted((run_dir / "wandb").glob("offline-run-*"))]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def wandb_env(tmp: Path) -> dict:
@@ -233,12 +229,30 @@ def test_unreachable_server_falls_back_to_offline_with_one_warning(tmp_path, mon
     drive(tracker, tiny_config("online"))
     (run,) = wandb.runs
     assert run.kwargs["mode"] == "offline" and run.kwargs["dir"] == str(tmp_path)
-    assert run.kwargs["settings"]["init_timeout"] == INIT_TIMEOUT_S <= 30
+    assert run.kwargs["settings"]["init_timeout"] == 30.0
     assert run.kwargs["id"] == tracker.run_id and run.kwargs["resume"] == "allow"
     (warning,) = warnings(capsys.readouterr().err)
     assert "timed out" in warning and "wandb sync" in warning and "more" not in warning
     assert [s for s, _ in run.rows if "train/loss" in _] == [4, 8, 12, 16]
     assert run.summary["best_accuracy"] == 0.9 and run.finished == 0
+
+
+@pytest.mark.parametrize(
+    "value, seconds",
+    [(None, 30.0), ("7", 7.0), ("2.5", 2.5), ("soon", 30.0), ("", 30.0)],
+    ids=["default", "7", "2.5", "not-a-number", "empty"],
+)
+def test_wandb_init_timeout_is_30s_unless_set(tmp_path, monkeypatch, value, seconds):
+    wandb = fake_wandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    if value is None:
+        monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_INIT_TIMEOUT", value)
+    drive(Tracker(tmp_path), tiny_config("offline"))
+    (run,) = wandb.runs
+    timeout = run.kwargs["settings"]["init_timeout"]
+    assert timeout == seconds and type(timeout) is float, timeout
 
 
 def test_a_failing_log_call_stops_wandb_once_and_training_goes_on(tmp_path, monkeypatch, capsys):

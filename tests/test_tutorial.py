@@ -1,9 +1,10 @@
 """docs/tutorial.md runs: its python blocks execute in order, in one namespace, like a notebook.
 
 Blocks preceded by `<!-- needs: mnist -->` use the real MNIST (`real_mnist_root()`); they are
-skipped, with the reason, where it is absent, and every other block still runs. A failing block
-is reported with its file name `docs/tutorial.md:block<i>@line<n>`, and its line numbers in the
-traceback are those of the document.
+skipped where it is absent, and every other block still runs; the test of the MNIST part then
+skips with the reason, or fails in CI (conftest.require). A failing block is reported with its
+file name `docs/tutorial.md:block<i>@line<n>`, and its line numbers in the traceback are those
+of the document.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import torch
 
 from pipeline.model import LeNet
 
-from conftest import REPO, real_mnist_root
+from conftest import REPO, real_mnist_root, require
 
 DOC = REPO / "docs" / "tutorial.md"
 # The number of python blocks in the document: deleting or merging blocks must be noticed.
 EXPECTED_BLOCKS = 20
+# "The next two blocks need those files": the blocks marked `needs: mnist`.
+EXPECTED_MNIST_BLOCKS = 2
 _NEEDS = re.compile(r"<!--\s*needs:\s*([\w, ]+?)\s*-->")
 
 
@@ -134,8 +137,11 @@ def test_document_has_all_its_blocks(doc_run: DocRun) -> None:
         f"docs/tutorial.md has {count} python blocks, expected {EXPECTED_BLOCKS}; "
         "update EXPECTED_BLOCKS when blocks are added or removed on purpose"
     )
-    assert count >= 8
-    assert any("mnist" in b.needs for b in doc_run.blocks), "the real-MNIST part lost its marker"
+    marked = sum("mnist" in b.needs for b in doc_run.blocks)
+    assert marked == EXPECTED_MNIST_BLOCKS, (
+        f"docs/tutorial.md marks {marked} blocks `needs: mnist`, expected "
+        f"{EXPECTED_MNIST_BLOCKS} (the document says the real-MNIST part is two blocks)"
+    )
 
 
 def test_every_block_runs(doc_run: DocRun) -> None:
@@ -173,7 +179,7 @@ def test_manual_update_lowers_the_loss(doc_run: DocRun) -> None:
 def test_real_mnist_part(doc_run: DocRun) -> None:
     doc_run.require_complete()
     if doc_run.skipped:
-        pytest.skip(next(iter(doc_run.skipped.values())))
+        require(next(iter(doc_run.skipped.values())))
     ns = doc_run.namespace
     assert Path(ns["MNIST_ROOT"]) == real_mnist_root()
     assert type(ns["mnist_net"]) is LeNet
