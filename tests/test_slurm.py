@@ -15,7 +15,6 @@ in CI (CI=true) they fail instead (conftest.require).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -31,7 +30,7 @@ import torch
 from pipeline import checkpoint
 from pipeline.errors import EXIT_DISTRIBUTED
 
-from conftest import REPO, final_model, require
+from conftest import REPO, final_model, read_jsonl, require
 
 pytestmark = pytest.mark.slow
 
@@ -189,7 +188,7 @@ def cluster():
 
 
 def metrics(job: Job) -> list[dict]:
-    return [json.loads(line) for line in (job.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(job.run_dir / "metrics.jsonl")
 
 
 def assert_trained(job: Job, launcher: str, nodes: int) -> None:
