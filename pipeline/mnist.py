@@ -13,7 +13,7 @@ import gzip
 import hashlib
 import math
 import os
-import tempfile
+import secrets
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -181,9 +181,11 @@ def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> None:
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Readers see the old file or the complete new one, never a partial one."""
+    """Readers see the old file or the complete new one, never a partial one. The file gets
+    the mode the umask gives new files (tempfile's would be 0600 whatever the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -268,6 +269,19 @@ def test_broken_torchvision_means_no_download(
         prepare(tmp_path / "data", download=True)
     assert_one_line_naming(err, str(raw_dir(tmp_path / "data")))
     assert isinstance(err.value.__cause__, RuntimeError)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_cache_file_follows_the_umask(tmp_path: Path, umask: int) -> None:
+    make_mnist(tmp_path, gz=True)
+    old = os.umask(umask)
+    try:
+        cache = prepare(tmp_path, download=False)
+    finally:
+        os.umask(old)
+    # Not tempfile's 0600: other users of a shared data root can read what the umask allows.
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in cache.parent.iterdir()] == [cache.name]  # no temp file left
 
 
 def test_cache_falls_back_to_user_cache_dir(tmp_path: Path) -> None:
