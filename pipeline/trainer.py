@@ -106,9 +106,13 @@ class Trainer:
         if saved is not None:
             checkpoint.check_compatible(saved, to_dict(cfg), ctx.world_size, path)
 
-        root = Path(cfg.data.root)
+        root, name = Path(cfg.data.root), cfg.data.dataset
         raw = dist.leader_then_all(
-            ctx, lambda: mnist.prepare(root, download=cfg.data.download), lambda: mnist.load(root)
+            ctx,
+            lambda: mnist.prepare(
+                root, download=cfg.data.download, dataset=name, mirrors=cfg.data.mirror_list()
+            ),
+            lambda: mnist.load(root, name),
         )
         data = to_device(raw, ctx.device)
         test = eval_indices(len(data.test_y), ctx.rank, ctx.world_size).to(ctx.device)

@@ -1,7 +1,8 @@
 """Tests for pipeline.mnist: IDX reading and checking, the prepare/load cache, error messages.
 
 Most tests write tiny IDX files of their own (64 train / 32 test images); one test reads the
-real MNIST from ../shared/data (or $MNIST_ROOT) and is skipped where it is absent.
+real MNIST from ../shared/data (or $MNIST_ROOT) and is skipped where it is absent. Downloading
+is tested in test_fetch.py.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import gzip
 import os
 import shutil
 import stat
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,11 @@ import pytest
 import torch
 
 from pipeline import mnist
+from pipeline.datasets import CANONICAL
 from pipeline.errors import DataError
-from pipeline.mnist import CANONICAL, FILES, load, prepare, raw_dir, read_idx, write_idx
+from pipeline.mnist import FILES, load, prepare, raw_dir, read_idx, write_idx
+
+from conftest import require
 
 N_TRAIN, N_TEST = 64, 32
 TRAIN_IMAGES = FILES[("train", "images")]
@@ -253,24 +256,6 @@ def test_missing_files_message_lists_them_and_the_directory(tmp_path: Path) -> N
     assert_one_line_naming(err, str(raw_dir(tmp_path)))
 
 
-def test_broken_torchvision_means_no_download(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A torchvision built for another torch fails at import with RuntimeError, not ImportError.
-    fake = tmp_path / "site" / "torchvision"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text(
-        'raise RuntimeError("operator torchvision::nms does not exist")\n'
-    )
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    for name in ("torchvision", "torchvision.datasets"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    with pytest.raises(DataError, match="download failed: RuntimeError: operator") as err:
-        prepare(tmp_path / "data", download=True)
-    assert_one_line_naming(err, str(raw_dir(tmp_path / "data")))
-    assert isinstance(err.value.__cause__, RuntimeError)
-
-
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
 def test_cache_file_follows_the_umask(tmp_path: Path, umask: int) -> None:
     make_mnist(tmp_path, gz=True)
@@ -321,7 +306,7 @@ def _real_root() -> Path:
 def test_real_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = _real_root()
     if not all((raw_dir(real) / (name + ".gz")).is_file() for name in FILES.values()):
-        pytest.skip(f"real MNIST not found at {real}; set MNIST_ROOT")
+        require(f"real MNIST not found at {real}; set MNIST_ROOT")
     # Work on a copy: the shared data directory is not ours to write a cache into.
     raw_dir(tmp_path).mkdir(parents=True)
     for name in FILES.values():
