@@ -239,6 +239,10 @@ def test_404_on_the_first_mirror_then_the_second_serves_two_ranks(
     size = len(server.files[GZ_NAMES[0]]) / 1e6
     assert f"downloading {server.url('ok')}{GZ_NAMES[0]} ({size:.1f} MB)\n" in proc.stderr
     assert everything_under(mnist.raw_dir(root)) == sorted(GZ_NAMES)  # no staging left
+    assert "| data mnist |" in proc.stdout
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["dataset"] == "mnist"
+    assert json.loads((run_dir / "summary.json").read_text())["dataset"] == "mnist"
 
 
 def test_truncated_response_is_retried(server: MirrorServer, tmp_path: Path) -> None:
