@@ -108,8 +108,10 @@ class Progress:
         self.done = 0
 
     def close(self) -> None:
+        """End the line on a terminal; called again when the download failed midway."""
         if self.tty and self.shown >= 0:
             self._write("\n")
+        self.shown = -1
 
     def _write(self, text: str) -> None:
         self.stream.write(text)
@@ -137,13 +139,15 @@ def _download_once(url: str, path: Path, stream: TextIO) -> None:
     """One GET of `url` into `path` (created with the umask's mode), flushed to disk."""
     import pooch  # late: importing it pulls in requests
 
-    downloader = pooch.HTTPDownloader(
-        progressbar=Progress(url, stream), chunk_size=CHUNK, timeout=TIMEOUT_S
-    )
-    with open(path, "xb") as f:
-        downloader(url, f, None)
-        f.flush()
-        os.fsync(f.fileno())
+    progress = Progress(url, stream)
+    downloader = pooch.HTTPDownloader(progressbar=progress, chunk_size=CHUNK, timeout=TIMEOUT_S)
+    try:
+        with open(path, "xb") as f:
+            downloader(url, f, None)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        progress.close()
 
 
 def _fetch_one(
