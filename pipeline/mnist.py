@@ -17,7 +17,7 @@ import math
 import os
 import secrets
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,10 +35,10 @@ _KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 _REDOWNLOAD = "delete it to have it downloaded again (data.download=true), or copy a good one there"
 
 
-def raw_dir(root: str | os.PathLike[str], name: str = "mnist") -> Path:
+def raw_dir(root: str | os.PathLike[str], dataset: str = "mnist") -> Path:
     """Where the IDX files live: `<root>/<Folder>/raw` (MNIST, FashionMNIST, KMNIST), as
     torchvision lays them out."""
-    return Path(root) / spec(name).folder / "raw"
+    return Path(root) / spec(dataset).folder / "raw"
 
 
 def _other_form(path: Path) -> Path:
@@ -306,7 +306,7 @@ def prepare(
     download: bool,
     verify_md5: bool = True,
     dataset: str = "mnist",
-    mirrors: list[str] = (),
+    mirrors: Sequence[str] = (),
 ) -> Path | None:
     """Make sure a valid cache of `dataset` exists for `root`; run it in one process per node.
 
