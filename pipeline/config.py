@@ -47,8 +47,34 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    root: str = _opt("data", "directory holding MNIST/raw/ (torchvision's layout)")
-    download: bool = _opt(True, "download missing MNIST files through torchvision if it imports")
+    root: str = _opt(
+        "data",
+        "directory holding MNIST/raw/ (FashionMNIST/raw/, KMNIST/raw/: torchvision's layout); "
+        "missing files are downloaded there",
+    )
+    dataset: str = _opt(
+        "mnist",
+        "MNIST-format dataset: mnist, fashion_mnist (Zalando) or kmnist (Kuzushiji)",
+        ("mnist", "fashion_mnist", "kmnist"),
+    )
+    download: bool = _opt(True, "download missing files from data.mirrors")
+    mirrors: str = _opt(
+        "",
+        "comma-separated base URLs to download from, tried in order (empty: the dataset's public "
+        "mirrors, those torchvision uses)",
+    )
+
+    def __post_init__(self) -> None:
+        for url in self.mirror_list():
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(
+                    f"config key data.mirrors: {url!r} is not an http:// or https:// URL; give "
+                    "base URLs separated by commas, e.g. https://example.org/mnist/"
+                )
+
+    def mirror_list(self) -> list[str]:
+        """data.mirrors as a list (empty: use the dataset's own mirrors)."""
+        return [url.strip() for url in self.mirrors.split(",") if url.strip()]
 
 
 @dataclass

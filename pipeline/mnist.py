@@ -1,10 +1,12 @@
-"""MNIST IDX files -> verified uint8 tensors, cached in one file so that every rank loads fast.
+"""MNIST-format IDX files -> verified uint8 tensors, cached in one file so every rank loads fast.
 
-One process per node calls `prepare(root, download=...)`: it finds (or downloads) the four IDX
-files under `<root>/MNIST/raw` (torchvision's layout, `.gz` or uncompressed), checks their
-structure and MD5 sums, and writes `<root>/MNIST/cache/mnist-v1.pt`. Every process then calls
-`load(root)`, which maps that cache into memory. Errors are `DataError`s with one line that
-names the file and says what to do; nothing here prints.
+Three datasets share the format and the file names: MNIST, Fashion-MNIST and Kuzushiji-MNIST
+(`DATASETS`). One process per node calls `prepare(root, download=..., dataset=...)`: it finds
+the four IDX files under `<root>/<Folder>/raw` (torchvision's layout, `.gz` or uncompressed),
+downloads those missing from the dataset's mirrors (`pipeline.fetch`), checks their structure
+and MD5 sums, and writes `<root>/<Folder>/cache/<dataset>-v1.pt`. Every process then calls
+`load(root, dataset)`, which maps that cache into memory. Errors are `DataError`s with one line
+that names the file and says what to do; nothing here prints (downloads report on stderr).
 """
 
 from __future__ import annotations
@@ -13,42 +15,30 @@ import gzip
 import hashlib
 import math
 import os
-import tempfile
+import secrets
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
 
+from pipeline import fetch
+from pipeline.datasets import FILES, spec
 from pipeline.errors import DataError, describe
 
-FILES: dict[tuple[str, str], str] = {
-    ("train", "images"): "train-images-idx3-ubyte",
-    ("train", "labels"): "train-labels-idx1-ubyte",
-    ("test", "images"): "t10k-images-idx3-ubyte",
-    ("test", "labels"): "t10k-labels-idx1-ubyte",
-}
-# Size and MD5 of the *decompressed* canonical files: mirrors re-compress the .gz wrappers,
-# so only the content has a stable checksum.
-CANONICAL: dict[str, tuple[int, str]] = {
-    "train-images-idx3-ubyte": (47040016, "6bbc9ace898e44ae57da46a324031adb"),
-    "train-labels-idx1-ubyte": (60008, "a25bea736e30d166cdddb491f175f624"),
-    "t10k-images-idx3-ubyte": (7840016, "2646ac647ad5339dbf082846283269ea"),
-    "t10k-labels-idx1-ubyte": (10008, "27ae3e4e09519cfbb04c329615203637"),
-}
 CANONICAL_COUNT: dict[str, int] = {"train": 60000, "test": 10000}
 MAGIC: dict[str, int] = {"images": 2051, "labels": 2049}  # IDX: ubyte data, 3 dims / 1 dim
 CACHE_VERSION = 1  # bump when the cache layout changes; older caches are then rebuilt
-_CACHE_NAME = f"mnist-v{CACHE_VERSION}.pt"
 _KEYS = ("train_images", "train_labels", "test_images", "test_labels")
-_REDOWNLOAD = "delete it and download again (or set data.download=true)"
+_REDOWNLOAD = "delete it to have it downloaded again (data.download=true), or copy a good one there"
 
 
-def raw_dir(root: str | os.PathLike[str]) -> Path:
-    """Where the IDX files live: `<root>/MNIST/raw`, as torchvision lays them out."""
-    return Path(root) / "MNIST" / "raw"
+def raw_dir(root: str | os.PathLike[str], dataset: str = "mnist") -> Path:
+    """Where the IDX files live: `<root>/<Folder>/raw` (MNIST, FashionMNIST, KMNIST), as
+    torchvision lays them out."""
+    return Path(root) / spec(dataset).folder / "raw"
 
 
 def _other_form(path: Path) -> Path:
@@ -70,7 +60,7 @@ def _read_bytes(path: Path) -> tuple[Path, bytes]:
     if found is None:
         raise DataError(
             f"MNIST file {path} not found (nor {_other_form(path).name}); copy it there "
-            "or set data.download=true"
+            "(a run with data.download=true downloads the files that are missing)"
         )
     try:
         if found.name.endswith(".gz"):
@@ -181,9 +171,11 @@ def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> None:
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Readers see the old file or the complete new one, never a partial one."""
+    """Readers see the old file or the complete new one, never a partial one. The file gets
+    the mode the umask gives new files (tempfile's would be 0600 whatever the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -195,36 +187,36 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         raise
 
 
-def _raw_files(root: Path) -> tuple[dict[tuple[str, str], Path], list[str]]:
+def _raw_files(root: Path, dataset: str) -> tuple[dict[tuple[str, str], Path], list[str]]:
     """The four raw files found under `root`, and the names of those missing."""
     # Uncompressed first: that is what torchvision reads, and it needs no decompression.
-    located = {key: _locate(raw_dir(root) / name) for key, name in FILES.items()}
+    located = {key: _locate(raw_dir(root, dataset) / name) for key, name in FILES.items()}
     found = {key: p for key, p in located.items() if p is not None}
     return found, [FILES[key] for key, p in located.items() if p is None]
 
 
-def _missing_error(root: Path, missing: list[str], why: str = "") -> DataError:
+def _missing_error(root: Path, missing: list[str], dataset: str) -> DataError:
+    raw = raw_dir(root, dataset)
     absent = (
         "none of them is there" if len(missing) == len(FILES) else f"{', '.join(missing)} missing"
     )
     return DataError(
-        f"MNIST needs {', '.join(FILES.values())} (.gz or uncompressed) in {raw_dir(root)} but "
-        f"{absent}; copy them there, point data.root at a directory that holds MNIST/raw, "
-        f"or install torchvision with network access and set data.download=true{why}"
+        f"{spec(dataset).folder} needs {', '.join(FILES.values())} (.gz or uncompressed) in "
+        f"{raw} but {absent}; copy them there, point data.root at a directory that holds "
+        f"{raw.parent.name}/raw, or set data.download=true to download them"
     )
 
 
-def _download(root: Path) -> Exception | None:
-    """Fetch the files with torchvision; return why that failed, or None."""
-    try:
-        # Imported here because torchvision is optional, and a build that does not match torch
-        # fails at import with RuntimeError ("operator torchvision::nms does not exist").
-        from torchvision.datasets import MNIST
-
-        MNIST(str(root), download=True)
-    except Exception as e:  # noqa: BLE001 - any failure means "no download"; the caller reports it
-        return e
-    return None
+def _download(root: Path, missing: list[str], dataset: str, mirrors: list[str]) -> None:
+    """Fetch the `missing` files from `mirrors` (else the dataset's own) into the raw dir."""
+    ds, raw = spec(dataset), raw_dir(root, dataset).absolute()
+    what_to_do = (
+        f"copy {', '.join(name + '.gz' for name in missing)} (.gz or uncompressed) into {raw} "
+        "by hand, or set data.mirrors to URLs (comma-separated) of mirrors that serve them"
+    )
+    fetch.fetch_all(
+        raw, [ds.remote(name) for name in missing], mirrors or list(ds.mirrors), what_to_do
+    )
 
 
 def _fingerprint(paths: dict[tuple[str, str], Path]) -> dict[str, list[Any]]:
@@ -233,11 +225,12 @@ def _fingerprint(paths: dict[tuple[str, str], Path]) -> dict[str, list[Any]]:
     return {name: [p.name, st.st_size, st.st_mtime_ns] for name, (p, st) in stats.items()}
 
 
-def _cache_paths(root: Path) -> list[Path]:
+def _cache_paths(root: Path, dataset: str) -> list[Path]:
     """Beside the raw files first; per-user fallback for a read-only data root."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-    return [root / "MNIST" / "cache" / _CACHE_NAME, base / "lenet-ddp" / digest / _CACHE_NAME]
+    name = f"{dataset}-v{CACHE_VERSION}.pt"
+    return [raw_dir(root, dataset).parent / "cache" / name, base / "lenet-ddp" / digest / name]
 
 
 def _writable(directory: Path) -> bool:
@@ -276,7 +269,9 @@ def _split_ok(images: Any, labels: Any) -> bool:
     return got == (torch.uint8, (28, 28), torch.int64, images.shape[:1])
 
 
-def _decode(paths: dict[tuple[str, str], Path], verify_md5: bool) -> dict[str, torch.Tensor]:
+def _decode(
+    paths: dict[tuple[str, str], Path], verify_md5: bool, dataset: str
+) -> dict[str, torch.Tensor]:
     """Read and check all four files; uint8 images [N, 28, 28] and int64 labels [N] per split."""
     out: dict[str, torch.Tensor] = {}
     for split in ("train", "test"):
@@ -286,9 +281,10 @@ def _decode(paths: dict[tuple[str, str], Path], verify_md5: bool) -> dict[str, t
             found, data = _read_bytes(paths[(split, kind)])
             count = int.from_bytes(data[4:8], "big") if len(data) >= 8 else -1
             # The MD5 rule: a file whose header claims the canonical count (60000/10000) must be
-            # the canonical file, so its MD5 is checked; smaller IDX files (test fixtures, custom
-            # subsets) have no reference sum and get the structural checks only.
-            md5 = CANONICAL[name][1] if verify_md5 and count == CANONICAL_COUNT[split] else None
+            # the canonical file, so its MD5 is checked where one is known; smaller IDX files
+            # (test fixtures, custom subsets) have no reference sum and get the structural checks.
+            canonical = verify_md5 and count == CANONICAL_COUNT[split]
+            md5 = spec(dataset).raw_md5[name] if canonical else None
             array = _parse(
                 found, data, expected_magic=MAGIC[kind], expected_count=None, expected_md5=md5
             )
@@ -305,26 +301,30 @@ def _decode(paths: dict[tuple[str, str], Path], verify_md5: bool) -> dict[str, t
 
 
 def prepare(
-    root: str | os.PathLike[str], *, download: bool, verify_md5: bool = True
+    root: str | os.PathLike[str],
+    *,
+    download: bool,
+    verify_md5: bool = True,
+    dataset: str = "mnist",
+    mirrors: Sequence[str] = (),
 ) -> Path | None:
-    """Make sure a valid cache of MNIST exists for `root`; run it in one process per node.
+    """Make sure a valid cache of `dataset` exists for `root`; run it in one process per node.
 
     Idempotent and fast when the cache matches the raw files (sizes, mtimes, format version).
-    Otherwise locates the raw files (downloading with torchvision when `download`), verifies
-    them and writes the cache atomically. Returns the cache path, or None when no cache
-    location is writable (then `load` decodes the raw files each time).
+    Otherwise locates the raw files, downloads the missing ones when `download` (from `mirrors`
+    in order, else the dataset's own), verifies them and writes the cache atomically. Returns
+    the cache path, or None when no cache location is writable (then `load` decodes the raw
+    files each time).
     """
     root = Path(root)
-    found, missing = _raw_files(root)
-    err = None
+    found, missing = _raw_files(root, dataset)
     if missing and download:
-        err = _download(root)
-        found, missing = _raw_files(root)
+        _download(root, missing, dataset, list(mirrors))
+        found, missing = _raw_files(root, dataset)
     if missing:
-        why = f" (download failed: {describe(err, with_type=True)})" if err else ""
-        raise _missing_error(root, missing, why) from err
+        raise _missing_error(root, missing, dataset)
     fingerprint = _fingerprint(found)
-    for cache in _cache_paths(root):
+    for cache in _cache_paths(root, dataset):
         if cache.is_file():
             try:
                 meta = _load_cache(cache)["meta"]
@@ -332,9 +332,14 @@ def prepare(
                 continue  # corrupt or old: rebuilt below
             if meta.get("raw") == fingerprint and (meta.get("verify_md5") or not verify_md5):
                 return cache
-    payload: dict[str, Any] = dict(_decode(found, verify_md5))
-    payload["meta"] = {"version": CACHE_VERSION, "raw": fingerprint, "verify_md5": verify_md5}
-    for cache in _cache_paths(root):
+    payload: dict[str, Any] = dict(_decode(found, verify_md5, dataset))
+    payload["meta"] = {
+        "version": CACHE_VERSION,
+        "dataset": dataset,
+        "raw": fingerprint,
+        "verify_md5": verify_md5,
+    }
+    for cache in _cache_paths(root, dataset):
         try:
             # Several nodes may share `root`: each writes its own temp file, the last rename wins,
             # and every version is complete and identical.
@@ -345,18 +350,18 @@ def prepare(
     return None
 
 
-def load(root: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+def load(root: str | os.PathLike[str], dataset: str = "mnist") -> dict[str, torch.Tensor]:
     """The cached dataset on CPU: train_images, train_labels, test_images, test_labels.
 
-    `prepare(root, ...)` must have run first (one process per node). Raises DataError when the
-    cache is missing, damaged or older than the raw files.
+    `prepare(root, ..., dataset=dataset)` must have run first (one process per node). Raises
+    DataError when the cache is missing, damaged or older than the raw files.
     """
     root = Path(root)
-    found, missing = _raw_files(root)
+    found, missing = _raw_files(root, dataset)
     if missing:
-        raise _missing_error(root, missing)
+        raise _missing_error(root, missing, dataset)
     fingerprint = _fingerprint(found)
-    caches = _cache_paths(root)
+    caches = _cache_paths(root, dataset)
     problem: DataError | None = None
     for cache in filter(Path.is_file, caches):
         try:
@@ -368,13 +373,14 @@ def load(root: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             return {k: obj[k] for k in _KEYS}
         problem = problem or DataError(
             f"MNIST cache {cache} was built from other raw files than those now in "
-            f"{raw_dir(root)}; run prepare to rebuild it"
+            f"{raw_dir(root, dataset)}; run prepare to rebuild it"
         )
     if problem is not None:
         raise problem
     if not any(_writable(c.parent) for c in caches):
-        return _decode(found, verify_md5=True)  # prepare could not write a cache either
+        return _decode(found, True, dataset)  # prepare could not write a cache either
     raise DataError(
-        f"no MNIST cache for {root} (looked for {' and '.join(map(str, caches))}); "
-        "run prepare(root, download=...) in one process per node before load"
+        f"no {spec(dataset).folder} cache for {root} (looked for "
+        f"{' and '.join(map(str, caches))}); run prepare(root, download=...) in one process per "
+        "node before load"
     )

@@ -250,7 +250,8 @@ class Tracker:
         )
         self._append("metrics.jsonl", record)
         if self.wandb is not None:
-            row = {f"epoch/{k}": v for k, v in record.items() if k not in ("step", "test_count")}
+            skip = ("step", "test_count", "dataset")  # the dataset is in the run's config
+            row = {f"epoch/{k}": v for k, v in record.items() if k not in skip}
             self._to_wandb("logging epoch metrics", self.wandb.log, row, step=record["step"])
 
     def finish(self, summary: dict) -> None:

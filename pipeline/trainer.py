@@ -53,8 +53,10 @@ class TrainState:
         self.epoch_loss_sum, self.epoch_micro_steps, self.epoch_time = 0.0, 0, 0.0
 
 
-def header(ctx: dist.DistContext, run_dir: Path, reused_memory: bool, fused_conv: bool) -> str:
-    """The first line of a run: versions, hardware, world and run directory."""
+def header(
+    ctx: dist.DistContext, run_dir: Path, reused_memory: bool, fused_conv: bool, dataset: str
+) -> str:
+    """The first line of a run: versions, hardware, world, dataset and run directory."""
     if ctx.device.type == "cuda":
         device = f"{torch.cuda.get_device_name(ctx.device)} x{ctx.world_size}"
     else:
@@ -69,7 +71,7 @@ def header(ctx: dist.DistContext, run_dir: Path, reused_memory: bool, fused_conv
     return (
         f"lenet-ddp {__version__} | torch {torch.__version__} | python "
         f"{platform.python_version()} | {device} | world {ctx.world_size} ({ctx.launcher}, "
-        f"{ctx.backend}) | run dir {run_dir}"
+        f"{ctx.backend}) | data {dataset} | run dir {run_dir}"
     )
 
 
@@ -107,9 +109,13 @@ class Trainer:
             self.run_dir, cfg.train.resume, ctx, self.tracker.warn
         )
 
-        root = Path(cfg.data.root)
+        root, name = Path(cfg.data.root), cfg.data.dataset
         raw = dist.leader_then_all(
-            ctx, lambda: mnist.prepare(root, download=cfg.data.download), lambda: mnist.load(root)
+            ctx,
+            lambda: mnist.prepare(
+                root, download=cfg.data.download, dataset=name, mirrors=cfg.data.mirror_list()
+            ),
+            lambda: mnist.load(root, name),
         )
         data = to_device(raw, ctx.device)
         test = eval_indices(len(data.test_y), ctx.rank, ctx.world_size).to(ctx.device)
@@ -135,7 +141,9 @@ class Trainer:
             model, cfg, ctx, self.steps_per_epoch, total, self.tracker.info, self.tracker.warn
         )
 
-        self.tracker.info(header(ctx, self.run_dir, reused_memory, self.engine.fused_conv))
+        self.tracker.info(
+            header(ctx, self.run_dir, reused_memory, self.engine.fused_conv, cfg.data.dataset)
+        )
         if saved is not None:
             self.load_state_dict(saved)
             s = self.state
@@ -175,6 +183,7 @@ class Trainer:
             "git_revision": self.git_revision,
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "steps_per_epoch": self.steps_per_epoch,
+            "dataset": self.cfg.data.dataset,
         }
 
     def state_dict(self) -> dict:
@@ -250,6 +259,7 @@ class Trainer:
             stop.restore()
         self.tracker.finish(
             {
+                "dataset": cfg.data.dataset,
                 "final_accuracy": self.last_eval["test_accuracy"],
                 "best_accuracy": self.state.best_accuracy,
                 "epochs": self.last_eval["epoch"],
@@ -358,6 +368,7 @@ class Trainer:
             "epoch_time_s": s.epoch_time,
             "images_per_s": images / max(s.epoch_time, 1e-9),
             "lr": self.engine.lr,
+            "dataset": cfg.data.dataset,
         }
         s.best_accuracy = max(s.best_accuracy, result["test_accuracy"])
         self.last_eval = record

@@ -2,7 +2,7 @@
 
 Most tests write tiny IDX files of their own (64 train / 32 test images); one test reads the
 real MNIST at $MNIST_ROOT (the `mnist_root` fixture): it skips with the reason where the data is
-absent, and fails in CI.
+absent, and fails in CI. Downloading is tested in test_fetch.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import sys
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from pipeline import mnist
+from pipeline.datasets import CANONICAL
 from pipeline.errors import DataError
-from pipeline.mnist import CANONICAL, FILES, load, prepare, raw_dir, read_idx, write_idx
+from pipeline.mnist import FILES, load, prepare, raw_dir, read_idx, write_idx
 
 from conftest import require
 
@@ -255,22 +256,17 @@ def test_missing_files_message_lists_them_and_the_directory(tmp_path: Path) -> N
     assert_one_line_naming(err, str(raw_dir(tmp_path)))
 
 
-def test_broken_torchvision_means_no_download(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A torchvision built for another torch fails at import with RuntimeError, not ImportError.
-    fake = tmp_path / "site" / "torchvision"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text(
-        'raise RuntimeError("operator torchvision::nms does not exist")\n'
-    )
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    for name in ("torchvision", "torchvision.datasets"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    with pytest.raises(DataError, match="download failed: RuntimeError: operator") as err:
-        prepare(tmp_path / "data", download=True)
-    assert_one_line_naming(err, str(raw_dir(tmp_path / "data")))
-    assert isinstance(err.value.__cause__, RuntimeError)
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_cache_file_follows_the_umask(tmp_path: Path, umask: int) -> None:
+    make_mnist(tmp_path, gz=True)
+    old = os.umask(umask)
+    try:
+        cache = prepare(tmp_path, download=False)
+    finally:
+        os.umask(old)
+    # Not tempfile's 0600: other users of a shared data root can read what the umask allows.
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in cache.parent.iterdir()] == [cache.name]  # no temp file left
 
 
 def test_cache_falls_back_to_user_cache_dir(tmp_path: Path) -> None:
