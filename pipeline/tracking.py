@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pipeline import checkpoint
-from pipeline.config import Config, to_dict, to_yaml
+from pipeline.config import Config, TrackingConfig, to_dict, to_yaml
 from pipeline.dist import DistContext
 from pipeline.errors import describe
 from pipeline.wandb_run import (
@@ -317,6 +317,12 @@ class NullTracker(Tracker):
 
     def close(self, exit_code: int = 0) -> None:
         pass
+
+
+def wandb_status(t: TrackingConfig) -> str:
+    """What the header says about W&B: `W&B off`, `W&B online` or `W&B offline`."""
+    mode = resolve_mode(t.mode)
+    return "W&B off" if mode == "disabled" else f"W&B {mode}"
 
 
 def make_tracker(ctx: DistContext, run_dir: Path) -> Tracker:

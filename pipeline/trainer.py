@@ -25,7 +25,7 @@ from pipeline.engine import Engine
 from pipeline.errors import NonFiniteLossError, PipelineError, Preempted
 from pipeline.model import LeNet
 from pipeline.preemption import StopRequest
-from pipeline.tracking import make_tracker
+from pipeline.tracking import make_tracker, wandb_status
 
 
 @dataclass
@@ -53,8 +53,10 @@ class TrainState:
         self.epoch_loss_sum, self.epoch_micro_steps, self.epoch_time = 0.0, 0, 0.0
 
 
-def header(ctx: dist.DistContext, run_dir: Path, reused_memory: bool, fused_conv: bool) -> str:
-    """The first line of a run: versions, hardware, world and run directory."""
+def header(
+    ctx: dist.DistContext, run_dir: Path, reused_memory: bool, fused_conv: bool, wandb: str
+) -> str:
+    """The first line of a run: versions, hardware, world, W&B and run directory."""
     if ctx.device.type == "cuda":
         device = f"{torch.cuda.get_device_name(ctx.device)} x{ctx.world_size}"
     else:
@@ -69,7 +71,7 @@ def header(ctx: dist.DistContext, run_dir: Path, reused_memory: bool, fused_conv
     return (
         f"lenet-ddp {__version__} | torch {torch.__version__} | python "
         f"{platform.python_version()} | {device} | world {ctx.world_size} ({ctx.launcher}, "
-        f"{ctx.backend}) | run dir {run_dir}"
+        f"{ctx.backend}) | {wandb} | run dir {run_dir}"
     )
 
 
@@ -130,7 +132,11 @@ class Trainer:
             model, cfg, ctx, self.steps_per_epoch, total, self.tracker.info, self.tracker.warn
         )
 
-        self.tracker.info(header(ctx, self.run_dir, reused_memory, self.engine.fused_conv))
+        self.tracker.info(
+            header(
+                ctx, self.run_dir, reused_memory, self.engine.fused_conv, wandb_status(cfg.tracking)
+            )
+        )
         if saved is not None:
             self.load_state_dict(saved)
             s = self.state
