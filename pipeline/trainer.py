@@ -86,12 +86,17 @@ def exit_if_fault_injected(debug: DebugConfig, rank: int, step: int) -> None:
 class Trainer:
     """One training run of `cfg` on this rank of `ctx`."""
 
-    def __init__(self, cfg: Config, ctx: dist.DistContext):
+    def __init__(
+        self, cfg: Config, ctx: dist.DistContext, overrides: str = "", print_config: bool = False
+    ):
         self.cfg, self.ctx = cfg, ctx
+        # Shown after the header: the overrides line, and every setting with --print-config.
+        self.overrides, self.print_config = overrides, print_config
         self.run_dir = Path(cfg.train.run_dir)
         self.tracker = make_tracker(ctx, self.run_dir)
         self.state = TrainState()
         self.last_eval: dict | None = None
+        self.resumed = False  # whether build() loaded a checkpoint
         self.git_revision = checkpoint.git_revision()
         self.pending, self.interval_started = 0, 0.0  # steps not yet reported, and since when
 
@@ -140,17 +145,12 @@ class Trainer:
         if saved is not None:
             self.load_state_dict(saved)
             s = self.state
-            self.tracker.info(
-                f"resumed from {path} (epoch {s.epoch + 1}, step {s.step_in_epoch}/"
-                f"{self.steps_per_epoch}, global step {s.global_step})"
-            )
-        self.tracker.start(
-            cfg,
-            self.meta(),
-            resumed=saved is not None,
-            global_step=self.state.global_step,
-            epochs_done=self.state.epoch,
-        )
+            if not self.finished():
+                self.tracker.info(
+                    f"resumed from {path} (epoch {s.epoch + 1}, step {s.step_in_epoch}/"
+                    f"{self.steps_per_epoch}, global step {s.global_step})"
+                )
+        self.resumed = saved is not None
 
     def meta(self) -> dict:
         """Facts about the job that go with the config into the tracker."""
@@ -211,6 +211,15 @@ class Trainer:
                 f"{self.state.global_step}); use another train.run_dir for a new run"
             )
             return
+        self.tracker.start(
+            cfg,
+            self.meta(),
+            resumed=self.resumed,
+            global_step=self.state.global_step,
+            epochs_done=self.state.epoch,
+            overrides=self.overrides,
+            print_config=self.print_config,
+        )
         stop = StopRequest(("SIGTERM", cfg.train.preempt_signal))
         started = time.perf_counter()
         try:
@@ -241,7 +250,7 @@ class Trainer:
         """Train the rest of the current epoch; False when train.max_steps ended it early."""
         cfg, ctx, s = self.cfg, self.ctx, self.state
         accum, max_steps = cfg.train.grad_accum, cfg.train.max_steps
-        self.tracker.start_epoch(s.epoch, cfg.train.epochs, self.steps_per_epoch)
+        self.tracker.start_epoch(s.epoch, cfg.train.epochs, self.steps_per_epoch, s.step_in_epoch)
         micro_batches = self.batches.epoch(s.epoch, start=s.step_in_epoch * accum)
         epoch_started = self.interval_started = time.perf_counter()
         self.pending = 0
