@@ -32,7 +32,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="YAML config file (configs/*.yaml)")
+    parser.add_argument(
+        "--config", help="YAML config file (configs/*.yaml); may stand anywhere among the overrides"
+    )
     parser.add_argument(
         "--print-config",
         action="store_true",
@@ -45,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="section.key=value",
         help="config overrides, for example optim.lr=0.05 train.epochs=3",
     )
-    return parser.parse_args(argv)
+    # Intermixed: launch scripts put their own overrides before the user's --config.
+    return parser.parse_intermixed_args(argv)
 
 
 def describe_overrides(path: str | None, overrides: list[str], cfg: Config) -> str:
