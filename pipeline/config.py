@@ -194,8 +194,9 @@ class DistConfig:
 class TrackingConfig:
     mode: str = _opt(
         "auto",
-        "Weights & Biases: auto (online with credentials, else offline), "
-        "online, offline or disabled",
+        "Weights & Biases: auto (online when logged in with `wandb login` or WANDB_API_KEY is "
+        "set, else off; an exported WANDB_MODE wins), online, offline, or disabled (never "
+        "loaded)",
         ("auto", "online", "offline", "disabled"),
     )
     project: str = _opt("lenet-ddp", "W&B project")

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
 from pipeline import checkpoint
-from pipeline.config import Config, to_dict, to_yaml
+from pipeline.config import Config, TrackingConfig, to_dict, to_yaml
 from pipeline.dist import DistContext
 from pipeline.errors import describe
 from pipeline.wandb_run import (
@@ -31,30 +32,37 @@ from pipeline.wandb_run import (
 
 
 class Progress:
-    """A per-epoch progress line: redrawn in place on a terminal, a few plain lines otherwise."""
+    """A per-epoch progress line: redrawn in place on a terminal, a few plain lines otherwise.
 
-    def __init__(self, stream: TextIO, epoch: int, epochs: int, total: int):
+    Its loss and img/s are those of the steps since the previous update (train.log_every steps,
+    fewer at the end of an epoch), not averages over the epoch.
+    """
+
+    def __init__(self, stream: TextIO, epoch: int, epochs: int, total: int, start: int = 0):
         self.stream, self.total = stream, total
         self.label = f"epoch {epoch + 1}/{epochs}"
         self.tty = stream.isatty()
         self.last_print = 0.0
         self.next_fraction = 0.25
+        self.last_step = start
 
     def update(self, step: int, loss: float, images_per_s: float) -> None:
         fraction = step / self.total
+        steps, self.last_step = step - self.last_step, step
         line = (
             f"{self.label} {step}/{self.total} [{int(fraction * 100):3d}%] loss {loss:.4f} "
-            f"{images_per_s:,.0f} img/s"
+            f"{images_per_s:,.0f} img/s (last {steps} step{'s' if steps != 1 else ''})"
         )
         now = time.monotonic()
         if self.tty:
             if now - self.last_print >= 0.1 or step == self.total:
-                width = 24
+                width = 20
                 done = int(width * fraction)
-                self.stream.write(
-                    f"\r{self.label} |{'#' * done}{'.' * (width - done)}| "
-                    f"{line[len(self.label) + 1 :]}\x1b[K"
-                )
+                bar = f"{self.label} |{'#' * done}{'.' * (width - done)}| "
+                # A line wider than the terminal would wrap, and \r would redraw only its end.
+                columns = shutil.get_terminal_size().columns
+                text = (bar + line[len(self.label) + 1 :])[: max(columns - 1, 20)]
+                self.stream.write(f"\r{text}\x1b[K")
                 self.stream.flush()
                 self.last_print = now
         elif fraction >= self.next_fraction and step < self.total:
@@ -140,11 +148,22 @@ class Tracker:
             f.write(json.dumps(record) + "\n")
 
     def start(
-        self, cfg: Config, meta: dict, resumed: bool, global_step: int, epochs_done: int
+        self,
+        cfg: Config,
+        meta: dict,
+        resumed: bool,
+        global_step: int,
+        epochs_done: int,
+        overrides: str = "",
+        print_config: bool = False,
     ) -> None:
-        """Print and save the resolved config; on resume, drop records past the checkpoint."""
+        """Show the overrides line (every setting with `print_config`) and save the resolved
+        config; on resume, drop records past the checkpoint; start W&B if asked for."""
         config_yaml = to_yaml(cfg)
-        self.info("resolved config:\n  " + config_yaml.rstrip().replace("\n", "\n  "))
+        if overrides:
+            self.info(overrides)
+        if print_config:
+            self.info("resolved config:\n  " + config_yaml.rstrip().replace("\n", "\n  "))
         (self.run_dir / "config.yaml").write_text(config_yaml)
         self._trim("metrics.jsonl", lambda r: resumed and r["epoch"] <= epochs_done)
         self._trim("steps.jsonl", lambda r: resumed and r["step"] <= global_step)
@@ -224,8 +243,9 @@ class Tracker:
                 kept.append(line + "\n")
         path.write_text("".join(kept))
 
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
-        self.progress = Progress(self.stream, epoch, epochs, steps)
+    def start_epoch(self, epoch: int, epochs: int, steps: int, start: int = 0) -> None:
+        """A progress line for `epoch`, whose first `start` steps were done before a resume."""
+        self.progress = Progress(self.stream, epoch, epochs, steps, start)
 
     def log_step(self, record: dict) -> None:
         """Step metrics at a logging interval: progress line and steps.jsonl."""
@@ -246,7 +266,8 @@ class Tracker:
             f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}  "
             f"test loss {record['test_loss']:.4f}  "
             f"test acc {record['test_accuracy'] * 100:.2f}%  "
-            f"time {record['epoch_time_s']:.1f}s  {record['images_per_s']:,.0f} img/s"
+            f"time {record['epoch_time_s']:.1f}s  "
+            f"epoch average {record['images_per_s']:,.0f} img/s"
         )
         self._append("metrics.jsonl", record)
         if self.wandb is not None:
@@ -317,6 +338,12 @@ class NullTracker(Tracker):
 
     def close(self, exit_code: int = 0) -> None:
         pass
+
+
+def wandb_status(t: TrackingConfig) -> str:
+    """What the header says about W&B: `W&B off`, `W&B online` or `W&B offline`."""
+    mode = resolve_mode(t.mode)
+    return "W&B off" if mode == "disabled" else f"W&B {mode}"
 
 
 def make_tracker(ctx: DistContext, run_dir: Path) -> Tracker:

@@ -14,8 +14,15 @@ import time
 import traceback
 
 from pipeline import dist
-from pipeline.config import Config, help_text, load_config, validate_for_world
-from pipeline.errors import EXIT_UNEXPECTED, PipelineError, Preempted, RunDirError, describe
+from pipeline.config import Config, help_text, load_config, to_dict, validate_for_world
+from pipeline.errors import (
+    EXIT_UNEXPECTED,
+    ConfigError,
+    PipelineError,
+    Preempted,
+    RunDirError,
+    describe,
+)
 from pipeline.trainer import Trainer
 
 # How long a rank that leaves the report of an error to the main rank waits before it exits:
@@ -32,14 +39,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="YAML config file (configs/*.yaml)")
+    parser.add_argument(
+        "--config", help="YAML config file (configs/*.yaml); may stand anywhere among the overrides"
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print every setting when training starts (they are always saved in "
+        "RUN_DIR/config.yaml)",
+    )
     parser.add_argument(
         "overrides",
         nargs="*",
         metavar="section.key=value",
         help="config overrides, for example optim.lr=0.05 train.epochs=3",
     )
-    return parser.parse_args(argv)
+    # Intermixed: launch scripts put their own overrides before the user's --config.
+    return parser.parse_intermixed_args(argv)
+
+
+def describe_overrides(path: str | None, overrides: list[str], cfg: Config) -> str:
+    """The config file, where every setting is saved, and each setting that the overrides
+    changed with the file's (or the default) value, for the start of a run."""
+    lines = [
+        f"config: {path or 'built-in defaults'} (every setting: "
+        f"{cfg.train.run_dir}/config.yaml, or --print-config)"
+    ]
+    try:
+        base = to_dict(load_config(path))
+    except ConfigError:  # the file alone is invalid: an override fixed it
+        base = None
+    final, changed = to_dict(cfg), []
+    for key in dict.fromkeys(item.partition("=")[0].strip() for item in overrides):
+        section, _, name = key.partition(".")
+        value = final[section][name]
+        if base is None:
+            changed.append(f"{key}={_show(value)}")
+        elif base[section][name] != value:
+            was = "file" if path else "default"
+            changed.append(f"{key}={_show(value)} ({was}: {_show(base[section][name])})")
+    if changed:
+        lines.append(f"overrides: {', '.join(changed)}")
+    return "\n".join(lines)
+
+
+def _show(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if value == "" else str(value)
 
 
 def report(e: PipelineError, ctx: dist.DistContext | None) -> None:
@@ -62,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         ctx = dist.detect()
         validate_for_world(cfg, ctx.world_size)
         dist.init(ctx, cfg.dist)
-        trainer = Trainer(cfg, ctx)
+        shown = describe_overrides(args.config, args.overrides, cfg)
+        trainer = Trainer(cfg, ctx, shown, args.print_config)
         trainer.run()
         return 0
     except Preempted as e:

@@ -25,7 +25,7 @@ from pipeline.engine import Engine
 from pipeline.errors import NonFiniteLossError, PipelineError, Preempted
 from pipeline.model import LeNet
 from pipeline.preemption import StopRequest
-from pipeline.tracking import make_tracker
+from pipeline.tracking import make_tracker, wandb_status
 
 
 @dataclass
@@ -54,9 +54,14 @@ class TrainState:
 
 
 def header(
-    ctx: dist.DistContext, run_dir: Path, reused_memory: bool, fused_conv: bool, dataset: str
+    ctx: dist.DistContext,
+    run_dir: Path,
+    reused_memory: bool,
+    fused_conv: bool,
+    dataset: str,
+    wandb: str,
 ) -> str:
-    """The first line of a run: versions, hardware, world, dataset and run directory."""
+    """The first line of a run: versions, hardware, world, dataset, W&B and run directory."""
     if ctx.device.type == "cuda":
         device = f"{torch.cuda.get_device_name(ctx.device)} x{ctx.world_size}"
     else:
@@ -71,7 +76,7 @@ def header(
     return (
         f"lenet-ddp {__version__} | torch {torch.__version__} | python "
         f"{platform.python_version()} | {device} | world {ctx.world_size} ({ctx.launcher}, "
-        f"{ctx.backend}) | data {dataset} | run dir {run_dir}"
+        f"{ctx.backend}) | data {dataset} | {wandb} | run dir {run_dir}"
     )
 
 
@@ -86,12 +91,17 @@ def exit_if_fault_injected(debug: DebugConfig, rank: int, step: int) -> None:
 class Trainer:
     """One training run of `cfg` on this rank of `ctx`."""
 
-    def __init__(self, cfg: Config, ctx: dist.DistContext):
+    def __init__(
+        self, cfg: Config, ctx: dist.DistContext, overrides: str = "", print_config: bool = False
+    ):
         self.cfg, self.ctx = cfg, ctx
+        # Shown after the header: the overrides line, and every setting with --print-config.
+        self.overrides, self.print_config = overrides, print_config
         self.run_dir = Path(cfg.train.run_dir)
         self.tracker = make_tracker(ctx, self.run_dir)
         self.state = TrainState()
         self.last_eval: dict | None = None
+        self.resumed = False  # whether build() loaded a checkpoint
         self.git_revision = checkpoint.git_revision()
         self.pending, self.interval_started = 0, 0.0  # steps not yet reported, and since when
         self.saved_at = time.monotonic()  # for checkpoint.every_seconds
@@ -142,29 +152,31 @@ class Trainer:
         )
 
         self.tracker.info(
-            header(ctx, self.run_dir, reused_memory, self.engine.fused_conv, cfg.data.dataset)
+            header(
+                ctx,
+                self.run_dir,
+                reused_memory,
+                self.engine.fused_conv,
+                cfg.data.dataset,
+                wandb_status(cfg.tracking),
+            )
         )
         if saved is not None:
             self.load_state_dict(saved)
             s = self.state
-            self.tracker.info(
-                f"resumed from {path} (epoch {s.epoch + 1}, step {s.step_in_epoch}/"
-                f"{self.steps_per_epoch}, global step {s.global_step})"
-            )
-            if saved["world_size"] != ctx.world_size:
+            if not self.finished():
                 self.tracker.info(
-                    f"world {saved['world_size']} -> {ctx.world_size}: the same global batch of "
-                    f"{cfg.train.batch_size} per step, now {ctx.world_size} rank(s) x "
-                    f"{cfg.train.grad_accum} micro-step(s) x "
-                    f"{cfg.train.batch_size // (ctx.world_size * cfg.train.grad_accum)} images"
+                    f"resumed from {path} (epoch {s.epoch + 1}, step {s.step_in_epoch}/"
+                    f"{self.steps_per_epoch}, global step {s.global_step})"
                 )
-        self.tracker.start(
-            cfg,
-            self.meta(),
-            resumed=saved is not None,
-            global_step=self.state.global_step,
-            epochs_done=self.state.epoch,
-        )
+                if saved["world_size"] != ctx.world_size:
+                    self.tracker.info(
+                        f"world {saved['world_size']} -> {ctx.world_size}: the same global "
+                        f"batch of {cfg.train.batch_size} per step, now {ctx.world_size} "
+                        f"rank(s) x {cfg.train.grad_accum} micro-step(s) x "
+                        f"{cfg.train.batch_size // (ctx.world_size * cfg.train.grad_accum)} images"
+                    )
+        self.resumed = saved is not None
 
     def close(self) -> None:
         """Let go of the run directory, however the run ended."""
@@ -242,6 +254,15 @@ class Trainer:
                 f"{self.state.global_step}); use another train.run_dir for a new run"
             )
             return
+        self.tracker.start(
+            cfg,
+            self.meta(),
+            resumed=self.resumed,
+            global_step=self.state.global_step,
+            epochs_done=self.state.epoch,
+            overrides=self.overrides,
+            print_config=self.print_config,
+        )
         stop = StopRequest(("SIGTERM", cfg.train.preempt_signal))
         started = time.perf_counter()
         try:
@@ -274,7 +295,7 @@ class Trainer:
         cfg, ctx, s = self.cfg, self.ctx, self.state
         accum, max_steps = cfg.train.grad_accum, cfg.train.max_steps
         every_steps, every_s = cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds
-        self.tracker.start_epoch(s.epoch, cfg.train.epochs, self.steps_per_epoch)
+        self.tracker.start_epoch(s.epoch, cfg.train.epochs, self.steps_per_epoch, s.step_in_epoch)
         micro_batches = self.batches.epoch(s.epoch, start=s.step_in_epoch * accum)
         epoch_started = self.interval_started = time.perf_counter()
         self.pending = 0

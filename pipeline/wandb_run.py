@@ -1,7 +1,8 @@
 """Weights & Biases for the main rank's tracker: which mode, one run per job, resume by run id.
 
 Everything that knows about wandb lives here, and `import wandb` happens inside functions only,
-so `import pipeline` works without wandb installed and tracking.mode=disabled never loads it.
+so `import pipeline` works without wandb installed, and a run that does not ask for W&B
+(tracking.mode=disabled, or auto without credentials) never loads it.
 `open_run` raises `WandbUnavailable` with a one-line reason when W&B cannot be used; the tracker
 turns that into a warning and training goes on with its local files.
 """
@@ -57,7 +58,8 @@ def resolve_mode(mode: str, env: dict[str, str] | None = None) -> str:
     """online, offline or disabled for tracking.mode; auto follows WANDB_MODE, then credentials.
 
     An explicit tracking.mode wins over WANDB_MODE; with auto, a WANDB_MODE the user exported
-    is honoured, and otherwise the run is online when credentials are configured, else offline.
+    is honoured, and otherwise the run is online when credentials are configured, else W&B is
+    off: a user who never set W&B up gets no wandb import, no files and no warning.
     """
     env = os.environ if env is None else env
     if mode != "auto":
@@ -65,7 +67,7 @@ def resolve_mode(mode: str, env: dict[str, str] | None = None) -> str:
     from_env = _WANDB_MODES.get(env.get("WANDB_MODE", "").strip().lower())
     if from_env:
         return from_env
-    return "online" if has_credentials(env) else "offline"
+    return "online" if has_credentials(env) else "disabled"
 
 
 def new_run_id() -> str:

@@ -104,7 +104,7 @@ def warnings(stderr: str) -> list[str]:
 # -- choosing the mode ----------------------------------------------------------------------
 def test_mode_auto_is_online_only_with_credentials(tmp_path):
     no_netrc = {"NETRC": str(tmp_path / "none")}
-    assert resolve_mode("auto", no_netrc) == "offline"
+    assert resolve_mode("auto", no_netrc) == "disabled"  # W&B was never set up: off
     assert resolve_mode("auto", {**no_netrc, "WANDB_API_KEY": "k" * 40}) == "online"
     netrc = tmp_path / "netrc"
     netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
@@ -112,7 +112,7 @@ def test_mode_auto_is_online_only_with_credentials(tmp_path):
     assert resolve_mode("auto", {"NETRC": str(netrc)}) == "online"
     # A key for another server does not count for the one in WANDB_BASE_URL.
     other = {"NETRC": str(netrc), "WANDB_BASE_URL": "https://wandb.example.org"}
-    assert resolve_mode("auto", other) == "offline"
+    assert resolve_mode("auto", other) == "disabled"
     # A WANDB_MODE the user exported is honoured by auto; an explicit tracking.mode wins.
     assert resolve_mode("auto", {**no_netrc, "WANDB_MODE": "disabled"}) == "disabled"
     assert resolve_mode("offline", {"WANDB_API_KEY": "k" * 40}) == "offline"
