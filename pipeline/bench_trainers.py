@@ -1,0 +1,138 @@
+"""The two trainers the benchmark times: the project's pipeline, and the classic tutorial path.
+
+Each trainer gives the benchmark's loop the same four things: the steps of an epoch (each
+yielding the images it trained on), a logging-interval read-back, an evaluation, and facts for
+the record. The baseline reads MNIST the classic way: a per-sample `Dataset` doing
+Pad/ToTensor/Normalize in Python, a `DataLoader` with a `DistributedSampler`, the tutorial's
+loop, fp32 eager, torch's default (unfused) optimizer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from pipeline import host
+from pipeline.config import Config
+from pipeline.data import MEAN, STD, TrainBatches
+from pipeline.engine import Engine, build_scheduler, loss_function
+from pipeline.engine import evaluate as evaluate_model
+
+
+def conv_impl(fused: bool) -> str:
+    return "fused kernels" if fused else "torch ops"
+
+
+# -- the classic data path -------------------------------------------------------------------
+def _classic_transform():
+    """torchvision's Pad(2), ToTensor, Normalize when it imports, else the same steps by hand."""
+    try:
+        from PIL import Image
+        from torchvision import transforms as T
+
+        t = T.Compose([T.Pad(2), T.ToTensor(), T.Normalize((MEAN,), (STD,))])
+        return lambda img: t(Image.fromarray(img, mode="L")), "torchvision.transforms on PIL"
+    except Exception:  # noqa: BLE001 - torchvision is optional; the hand-written path mirrors it
+        return _by_hand, "Pad/ToTensor/Normalize by hand, per sample (no torchvision here)"
+
+
+def _by_hand(img: np.ndarray) -> torch.Tensor:
+    """What torchvision's Pad(2) -> ToTensor -> Normalize do to one 28x28 uint8 image."""
+    img = np.pad(img, 2)  # Pad: constant 0
+    x = torch.from_numpy(img[:, :, None].transpose((2, 0, 1))).contiguous()
+    x = x.to(dtype=torch.get_default_dtype()).div(255)  # ToTensor
+    x = x.clone()  # Normalize(inplace=False)
+    mean = torch.as_tensor((MEAN,), dtype=x.dtype)
+    std = torch.as_tensor((STD,), dtype=x.dtype)
+    if (std == 0).any():
+        raise ValueError("std evaluated to zero")
+    return x.sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+
+
+class ClassicMNIST(Dataset):
+    """MNIST as torchvision's dataset serves it: one sample at a time, transformed in Python."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images.numpy(), labels.numpy()
+        self.transform, self.transform_name = _classic_transform()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[i]), int(self.labels[i])
+
+
+def classic_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
+    """The optimizer `Engine` builds, in torch's default (not fused) implementation."""
+    o = cfg.optim
+    if o.name in ("sgd", "nesterov"):
+        return torch.optim.SGD(
+            params, o.lr, o.momentum, nesterov=o.name == "nesterov", weight_decay=o.weight_decay
+        )
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}
+    return kinds[o.name](params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+# -- the two trainers, each: steps of an epoch, a logging-interval flush, evaluation ----------
+def pipeline_trainer(cfg, ctx, data, raw, model, micro, workers):
+    if cfg.train.reuse_host_memory and ctx.device.type == "cpu":
+        host.reuse_freed_memory()  # as pipeline.train does; the baseline keeps the defaults
+    batches = TrainBatches(
+        data.train_x, data.train_y, micro, ctx.rank, ctx.world_size, cfg.train.seed
+    )
+    steps = batches.micro_steps_per_epoch // cfg.train.grad_accum
+    engine = Engine(model, cfg, ctx, steps, steps * cfg.train.epochs)
+
+    def epoch_steps(epoch: int):
+        it = batches.epoch(epoch)
+        for _ in range(steps):  # the trainer's loop
+            engine.train_step([next(it) for _ in range(cfg.train.grad_accum)])
+            yield cfg.train.batch_size
+
+    def evaluate(x, y):
+        return engine.evaluate(x, y, cfg.train.eval_batch_size)["test_accuracy"]
+
+    # What the trainer does at each logging interval: one read-back of the loss.
+    return epoch_steps, engine.read_loss, evaluate, {"conv": conv_impl(engine.fused_conv)}
+
+
+def baseline_trainer(cfg, ctx, data, raw, model, micro, workers):
+    if cfg.train.grad_accum != 1:
+        raise SystemExit("the baseline has no gradient accumulation; use train.grad_accum=1")
+    device, world = ctx.device, ctx.world_size
+    dataset = ClassicMNIST(raw["train_images"], raw["train_labels"])
+    sampler = DistributedSampler(dataset, world, ctx.rank, shuffle=True, seed=cfg.train.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=micro,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
+    net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+    optimizer = classic_optimizer(model.parameters(), cfg)
+    scheduler = build_scheduler(optimizer, cfg.optim, len(loader), len(loader) * cfg.train.epochs)
+    criterion = loss_function(cfg.train.loss)
+
+    def epoch_steps(epoch: int):
+        model.train()
+        sampler.set_epoch(epoch)
+        running_loss = 0.0
+        for x, y in loader:  # the tutorial's loop
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad()
+            loss = criterion(net(x), y)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            running_loss += loss.item()
+            yield len(y) * world
+
+    def evaluate(x, y):  # the pipeline's evaluation, on the same test tensors (untimed)
+        return evaluate_model(model, x, y, cfg.train.eval_batch_size, criterion)["test_accuracy"]
+
+    record = {"baseline_transform": dataset.transform_name, "conv": conv_impl(False)}
+    return epoch_steps, lambda: None, evaluate, record
