@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.config import Config, to_dict
 from pipeline.dist import DistContext, broadcast_object, gather_to_main
 from pipeline.errors import CheckpointError, describe
 
@@ -34,6 +35,7 @@ MUST_MATCH = {
     "model": None,  # every key of the section
     "optim": None,
     "train": ("batch_size", "loss", "seed", "precision", "epochs"),
+    "data": ("dataset",),
 }
 
 
@@ -135,10 +137,12 @@ def check_compatible(
     unless the training set does not split evenly); checkpoints written before that was
     recorded resume on their own world size only.
     """
-    old = saved["config"]
+    old, defaults = saved["config"], to_dict(Config())
     for section, keys in MUST_MATCH.items():
         for key in keys or current[section]:
-            a, b = old.get(section, {}).get(key), current[section][key]
+            # A key the checkpoint predates had its default value then.
+            a = old.get(section, {}).get(key, defaults[section][key])
+            b = current[section][key]
             if a != b:
                 raise CheckpointError(
                     f"checkpoint {path} was written with {section}.{key}={a!r}, this run has "
