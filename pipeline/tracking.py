@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pipeline import checkpoint
-from pipeline.config import Config, TrackingConfig, to_dict, to_yaml
+from pipeline.config import Config, TrackingConfig, load_config, to_dict, to_yaml
 from pipeline.dist import DistContext
-from pipeline.errors import describe
+from pipeline.errors import ConfigError, describe
 from pipeline.wandb_run import (
     WandbMissing,
     WandbRun,
@@ -348,3 +348,34 @@ def wandb_status(t: TrackingConfig) -> str:
 
 def make_tracker(ctx: DistContext, run_dir: Path) -> Tracker:
     return Tracker(run_dir) if ctx.is_main else NullTracker()
+
+
+def describe_overrides(path: str | None, overrides: list[str], cfg: Config) -> str:
+    """The config file, where every setting is saved, and each setting that the overrides
+    changed with the file's (or the default) value, for the start of a run."""
+    lines = [
+        f"config: {path or 'built-in defaults'} (every setting: "
+        f"{cfg.train.run_dir}/config.yaml, or --print-config)"
+    ]
+    try:
+        base = to_dict(load_config(path))
+    except ConfigError:  # the file alone is invalid: an override fixed it
+        base = None
+    final, changed = to_dict(cfg), []
+    for key in dict.fromkeys(item.partition("=")[0].strip() for item in overrides):
+        section, _, name = key.partition(".")
+        value = final[section][name]
+        if base is None:
+            changed.append(f"{key}={_show(value)}")
+        elif base[section][name] != value:
+            was = "file" if path else "default"
+            changed.append(f"{key}={_show(value)} ({was}: {_show(base[section][name])})")
+    if changed:
+        lines.append(f"overrides: {', '.join(changed)}")
+    return "\n".join(lines)
+
+
+def _show(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if value == "" else str(value)

@@ -14,15 +14,15 @@ import time
 import traceback
 
 from pipeline import dist
-from pipeline.config import Config, help_text, load_config, to_dict, validate_for_world
+from pipeline.config import Config, help_text, load_config, validate_for_world
 from pipeline.errors import (
     EXIT_UNEXPECTED,
-    ConfigError,
     PipelineError,
     Preempted,
     RunDirError,
     describe,
 )
+from pipeline.tracking import describe_overrides
 from pipeline.trainer import Trainer
 
 # How long a rank that leaves the report of an error to the main rank waits before it exits:
@@ -56,37 +56,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     # Intermixed: launch scripts put their own overrides before the user's --config.
     return parser.parse_intermixed_args(argv)
-
-
-def describe_overrides(path: str | None, overrides: list[str], cfg: Config) -> str:
-    """The config file, where every setting is saved, and each setting that the overrides
-    changed with the file's (or the default) value, for the start of a run."""
-    lines = [
-        f"config: {path or 'built-in defaults'} (every setting: "
-        f"{cfg.train.run_dir}/config.yaml, or --print-config)"
-    ]
-    try:
-        base = to_dict(load_config(path))
-    except ConfigError:  # the file alone is invalid: an override fixed it
-        base = None
-    final, changed = to_dict(cfg), []
-    for key in dict.fromkeys(item.partition("=")[0].strip() for item in overrides):
-        section, _, name = key.partition(".")
-        value = final[section][name]
-        if base is None:
-            changed.append(f"{key}={_show(value)}")
-        elif base[section][name] != value:
-            was = "file" if path else "default"
-            changed.append(f"{key}={_show(value)} ({was}: {_show(base[section][name])})")
-    if changed:
-        lines.append(f"overrides: {', '.join(changed)}")
-    return "\n".join(lines)
-
-
-def _show(value: object) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    return repr(value) if value == "" else str(value)
 
 
 def report(e: PipelineError, ctx: dist.DistContext | None) -> None:
