@@ -1,10 +1,13 @@
 """Checkpoints: atomic save on rank 0, newest-valid lookup, compatibility check, RNG capture.
 
-A checkpoint file is a short header, the SHA-256 of the payload, and the payload (`torch.save`
-of plain tensors and Python values, loadable with `weights_only=True`). It is written to a
-temporary file in the run directory, flushed, fsynced and renamed over, so a process killed
-mid-write leaves either the old set of checkpoints or the new one, never a file that passes for
-a checkpoint. A file whose digest does not match is reported and skipped.
+A checkpoint file is what `torch.save` writes (a zip archive of plain tensors and Python values),
+so `torch.load(path, weights_only=True)` opens it without this project, and its `model` is a
+plain state_dict of `pipeline.model.LeNet`. One more record in the archive, `lenet-ddp.sha256`,
+holds the SHA-256 of every other record (names and contents): a file whose records do not match
+it, or that is not a whole archive, is reported and skipped. The file is written to a temporary
+file in the run directory, flushed, fsynced and renamed over, so a process killed mid-write
+leaves either the old set of checkpoints or the new one, never a file that passes for a
+checkpoint. Files of the earlier format (a header, the SHA-256, then the payload) are still read.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import random
 import re
 import subprocess
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +28,8 @@ import torch
 from pipeline.dist import DistContext, broadcast_object, gather_to_main
 from pipeline.errors import CheckpointError, describe
 
-MAGIC = b"LENET-DDP-CKPT-1\n"
+DIGEST_RECORD = "lenet-ddp.sha256"  # in the archive's folder, beside torch's own records
+LEGACY_MAGIC = b"LENET-DDP-CKPT-1\n"  # the earlier format: header, SHA-256, payload
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 
 # Keys that must match between a checkpoint and the run resuming it: they change the model,
@@ -70,14 +75,35 @@ def write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save(run_dir: Path, step: int, state: dict, keep: int) -> Path:
-    """Write checkpoint `state` for `step`, then drop all but the newest `keep`. Rank 0 only."""
+def _records_digest(archive: zipfile.ZipFile, skip: zipfile.ZipInfo | None) -> str:
+    """SHA-256 over the names and contents of the archive's records, but `skip`; reading each
+    record also checks its local header and its CRC-32."""
+    h = hashlib.sha256()
+    for info in archive.infolist():
+        if info is skip:
+            continue
+        name, data = info.filename.encode(), archive.read(info)
+        for part in (name, data):
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(part)
+    return h.hexdigest()
+
+
+def encode(state: dict) -> bytes:
+    """The bytes of a checkpoint file: `torch.save(state)` with the digest record added."""
     buf = io.BytesIO()
     torch.save(state, buf)
-    payload = buf.getvalue()
-    digest = hashlib.sha256(payload).hexdigest().encode()
+    with zipfile.ZipFile(buf, "a") as archive:
+        folder = archive.namelist()[0].split("/")[0]
+        line = f"sha256 {_records_digest(archive, None)}\n"
+        archive.writestr(f"{folder}/{DIGEST_RECORD}", line)
+    return buf.getvalue()
+
+
+def save(run_dir: Path, step: int, state: dict, keep: int) -> Path:
+    """Write checkpoint `state` for `step`, then drop all but the newest `keep`. Rank 0 only."""
     path = run_dir / checkpoint_name(step)
-    write_atomic(path, MAGIC + digest + b"\n" + payload)
+    write_atomic(path, encode(state))
     for old in list_checkpoints(run_dir)[keep:]:
         old.unlink(missing_ok=True)
     return path
@@ -92,20 +118,57 @@ def load(path: Path) -> dict:
     return parse(blob, path)
 
 
+def _corrupt(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} is truncated or corrupt ({why})")
+
+
+def _verify_archive(blob: bytes, path: Path) -> None:
+    """Raise CheckpointError unless `blob` is a whole archive whose records match its digest."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+            stored = [i for i in archive.infolist() if i.filename.endswith("/" + DIGEST_RECORD)]
+            if len(stored) != 1:
+                raise CheckpointError(
+                    f"{path} is a PyTorch file but not a checkpoint of this pipeline (it has no "
+                    f"{DIGEST_RECORD} record); pass a ckpt-*.pt file of a run directory"
+                )
+            expected = archive.read(stored[0]).decode("ascii", "replace").strip()
+            actual = f"sha256 {_records_digest(archive, stored[0])}"
+    except CheckpointError:
+        raise
+    except Exception as e:  # a damaged archive fails in many ways: zip, zlib, size, CRC errors
+        raise _corrupt(path, describe(e)) from e
+    if actual != expected:
+        raise _corrupt(path, "checksum mismatch")
+
+
+def _payload(blob: bytes, path: Path) -> bytes:
+    """The torch.save bytes of a checkpoint file, verified (either format)."""
+    if blob.startswith(LEGACY_MAGIC):
+        head = len(LEGACY_MAGIC) + 65
+        digest, payload = blob[len(LEGACY_MAGIC) : head - 1], blob[head:]
+        if hashlib.sha256(payload).hexdigest().encode() != digest:
+            raise _corrupt(path, "checksum mismatch")
+        return payload
+    if not blob.startswith(b"PK\x03\x04"):
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this pipeline (bad header: not a PyTorch archive); "
+            "pass a ckpt-*.pt file of a run directory"
+        )
+    _verify_archive(blob, path)
+    return blob
+
+
 def parse(blob: bytes, path: Path) -> dict:
     """Verify and decode the bytes of checkpoint file `path`."""
-    head = len(MAGIC) + 65
-    if not blob.startswith(MAGIC) or len(blob) < head:
-        raise CheckpointError(
-            f"checkpoint {path} is not a checkpoint of this pipeline (bad header)"
-        )
-    digest, payload = blob[len(MAGIC) : head - 1], blob[head:]
-    if hashlib.sha256(payload).hexdigest().encode() != digest:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt (checksum mismatch)")
+    payload = _payload(blob, path)
     try:
-        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {describe(e)}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
+    return state
 
 
 def newest_valid(run_dir: Path, warn: Callable[[str], None]) -> Path | None:
