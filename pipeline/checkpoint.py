@@ -208,30 +208,20 @@ def check_compatible(saved: dict, current: dict, world_size: int, path: Path) ->
                 )
 
 
-def resolve(
-    run_dir: Path, resume: str, ctx: DistContext, warn: Callable[[str], None]
-) -> Path | None:
-    """Which checkpoint to resume from (decided on rank 0, shared with all ranks)."""
-    path: Path | None | CheckpointError = None
-    if ctx.is_main:
-        if resume == "auto":
-            try:
-                path = newest_valid(run_dir, warn)
-            except CheckpointError as e:
-                path = e
-        elif resume == "none":
-            if list_checkpoints(run_dir):
-                path = CheckpointError(
-                    f"train.resume=none but {run_dir} holds checkpoints of an earlier run; "
-                    "choose another train.run_dir or remove them"
-                )
-        else:
-            path = Path(resume)
-            if not path.is_file():
-                path = CheckpointError(f"train.resume={resume}: no such checkpoint file")
-    path = broadcast_object(ctx, path)
-    if isinstance(path, CheckpointError):
-        raise path
+def choose(run_dir: Path, resume: str, warn: Callable[[str], None]) -> Path | None:
+    """Which checkpoint `train.resume` names (None: start fresh); CheckpointError if none fits."""
+    if resume == "auto":
+        return newest_valid(run_dir, warn)
+    if resume == "none":
+        if list_checkpoints(run_dir):
+            raise CheckpointError(
+                f"train.resume=none but {run_dir} holds checkpoints of an earlier run; "
+                "choose another train.run_dir or remove them"
+            )
+        return None
+    path = Path(resume)
+    if not path.is_file():
+        raise CheckpointError(f"train.resume={resume}: no such checkpoint file")
     return path
 
 
@@ -278,13 +268,33 @@ def save_all_ranks(ctx: DistContext, run_dir: Path, step: int, state: dict, keep
         save(run_dir, step, {**state, "rng": rngs}, keep)
 
 
+def load_on_main(
+    ctx: DistContext, locate: Callable[[], Path | None]
+) -> tuple[Path | None, dict | None]:
+    """The checkpoint rank 0 picks with `locate`, and its state, on every rank (None, None:
+    `locate` found none). Rank 0 reads the file; every rank decodes the same bytes, so no shared
+    disk is needed. An error of rank 0's is raised on every rank."""
+    found: tuple[Path, bytes] | CheckpointError | None = None
+    if ctx.is_main:
+        path = None
+        try:
+            path = locate()
+            found = (path, path.read_bytes()) if path is not None else None
+        except CheckpointError as e:
+            found = e
+        except OSError as e:
+            found = CheckpointError(f"cannot read checkpoint {path}: {e.strerror}")
+    found = broadcast_object(ctx, found)
+    if isinstance(found, CheckpointError):
+        raise found
+    if found is None:
+        return None, None
+    path, blob = found
+    return path, parse(blob, path)
+
+
 def load_for_resume(
     run_dir: Path, resume: str, ctx: DistContext, warn: Callable[[str], None]
 ) -> tuple[Path | None, dict | None]:
-    """The checkpoint to resume from, and its state, on every rank (None, None: start fresh).
-
-    Rank 0 reads the file; every rank decodes the same bytes, so no shared disk is needed.
-    """
-    path = resolve(run_dir, resume, ctx, warn)
-    blob = broadcast_object(ctx, path.read_bytes() if path and ctx.is_main else None)
-    return path, (parse(blob, path) if blob is not None else None)
+    """The checkpoint to resume from, and its state, on every rank (None, None: start fresh)."""
+    return load_on_main(ctx, lambda: choose(run_dir, resume, warn))
