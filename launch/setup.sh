@@ -5,14 +5,14 @@
 # - torch: reused where the Python that creates the environment already has it (a CUDA build
 #   on a GPU machine, say); otherwise the CPU build (about 200 MB, not the multi-GB CUDA one),
 #   from a local wheel in TORCH_WHEEL_DIR when there is one, else from PyTorch's CPU index.
-# - EXTRAS (default dev,report): the project's optional extras (dev: pytest and ruff; report:
-#   plots; wandb: Weights & Biases; predict: reading your own images).
+# - EXTRAS (default dev,report,predict,wandb: all of them): the project's optional extras (dev:
+#   pytest and ruff; report: plots; predict: reading your own images; wandb: Weights & Biases).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
-EXTRAS="${EXTRAS:-dev,report}"
+EXTRAS="${EXTRAS:-dev,report,predict,wandb}"
 TORCH_WHEEL_DIR="${TORCH_WHEEL_DIR:-/opt/wheels}"
 
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then

@@ -1,10 +1,13 @@
 """Checkpoints: atomic save on rank 0, newest-valid lookup, compatibility check, RNG capture.
 
-A checkpoint file is a short header, the SHA-256 of the payload, and the payload (`torch.save`
-of plain tensors and Python values, loadable with `weights_only=True`). It is written to a
-temporary file in the run directory, flushed, fsynced and renamed over, so a process killed
-mid-write leaves either the old set of checkpoints or the new one, never a file that passes for
-a checkpoint. A file whose digest does not match is reported and skipped.
+A checkpoint file is what `torch.save` writes (a zip archive of plain tensors and Python values),
+so `torch.load(path, weights_only=True)` opens it without this project, and its `model` is a
+plain state_dict of `pipeline.model.LeNet`. One more record in the archive, `lenet-ddp.sha256`,
+holds the SHA-256 of every other record (names and contents): a file whose records do not match
+it, or that is not a whole archive, is reported and skipped. The file is written to a temporary
+file in the run directory, flushed, fsynced and renamed over, so a process killed mid-write
+leaves either the old set of checkpoints or the new one, never a file that passes for a
+checkpoint. Files of the earlier format (a header, the SHA-256, then the payload) are still read.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import random
 import re
 import subprocess
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +29,8 @@ from pipeline.config import Config, to_dict
 from pipeline.dist import DistContext, broadcast_object, gather_to_main
 from pipeline.errors import CheckpointError, describe
 
-MAGIC = b"LENET-DDP-CKPT-1\n"
+DIGEST_RECORD = "lenet-ddp.sha256"  # in the archive's folder, beside torch's own records
+LEGACY_MAGIC = b"LENET-DDP-CKPT-1\n"  # the earlier format: header, SHA-256, payload
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 
 # Keys that must match between a checkpoint and the run resuming it: they change the model,
@@ -73,14 +78,35 @@ def write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save(run_dir: Path, step: int, state: dict, keep: int) -> Path:
-    """Write checkpoint `state` for `step`, then drop all but the newest `keep`. Rank 0 only."""
+def _records_digest(archive: zipfile.ZipFile, skip: zipfile.ZipInfo | None) -> str:
+    """SHA-256 over the names and contents of the archive's records, but `skip`; reading each
+    record also checks its local header and its CRC-32."""
+    h = hashlib.sha256()
+    for info in archive.infolist():
+        if info is skip:
+            continue
+        name, data = info.filename.encode(), archive.read(info)
+        for part in (name, data):
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(part)
+    return h.hexdigest()
+
+
+def encode(state: dict) -> bytes:
+    """The bytes of a checkpoint file: `torch.save(state)` with the digest record added."""
     buf = io.BytesIO()
     torch.save(state, buf)
-    payload = buf.getvalue()
-    digest = hashlib.sha256(payload).hexdigest().encode()
+    with zipfile.ZipFile(buf, "a") as archive:
+        folder = archive.namelist()[0].split("/")[0]
+        line = f"sha256 {_records_digest(archive, None)}\n"
+        archive.writestr(f"{folder}/{DIGEST_RECORD}", line)
+    return buf.getvalue()
+
+
+def save(run_dir: Path, step: int, state: dict, keep: int) -> Path:
+    """Write checkpoint `state` for `step`, then drop all but the newest `keep`. Rank 0 only."""
     path = run_dir / checkpoint_name(step)
-    write_atomic(path, MAGIC + digest + b"\n" + payload)
+    write_atomic(path, encode(state))
     for old in list_checkpoints(run_dir)[keep:]:
         old.unlink(missing_ok=True)
     return path
@@ -95,20 +121,57 @@ def load(path: Path) -> dict:
     return parse(blob, path)
 
 
+def _corrupt(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} is truncated or corrupt ({why})")
+
+
+def _verify_archive(blob: bytes, path: Path) -> None:
+    """Raise CheckpointError unless `blob` is a whole archive whose records match its digest."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+            stored = [i for i in archive.infolist() if i.filename.endswith("/" + DIGEST_RECORD)]
+            if len(stored) != 1:
+                raise CheckpointError(
+                    f"{path} is a PyTorch file but not a checkpoint of this pipeline (it has no "
+                    f"{DIGEST_RECORD} record); pass a ckpt-*.pt file of a run directory"
+                )
+            expected = archive.read(stored[0]).decode("ascii", "replace").strip()
+            actual = f"sha256 {_records_digest(archive, stored[0])}"
+    except CheckpointError:
+        raise
+    except Exception as e:  # a damaged archive fails in many ways: zip, zlib, size, CRC errors
+        raise _corrupt(path, describe(e)) from e
+    if actual != expected:
+        raise _corrupt(path, "checksum mismatch")
+
+
+def _payload(blob: bytes, path: Path) -> bytes:
+    """The torch.save bytes of a checkpoint file, verified (either format)."""
+    if blob.startswith(LEGACY_MAGIC):
+        head = len(LEGACY_MAGIC) + 65
+        digest, payload = blob[len(LEGACY_MAGIC) : head - 1], blob[head:]
+        if hashlib.sha256(payload).hexdigest().encode() != digest:
+            raise _corrupt(path, "checksum mismatch")
+        return payload
+    if not blob.startswith(b"PK\x03\x04"):
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this pipeline (bad header: not a PyTorch archive); "
+            "pass a ckpt-*.pt file of a run directory"
+        )
+    _verify_archive(blob, path)
+    return blob
+
+
 def parse(blob: bytes, path: Path) -> dict:
     """Verify and decode the bytes of checkpoint file `path`."""
-    head = len(MAGIC) + 65
-    if not blob.startswith(MAGIC) or len(blob) < head:
-        raise CheckpointError(
-            f"checkpoint {path} is not a checkpoint of this pipeline (bad header)"
-        )
-    digest, payload = blob[len(MAGIC) : head - 1], blob[head:]
-    if hashlib.sha256(payload).hexdigest().encode() != digest:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt (checksum mismatch)")
+    payload = _payload(blob, path)
     try:
-        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {describe(e)}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
+    return state
 
 
 def newest_valid(run_dir: Path, warn: Callable[[str], None]) -> Path | None:
@@ -164,30 +227,20 @@ def check_compatible(
         )
 
 
-def resolve(
-    run_dir: Path, resume: str, ctx: DistContext, warn: Callable[[str], None]
-) -> Path | None:
-    """Which checkpoint to resume from (decided on rank 0, shared with all ranks)."""
-    path: Path | None | CheckpointError = None
-    if ctx.is_main:
-        if resume == "auto":
-            try:
-                path = newest_valid(run_dir, warn)
-            except CheckpointError as e:
-                path = e
-        elif resume == "none":
-            if list_checkpoints(run_dir):
-                path = CheckpointError(
-                    f"train.resume=none but {run_dir} holds checkpoints of an earlier run; "
-                    "choose another train.run_dir or remove them"
-                )
-        else:
-            path = Path(resume)
-            if not path.is_file():
-                path = CheckpointError(f"train.resume={resume}: no such checkpoint file")
-    path = broadcast_object(ctx, path)
-    if isinstance(path, CheckpointError):
-        raise path
+def choose(run_dir: Path, resume: str, warn: Callable[[str], None]) -> Path | None:
+    """Which checkpoint `train.resume` names (None: start fresh); CheckpointError if none fits."""
+    if resume == "auto":
+        return newest_valid(run_dir, warn)
+    if resume == "none":
+        if list_checkpoints(run_dir):
+            raise CheckpointError(
+                f"train.resume=none but {run_dir} holds checkpoints of an earlier run; "
+                "choose another train.run_dir or remove them"
+            )
+        return None
+    path = Path(resume)
+    if not path.is_file():
+        raise CheckpointError(f"train.resume={resume}: no such checkpoint file")
     return path
 
 
@@ -234,13 +287,33 @@ def save_all_ranks(ctx: DistContext, run_dir: Path, step: int, state: dict, keep
         save(run_dir, step, {**state, "rng": rngs}, keep)
 
 
+def load_on_main(
+    ctx: DistContext, locate: Callable[[], Path | None]
+) -> tuple[Path | None, dict | None]:
+    """The checkpoint rank 0 picks with `locate`, and its state, on every rank (None, None:
+    `locate` found none). Rank 0 reads the file; every rank decodes the same bytes, so no shared
+    disk is needed. An error of rank 0's is raised on every rank."""
+    found: tuple[Path, bytes] | CheckpointError | None = None
+    if ctx.is_main:
+        path = None
+        try:
+            path = locate()
+            found = (path, path.read_bytes()) if path is not None else None
+        except CheckpointError as e:
+            found = e
+        except OSError as e:
+            found = CheckpointError(f"cannot read checkpoint {path}: {e.strerror}")
+    found = broadcast_object(ctx, found)
+    if isinstance(found, CheckpointError):
+        raise found
+    if found is None:
+        return None, None
+    path, blob = found
+    return path, parse(blob, path)
+
+
 def load_for_resume(
     run_dir: Path, resume: str, ctx: DistContext, warn: Callable[[str], None]
 ) -> tuple[Path | None, dict | None]:
-    """The checkpoint to resume from, and its state, on every rank (None, None: start fresh).
-
-    Rank 0 reads the file; every rank decodes the same bytes, so no shared disk is needed.
-    """
-    path = resolve(run_dir, resume, ctx, warn)
-    blob = broadcast_object(ctx, path.read_bytes() if path and ctx.is_main else None)
-    return path, (parse(blob, path) if blob is not None else None)
+    """The checkpoint to resume from, and its state, on every rank (None, None: start fresh)."""
+    return load_on_main(ctx, lambda: choose(run_dir, resume, warn))

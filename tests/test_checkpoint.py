@@ -1,16 +1,22 @@
-"""Checkpoint files: atomic writes, corruption detection and fallback, compatibility checks."""
+"""Checkpoint files: plain torch files, atomic writes, corruption detection and fallback, the
+earlier format, compatibility checks."""
 
+import hashlib
+import io
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 import torch
 
 from pipeline import checkpoint
 from pipeline.errors import EXIT_CHECKPOINT, CheckpointError
+from pipeline.model import LeNet
 
 from conftest import REPO, TINY_ARGS, assert_ok, final_model, run_pipeline
 
@@ -64,7 +70,7 @@ def test_corrupt_and_truncated_files_are_detected(tmp_path):
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         checkpoint.load(bad)
     flipped = bytearray(blob)
-    flipped[-20] ^= 0xFF
+    flipped[blob.index(b"data/0") + 100] ^= 0xFF  # inside the tensor's record
     bad.write_bytes(bytes(flipped))
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         checkpoint.load(bad)
@@ -74,6 +80,87 @@ def test_corrupt_and_truncated_files_are_detected(tmp_path):
     warnings = []
     assert checkpoint.newest_valid(tmp_path, warnings.append) == good
     assert len(warnings) == 1 and "ckpt-000000006.pt" in warnings[0]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return type(a) is type(b) and a == b
+
+
+def test_no_damaged_byte_passes_for_a_checkpoint(tmp_path):
+    """Flip bits all over a small checkpoint: each copy is refused, or reads back the same
+    state (zip fields that no reader uses, such as timestamps, may change freely)."""
+    state = {
+        "model": {"w": torch.arange(6.0), "n": torch.ones(2, dtype=torch.long)},
+        "epoch": 3,
+        "rng": random.getstate()[:2],
+        "config": {"train": {"seed": 0}},
+    }
+    blob = checkpoint.encode(state)
+    refused = 0
+    for i in range(0, len(blob), 3):
+        damaged = bytearray(blob)
+        damaged[i] ^= (0x01, 0x10, 0x80)[i % 3]
+        try:
+            got = checkpoint.parse(bytes(damaged), tmp_path / "c.pt")
+        except CheckpointError:
+            refused += 1
+            continue
+        assert _same(got, state), f"a flipped bit at byte {i} passed for a checkpoint"
+    assert refused > len(blob) // 6  # most bytes matter
+    for n in range(0, len(blob), 11):
+        with pytest.raises(CheckpointError):
+            checkpoint.parse(blob[:n], tmp_path / "c.pt")
+
+
+def test_a_changed_record_with_a_valid_crc_fails_the_digest(tmp_path):
+    """Damage that zip's CRC-32 cannot see (a record rewritten whole) is caught by the SHA-256."""
+    path = checkpoint.save(tmp_path, 1, {"model": {"w": torch.zeros(4)}}, keep=3)
+    rewritten = io.BytesIO()
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(rewritten, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data/0"):
+                data = torch.ones(4).numpy().tobytes()
+            dst.writestr(info, data)
+    path.write_bytes(rewritten.getvalue())
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(4))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        checkpoint.load(path)
+
+
+def test_a_plain_torch_file_is_not_taken_for_a_checkpoint(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"model": LeNet().state_dict()}, path)
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load(path)
+    assert "not a checkpoint of this pipeline" in str(e.value) and "\n" not in str(e.value)
+
+
+def _legacy(state: dict) -> bytes:
+    """A checkpoint file of the earlier format: header, SHA-256 of the payload, payload."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    return checkpoint.LEGACY_MAGIC + digest + b"\n" + payload
+
+
+def test_checkpoints_of_the_earlier_format_are_still_read(tmp_path):
+    path = tmp_path / checkpoint.checkpoint_name(3)
+    path.write_bytes(_legacy({"model": {"w": torch.arange(4.0)}, "global_step": 3}))
+    state = checkpoint.load(path)
+    assert state["global_step"] == 3 and torch.equal(state["model"]["w"], torch.arange(4.0))
+    damaged = bytearray(path.read_bytes())
+    damaged[-30] ^= 0x01
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        checkpoint.load(path)
 
 
 def test_only_the_newest_k_are_kept(tmp_path):
@@ -101,8 +188,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_mnist, tmp_pa
     run_dir = tmp_path / "run"
     assert_ok(run_pipeline(_tiny(tiny_mnist, run_dir, "train.max_steps=12")))
     newest = run_dir / checkpoint.checkpoint_name(12)
-    data = newest.read_bytes()
-    newest.write_bytes(data[: len(data) - 100])
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit in the middle: the archive is still whole
+    newest.write_bytes(bytes(data))
     proc = run_pipeline(_tiny(tiny_mnist, run_dir, "train.max_steps=16"))
     assert_ok(proc)
     warning = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
@@ -110,6 +198,20 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_mnist, tmp_pa
     assert f"resumed from {run_dir / checkpoint.checkpoint_name(8)}" in proc.stdout
     straight = tmp_path / "straight"
     assert_ok(run_pipeline(_tiny(tiny_mnist, straight, "train.max_steps=16")))
+    a, b = final_model(run_dir), final_model(straight)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_resumes_from_a_checkpoint_of_the_earlier_format(tiny_mnist, tmp_path):
+    run_dir = tmp_path / "run"
+    assert_ok(run_pipeline(_tiny(tiny_mnist, run_dir, "train.max_steps=4")))
+    path = run_dir / checkpoint.checkpoint_name(4)
+    path.write_bytes(_legacy(checkpoint.load(path)))
+    proc = run_pipeline(_tiny(tiny_mnist, run_dir, "train.max_steps=8"))
+    assert_ok(proc)
+    assert f"resumed from {path}" in proc.stdout
+    straight = tmp_path / "straight"
+    assert_ok(run_pipeline(_tiny(tiny_mnist, straight, "train.max_steps=8")))
     a, b = final_model(run_dir), final_model(straight)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -164,3 +266,16 @@ def test_checkpoint_holds_what_resume_needs(tiny_mnist, tmp_path):
     assert not any(k.startswith("module.") or "_orig_mod" in k for k in state["model"])
     assert state["config"]["train"]["max_steps"] == 6
     assert os.path.exists(run_dir / "config.yaml")
+
+
+def test_a_checkpoint_opens_with_plain_torch_load(tiny_mnist, tmp_path):
+    """No project code needed: torch.load(weights_only=True), and `model` fits a plain LeNet."""
+    run_dir = tmp_path / "run"
+    assert_ok(run_pipeline(_tiny(tiny_mnist, run_dir, "train.max_steps=4")))
+    path = checkpoint.list_checkpoints(run_dir)[0]
+    state = torch.load(path, weights_only=True)
+    model = LeNet()
+    model.load_state_dict(state["model"])  # strict: every key, every shape
+    assert state["global_step"] == 4 and state["config"]["model"]["kernel_size"] == 5
+    assert all(v.is_contiguous() for v in state["model"].values())
+    assert _same(state, checkpoint.load(path))
