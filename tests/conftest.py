@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +147,34 @@ def read_jsonl(path: Path) -> list[dict]:
 def max_diff(a: dict, b: dict) -> float:
     """The largest elementwise difference between two state dicts."""
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@contextlib.contextmanager
+def background_training(args: list[str], log: Path, env: dict | None = None, **popen):
+    """`python -m pipeline.train ARGS` running in the background, its output (stdout and
+    stderr) in the file `log`; killed on leaving the block if it is still running."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env.setdefault("WANDB_MODE", "disabled")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            launch_cmd(1, args), cwd=REPO, env=full_env, stdout=out, stderr=out, **popen
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def wait_for_steps(run_dir: Path, proc: subprocess.Popen, log: Path, timeout: float = 180):
+    """Wait until the run in `run_dir` has logged a step; fail with its output if it ends or
+    takes longer than `timeout` seconds."""
+    steps, deadline = run_dir / "steps.jsonl", time.monotonic() + timeout
+    while not (steps.exists() and steps.stat().st_size):
+        assert proc.poll() is None, f"training ended early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no step after {timeout} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.05)
 
 
 def run_bench(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:

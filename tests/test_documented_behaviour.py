@@ -11,11 +11,7 @@ through the training loop's internals.
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -25,17 +21,21 @@ from pipeline import checkpoint
 from pipeline.config import load_config
 from pipeline.engine import build_scheduler
 
-from conftest import REPO, TINY_ARGS, assert_ok, final_model, launch_cmd, run_pipeline
+from conftest import (
+    TINY_ARGS,
+    assert_ok,
+    background_training,
+    final_model,
+    read_jsonl,
+    run_pipeline,
+    wait_for_steps,
+)
 
 N_TRAIN = 512  # training images of the `tiny_mnist` fixture
 
 
 def _args(tiny_mnist: Path, run_dir: Path, *extra: str) -> list[str]:
     return [*TINY_ARGS, f"data.root={tiny_mnist}", f"train.run_dir={run_dir}", *extra]
-
-
-def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _rising(values: list[float]) -> bool:
@@ -59,34 +59,16 @@ def _default_sigint() -> None:
 
 
 def test_ctrl_c_exits_130_with_one_line(tiny_mnist, tmp_path):
-    run_dir = tmp_path / "run"
+    run_dir, log = tmp_path / "run", tmp_path / "log"
     args = _args(tiny_mnist, run_dir, "train.epochs=100000", "train.log_every=1")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.Popen(
-        launch_cmd(1, args),
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_default_sigint,
-    )
-    try:
-        steps = run_dir / "steps.jsonl"
-        deadline = time.monotonic() + 120
-        while not (steps.exists() and steps.stat().st_size):
-            assert proc.poll() is None, f"training ended before Ctrl-C: {proc.communicate()}"
-            assert time.monotonic() < deadline, "training did not start within 120 s"
-            time.sleep(0.05)
+    with background_training(args, log, preexec_fn=_default_sigint) as proc:
+        wait_for_steps(run_dir, proc, log, timeout=120)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, f"exit {proc.returncode}\n{out[-2000:]}\n{err[-2000:]}"
-    assert err.strip().splitlines()[-1] == "interrupted", err
-    assert "Traceback" not in err, err
+        proc.wait(timeout=60)
+    out = log.read_text()
+    assert proc.returncode == 130, f"exit {proc.returncode}\n{out[-3000:]}"
+    assert out.strip().splitlines()[-1] == "interrupted", out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
 
 
 # -- train.resume=<path> --------------------------------------------------------------------
@@ -115,8 +97,8 @@ def test_resume_from_an_older_checkpoint_of_another_run_dir(tiny_mnist, tmp_path
     assert [p.name for p in checkpoint.list_checkpoints(straight)] == every_4
     _assert_same_model(straight, resumed)
     keys = ("epoch", "step", "train_loss", "test_loss", "test_accuracy")
-    want = [{k: r[k] for k in keys} for r in _records(straight / "metrics.jsonl")]
-    got = [{k: r[k] for k in keys} for r in _records(resumed / "metrics.jsonl")]
+    want = [{k: r[k] for k in keys} for r in read_jsonl(straight / "metrics.jsonl")]
+    got = [{k: r[k] for k in keys} for r in read_jsonl(resumed / "metrics.jsonl")]
     assert got == want
 
 
@@ -149,7 +131,7 @@ def three_epochs(tiny_mnist, tmp_path_factory) -> Path:
 
 def test_every_epochs_checkpoints_after_epochs_2_and_3_only(three_epochs):
     per_epoch = N_TRAIN // BATCH
-    epoch_end = {r["epoch"]: r["step"] for r in _records(three_epochs / "metrics.jsonl")}
+    epoch_end = {r["epoch"]: r["step"] for r in read_jsonl(three_epochs / "metrics.jsonl")}
     assert epoch_end == {1: per_epoch, 2: 2 * per_epoch, 3: 3 * per_epoch}
     names = [p.name for p in checkpoint.list_checkpoints(three_epochs)]
     # epoch 2 (every 2 epochs) and epoch 3 (the last epoch is always saved); not epoch 1
@@ -158,7 +140,7 @@ def test_every_epochs_checkpoints_after_epochs_2_and_3_only(three_epochs):
 
 def test_step_schedule_multiplies_the_lr_by_gamma_every_step_epochs(three_epochs):
     per_epoch = N_TRAIN // BATCH
-    steps = _records(three_epochs / "steps.jsonl")
+    steps = read_jsonl(three_epochs / "steps.jsonl")
     assert [r["step"] for r in steps] == list(range(1, 3 * per_epoch + 1))
     # Inside an epoch the logged rate is the epoch's rate (whether a record shows the rate its
     # step used or the next step's: see test_logged_lr_is_the_rate_the_step_used).
@@ -170,7 +152,7 @@ def test_step_schedule_multiplies_the_lr_by_gamma_every_step_epochs(three_epochs
     assert inside == {e: [pytest.approx(lr, rel=1e-12)] * (per_epoch - 1) for e, lr in want.items()}
     # metrics.jsonl shows the same rate as the epoch's last step record
     last = {r["epoch"]: r["lr"] for r in steps if r["step_in_epoch"] == per_epoch}
-    assert {r["epoch"]: r["lr"] for r in _records(three_epochs / "metrics.jsonl")} == last
+    assert {r["epoch"]: r["lr"] for r in read_jsonl(three_epochs / "metrics.jsonl")} == last
 
 
 # -- the one-cycle schedule ------------------------------------------------------------------
@@ -194,7 +176,7 @@ def one_cycle(tiny_mnist, tmp_path_factory) -> Path:
 
 
 def test_onecycle_lr_rises_to_optim_lr_then_falls(one_cycle):
-    steps = _records(one_cycle / "steps.jsonl")
+    steps = read_jsonl(one_cycle / "steps.jsonl")
     assert [r["step"] for r in steps] == list(range(1, CYCLE_STEPS + 1))
     lrs = [r["lr"] for r in steps]
     peak, low = lrs.index(max(lrs)), lrs.index(min(lrs))
@@ -204,18 +186,18 @@ def test_onecycle_lr_rises_to_optim_lr_then_falls(one_cycle):
     assert low >= CYCLE_STEPS - 2 and min(lrs) < CYCLE_LR * 1e-3, lrs
     assert _rising(lrs[peak : low + 1][::-1]), f"no steady fall: {lrs}"
     last = {r["epoch"]: r["lr"] for r in steps if r["step"] % (CYCLE_STEPS // 2) == 0}
-    assert {r["epoch"]: r["lr"] for r in _records(one_cycle / "metrics.jsonl")} == last
+    assert {r["epoch"]: r["lr"] for r in read_jsonl(one_cycle / "metrics.jsonl")} == last
 
 
 def test_logged_lr_is_the_rate_the_step_used(three_epochs, one_cycle):
     per_epoch = N_TRAIN // BATCH
-    epochs = {r["epoch"]: r["lr"] for r in _records(three_epochs / "metrics.jsonl")}
+    epochs = {r["epoch"]: r["lr"] for r in read_jsonl(three_epochs / "metrics.jsonl")}
     # epoch 2 trained at 0.1 throughout; its record (and its last step's) say so
     assert epochs[2] == pytest.approx(STEP_LR), epochs
-    boundary = [r for r in _records(three_epochs / "steps.jsonl") if r["step"] == 2 * per_epoch]
+    boundary = [r for r in read_jsonl(three_epochs / "steps.jsonl") if r["step"] == 2 * per_epoch]
     assert boundary[0]["lr"] == pytest.approx(STEP_LR), boundary
     # a one-cycle run ends at its lowest rate
-    lrs = [r["lr"] for r in _records(one_cycle / "steps.jsonl")]
+    lrs = [r["lr"] for r in read_jsonl(one_cycle / "steps.jsonl")]
     assert lrs[-1] == min(lrs), lrs[-3:]
 
 
@@ -266,6 +248,6 @@ def test_same_seed_world_and_threads_give_the_same_run_bit_for_bit(tiny_mnist, t
         assert "cpu (2 threads per rank," in proc.stdout, proc.stdout[:500]
     _assert_same_model(first, second)
     keys = ("train_loss", "test_loss", "test_accuracy")
-    assert [[r[k] for k in keys] for r in _records(first / "metrics.jsonl")] == [
-        [r[k] for k in keys] for r in _records(second / "metrics.jsonl")
+    assert [[r[k] for k in keys] for r in read_jsonl(first / "metrics.jsonl")] == [
+        [r[k] for k in keys] for r in read_jsonl(second / "metrics.jsonl")
     ]

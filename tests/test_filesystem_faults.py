@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from pipeline import checkpoint
 from pipeline.errors import EXIT_RUN_DIR
 
-from conftest import REPO, TINY_ARGS, run_pipeline
+from conftest import REPO, TINY_ARGS, background_training, run_pipeline, wait_for_steps
 
 
 def _args(root, run_dir, *extra):
@@ -77,26 +76,10 @@ def test_no_space_for_the_metrics_or_the_config(tiny_mnist, small_disk):
 
 def test_the_run_directory_removed_during_the_run(tiny_mnist, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.train", *_args(tiny_mnist, run_dir)]
-            + ["train.epochs=100000"],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=out,
-        )
-    try:
-        deadline = time.monotonic() + 180
-        while not (run_dir / "steps.jsonl").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
+    with background_training(_args(tiny_mnist, run_dir, "train.epochs=100000"), log) as proc:
+        wait_for_steps(run_dir, proc, log)
         shutil.rmtree(run_dir)
         proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     proc.stderr = log.read_text()
     line = _one_error_line(proc)
     assert "No such file or directory" in line and str(run_dir) in line

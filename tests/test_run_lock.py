@@ -3,18 +3,14 @@ lock is taken over with a line saying so; another attempt of the same job takes 
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from pipeline import run_lock
 from pipeline.errors import EXIT_RUN_DIR
 
-from conftest import REPO, TINY_ARGS, assert_ok, run_pipeline
+from conftest import TINY_ARGS, assert_ok, background_training, run_pipeline, wait_for_steps
 
 
 def _args(root, run_dir, *extra):
@@ -29,42 +25,14 @@ def _args(root, run_dir, *extra):
     ]
 
 
-def _start(args, log, **env):
-    """A training process in the background, its output in the file `log`."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **env}
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline.train", *args],
-            cwd=REPO,
-            env=full_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def _wait_for_training(run_dir, proc, log, timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        steps = run_dir / "steps.jsonl"
-        if steps.exists() and steps.read_text().count("\n") >= 1:
-            return
-        assert proc.poll() is None, f"training ended early:\n{log.read_text()[-3000:]}"
-        time.sleep(0.05)
-    pytest.fail(f"training did not start:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture
 def holder(tiny_mnist, tmp_path):
     """A long run holding tmp_path/run; killed at the end of the test whatever happens."""
     run_dir, log = tmp_path / "run", tmp_path / "holder.log"
-    proc = _start(_args(tiny_mnist, run_dir), log, TORCHELASTIC_RUN_ID="a")
-    try:
-        _wait_for_training(run_dir, proc, log)
+    args = _args(tiny_mnist, run_dir)
+    with background_training(args, log, env={"TORCHELASTIC_RUN_ID": "a"}) as proc:
+        wait_for_steps(run_dir, proc, log)
         yield run_dir, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def test_a_second_job_on_the_same_run_dir_stops_at_once_naming_the_holder(tiny_mnist, holder):
