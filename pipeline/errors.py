@@ -16,6 +16,7 @@ EXIT_NONFINITE = 5
 EXIT_DISTRIBUTED = 6
 EXIT_RUN_DIR = 7  # the run directory is in use by another job, or cannot be written
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved; run the same command again to resume.
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 def describe(e: BaseException, with_type: bool = False, limit: int = 200) -> str:

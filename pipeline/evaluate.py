@@ -26,7 +26,7 @@ from pipeline import checkpoint, dist, eval_figures, kernels, mnist, trained
 from pipeline.config import Config, DistConfig
 from pipeline.data import eval_indices, normalize_and_pad
 from pipeline.engine import autocast, evaluate, loss_function
-from pipeline.errors import PipelineError, describe
+from pipeline.errors import EXIT_INTERRUPTED, PipelineError, describe
 from pipeline.wandb_run import WandbUnavailable, new_run_id, open_run, resolve_mode
 
 CLASSES = 10
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return trained.EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED
     finally:
         dist.shutdown()
 

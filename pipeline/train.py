@@ -16,6 +16,7 @@ import traceback
 from pipeline import dist
 from pipeline.config import Config, help_text, load_config, validate_for_world
 from pipeline.errors import (
+    EXIT_INTERRUPTED,
     EXIT_UNEXPECTED,
     PipelineError,
     Preempted,
@@ -29,7 +30,6 @@ from pipeline.trainer import Trainer
 # under torchrun the first worker to exit ends the job, and the main rank's line must get out
 # first. A job that is being stopped ends the wait at once.
 REPORT_GRACE_S = 5.0
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -17,10 +17,8 @@ from pathlib import Path
 
 from pipeline import checkpoint
 from pipeline.config import Config
-from pipeline.errors import CheckpointError, PipelineError, describe
+from pipeline.errors import EXIT_INTERRUPTED, CheckpointError, PipelineError, describe
 from pipeline.model import LeNet
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 def warn(message: str) -> None:
