@@ -209,9 +209,26 @@ class TrackingConfig:
 @dataclass
 class DebugConfig:
     fail_rank: int = _opt(
-        -1, "test only: this rank exits at debug.fail_step on the first attempt (-1: never)"
+        -1,
+        "test only: this rank exits at debug.fail_step on the first attempt (-1, or a rank "
+        "outside the world, as after torchrun re-formed a smaller one: never)",
     )
-    fail_step: int = _opt(-1, "test only: the optimizer step at which debug.fail_rank exits")
+    fail_step: int = _opt(
+        -1,
+        "test only: the optimizer step at which debug.fail_rank exits (0: at the end of the run, "
+        "after the last checkpoint, before the ranks' final barrier)",
+    )
+    step_sleep_s: float = _opt(
+        0.0,
+        "test only: sleep this long after each optimizer step (a run slow enough for a test to "
+        "act on it while it trains)",
+        rule=NON_NEGATIVE,
+    )
+    fail_agent: bool = _opt(
+        False,
+        "test only: the failing rank first kills the torchrun agent that started it (SIGKILL), "
+        "as when its whole node dies",
+    )
 
 
 @dataclass
@@ -367,11 +384,6 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
             f"config key train.batch_size: {cfg.train.batch_size} cannot be split across "
             f"{world_size} rank(s) x {cfg.train.grad_accum} accumulation step(s); use a multiple "
             f"of {split}"
-        )
-    if cfg.debug.fail_rank >= world_size:
-        raise ConfigError(
-            f"config key debug.fail_rank: {cfg.debug.fail_rank} is not a rank of "
-            f"a world of {world_size}"
         )
 
 

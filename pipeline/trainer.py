@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -81,10 +82,14 @@ def header(
 
 
 def exit_if_fault_injected(debug: DebugConfig, rank: int, step: int) -> None:
-    """Test only: end this rank abruptly at `debug.fail_step`, on a job's first attempt."""
+    """Test only: end this rank abruptly at `debug.fail_step` (0: the end of the run), on a job's
+    first attempt; with `debug.fail_agent`, its torchrun agent first, as when a node dies."""
     if rank == debug.fail_rank and step == debug.fail_step and dist.restart_count() == 0:
-        sys.stderr.write(f"debug: rank {rank} exits at step {step} (debug.fail_rank/fail_step)\n")
+        what = "and its torchrun agent " if debug.fail_agent else ""
+        sys.stderr.write(f"debug: rank {rank} {what}exits at step {step} (debug.fail_*)\n")
         sys.stderr.flush()
+        if debug.fail_agent and "TORCHELASTIC_RUN_ID" in os.environ:
+            os.kill(os.getppid(), signal.SIGKILL)
         os._exit(17)
 
 
@@ -289,6 +294,12 @@ class Trainer:
                 "first_step_s": self.engine.first_step_s,
             }
         )
+        exit_if_fault_injected(cfg.debug, self.ctx.rank, 0)
+        # Every rank ends here together. A rank lost after its last collective would otherwise
+        # go unnoticed by the others, which exit 0 and leave their torchrun agents waiting for
+        # the lost one in the exit barrier (300 s); a failed barrier instead makes torchrun
+        # re-form the smaller world, which finds the run finished and ends at once.
+        dist.barrier(self.ctx)
 
     def train_epoch(self, stop: StopRequest) -> bool:
         """Train the rest of the current epoch; False when train.max_steps ended it early."""
@@ -310,6 +321,8 @@ class Trainer:
             s.global_step += 1
             self.pending += 1
             exit_if_fault_injected(cfg.debug, ctx.rank, s.global_step)
+            if cfg.debug.step_sleep_s:
+                time.sleep(cfg.debug.step_sleep_s)
             at_max = bool(max_steps and s.global_step >= max_steps)
             if (
                 s.global_step % cfg.train.log_every == 0
