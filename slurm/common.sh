@@ -7,6 +7,9 @@
 #       RUN_DIR      checkpoints and metrics (environment, default runs/<job name>-<job id>:
 #                    the job id survives a requeue, so a requeued job resumes in it)
 #       TRAIN        the training arguments: -m pipeline.train --config CONFIG ...
+#       TASKS        srun's task options for the nodes this run was given: --ntasks-per-node
+#                    on each of them (a requeued job may get fewer nodes than it had, while
+#                    srun's default, SLURM_NTASKS, keeps the count it was submitted with)
 #       MASTER_ADDR  the first node of the allocation
 #       MASTER_PORT  20000 + job id % 10000 unless set: two jobs on one node do not clash
 #     and puts the project on PYTHONPATH, so the job may run in another directory (--chdir).
@@ -63,6 +66,12 @@ lenet_setup() {
   # shellcheck disable=SC2034 # used by the batch scripts
   TRAIN=(-m pipeline.train --config "$1" "train.run_dir=$RUN_DIR" "${@:2}")
   export PYTHONPATH="$LENET_DIR${PYTHONPATH:+:$PYTHONPATH}"
+  TASKS=()
+  if [[ ${SLURM_NTASKS_PER_NODE:-} =~ ^[0-9]+$ ]]; then
+    # shellcheck disable=SC2034 # used by the batch scripts
+    TASKS=(--nodes="$SLURM_NNODES" --ntasks="$((SLURM_NNODES * SLURM_NTASKS_PER_NODE))"
+      --ntasks-per-node="$SLURM_NTASKS_PER_NODE")
+  fi
 
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
   MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
