@@ -76,8 +76,10 @@ def cases(device: str, n_gpus: int, quick: bool) -> list[Case]:
         out += [
             Case("pipeline cpu.yaml bf16 w1", "pipeline", cpu, 1, ["train.precision=bf16"]),
             Case("pipeline cpu.yaml compile w1", "pipeline", cpu, 1, ["train.compile=model"]),
-            # The default config on torch's ops only: what the fused conv kernels add.
+            # The default config on torch's ops only, and on the fused conv kernels only
+            # (train.fused_conv=auto picks one of the two by the CPU's vector instructions).
             Case("pipeline cpu.yaml torch-ops w1", "pipeline", cpu, 1, ["train.fused_conv=false"]),
+            Case("pipeline cpu.yaml fused w1", "pipeline", cpu, 1, ["train.fused_conv=true"]),
             Case("baseline fast_cpu.yaml w1", "baseline", fast, 1),
         ]
     return out + [

@@ -101,8 +101,8 @@ def _x_runs(r: dict) -> str:
 def headlines(records: list[dict]) -> list[str]:
     lines = []
     for r in records:
-        torch_ops = r["overrides"] == ["train.fused_conv=false"]
-        if r["speedup"] and r["config"].endswith("/cpu.yaml") and (torch_ops or not r["overrides"]):
+        conv_only = r["overrides"] in (["train.fused_conv=false"], ["train.fused_conv=true"])
+        if r["speedup"] and r["config"].endswith("/cpu.yaml") and (conv_only or not r["overrides"]):
             lines.append(
                 f"- {r['config']}, {r['world']} process(es), convs as {r.get('conv', '-')}: "
                 f"{r['images_per_s']:,.0f} img/s, {_x_runs(r)} the baseline's (both fp32 "

@@ -127,11 +127,13 @@ class TrainConfig:
         "torch.compile mode (reduce-overhead uses CUDA graphs)",
         ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     )
-    fused_conv: bool = _opt(
-        True,
+    fused_conv: str = _opt(
+        "auto",
         "CPU runs: each conv -> max-pool -> ReLU stage as one C++ kernel, built on first use "
         "(about 20 s, needs a C++ compiler) into torch's extension cache; torch's ops where it "
-        "cannot be built",
+        "cannot be built. auto: on CPUs with AVX-512, where they are faster than torch's ops "
+        "(on AVX2 they are slower)",
+        ("auto", "true", "false"),
     )
     reuse_host_memory: bool = _opt(
         True,
@@ -278,6 +280,10 @@ def _convert(key: str, f: dataclasses.Field, value: Any) -> Any:
     if kind == "str":
         if value is None or isinstance(value, (dict, list)):
             raise bad
+        if "true" in (f.metadata["choices"] or ()):  # a switch with a third setting (auto)
+            on = value if isinstance(value, bool) else _BOOLS.get(str(value).lower())
+            if on is not None:
+                return "true" if on else "false"  # also YAML's `key: off`, and `key=no`
         return str(value)
     if isinstance(value, str):
         # Command-line values arrive as text, and YAML reads 1e-3 (no dot) as text too.

@@ -175,7 +175,7 @@ class Engine:
         # every call; the values are those of the plain layout, up to rounding.
         model.to(memory_format=torch.channels_last)
         self.fused_conv = False
-        if cfg.train.fused_conv and self.device.type == "cpu":
+        if self.device.type == "cpu" and kernels.wanted(cfg.train.fused_conv):
             problem = kernels.load(info)
             if problem is None:
                 model.conv_pool_relu = kernels.conv_pool_relu

@@ -82,6 +82,18 @@ def test_bad_yaml_file_errors(tmp_path):
         load_config(tmp_path / "missing.yaml", [])
 
 
+def test_a_switch_with_an_auto_setting_reads_true_and_false_as_yaml_and_the_cli_write_them(
+    tmp_path,
+):
+    (tmp_path / "off.yaml").write_text("train:\n  fused_conv: off\n")
+    assert load_config(tmp_path / "off.yaml", []).train.fused_conv == "false"
+    for text, want in (("yes", "true"), ("0", "false"), ("auto", "auto"), ("False", "false")):
+        assert load_config(None, [f"train.fused_conv={text}"]).train.fused_conv == want
+    assert load_config(None, []).train.fused_conv == "auto"
+    with pytest.raises(ConfigError, match="choose one of: auto, true, false"):
+        load_config(None, ["train.fused_conv=maybe"])
+
+
 def test_batch_size_must_split_across_world_and_accumulation():
     cfg = load_config(None, ["train.batch_size=64", "train.grad_accum=2"])
     validate_for_world(cfg, 4)  # 64 = 4 ranks x 2 micro-steps x 8

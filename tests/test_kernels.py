@@ -166,9 +166,29 @@ def test_lenet_with_the_kernels_is_lenet():
     assert set(fused.state_dict()) == set(plain.state_dict())  # checkpoints are unchanged
 
 
+def test_auto_uses_them_where_torch_runs_avx512_only(monkeypatch):
+    for isa, want in (("AVX512", True), ("AVX2", False), ("DEFAULT", False)):
+        monkeypatch.setattr(kernels, "_isa", lambda isa=isa: isa)
+        assert kernels.wanted("auto") is want, isa
+        assert kernels.wanted("true") and not kernels.wanted("false")
+        assert kernels.wanted(True) and not kernels.wanted(False)  # older checkpoints' configs
+
+
+def test_auto_trains_on_torchs_ops_on_an_avx2_cpu(tiny_mnist, tmp_path):
+    """ATEN_CPU_CAPABILITY=avx2 makes torch (and so this machine) an AVX2 one."""
+    run_dir = f"train.run_dir={tmp_path / 'run'}"
+    env = {"ATEN_CPU_CAPABILITY": "avx2", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    proc = run_pipeline([*TINY_ARGS, f"data.root={tiny_mnist}", run_dir], env=env)
+    assert_ok(proc)
+    header = proc.stdout.splitlines()[0]
+    assert header.startswith("lenet-ddp ") and "fused conv kernels" not in header, header
+    assert not (tmp_path / "ext").exists()  # not even built
+
+
 def test_a_machine_that_cannot_build_them_trains_with_torchs_ops(tiny_mnist, tmp_path):
+    run_dir = f"train.run_dir={tmp_path / 'run'}"
     proc = run_pipeline(
-        [*TINY_ARGS, f"data.root={tiny_mnist}", f"train.run_dir={tmp_path / 'run'}"],
+        [*TINY_ARGS, f"data.root={tiny_mnist}", run_dir, "train.fused_conv=true"],
         env={"CXX": "/bin/false", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")},
     )
     assert_ok(proc)
