@@ -154,10 +154,17 @@ def _mnist_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def _survivor(codes: dict[str, int], lost: int = -signal.SIGKILL) -> str:
-    (survivor,) = [n for n, c in codes.items() if c == 0]
-    assert sorted(codes.values()) == sorted([0, lost]), codes
-    return survivor
+def _lose_a_node(tmp: Path, endpoint: str, args: list[str]) -> tuple[str, str]:
+    """Agents a and b run `args`, in which rank 1 loses its node (debug.fail_agent): the logs
+    of the agent that finished (exit 0) and of the one that was killed."""
+    with elastic_job(tmp, endpoint, args) as job:
+        job.start("a")
+        job.start("b")
+        codes = job.wait()
+        assert sorted(codes.values()) == [-signal.SIGKILL, 0], (codes, job.tail())
+        survivor = next(n for n, c in codes.items() if c == 0)
+        lost = next(n for n in codes if n != survivor)
+        return job.text(survivor), job.text(lost)
 
 
 def test_a_node_lost_mid_epoch_leaves_a_world_of_one_that_finishes(
@@ -176,13 +183,7 @@ def test_a_node_lost_mid_epoch_leaves_a_world_of_one_that_finishes(
         "debug.fail_step=250",
         "debug.fail_agent=true",
     )
-    with elastic_job(tmp_path, rendezvous, args) as job:
-        job.start("a")
-        job.start("b")
-        codes = job.wait()
-        survivor = _survivor(codes)
-        lost = next(n for n in codes if n != survivor)
-        log, lost_log = job.text(survivor), job.text(lost)
+    log, lost_log = _lose_a_node(tmp_path, rendezvous, args)
     assert "debug: rank 1 and its torchrun agent exits at step 250" in lost_log
     assert "world 2 (torchrun, gloo)" in log and "world 1 (torchrun, gloo)" in log
     assert "resumed from" in log and "(epoch 1, step 200/937, global step 200)" in log
@@ -211,14 +212,9 @@ def test_a_node_lost_after_the_last_checkpoint_does_not_hold_the_survivor(
         "debug.fail_step=0",
         "debug.fail_agent=true",
     ]
-    with elastic_job(tmp_path, rendezvous, args) as job:
-        job.start("a")
-        job.start("b")
-        started = time.monotonic()
-        codes = job.wait()
-        elapsed = time.monotonic() - started
-        survivor = _survivor(codes)
-        log = job.text(survivor)
+    started = time.monotonic()
+    log, _ = _lose_a_node(tmp_path, rendezvous, args)
+    elapsed = time.monotonic() - started
     assert "lost contact with a peer rank" in log  # the final barrier noticed the loss
     assert "nothing to do: the run in" in log and "world 1 (torchrun, gloo)" in log
     waits = _exit_barrier_waits(log)

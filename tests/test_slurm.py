@@ -174,6 +174,18 @@ class Cluster:
             time.sleep(0.25)
 
 
+def warn_when_training(cluster: Cluster, job: Job) -> None:
+    """Once the job logged its first steps, send it what `#SBATCH --signal=B:USR1@120` sends
+    before the time limit, without the wait."""
+    steps = job.run_dir / "steps.jsonl"  # its first record (step 10): training is under way
+    deadline = time.monotonic() + 180
+    while not (steps.exists() and steps.stat().st_size):
+        assert job.show().get("JobState") in ("PENDING", "RUNNING"), job.why()
+        assert time.monotonic() < deadline, job.why()
+        time.sleep(0.05)
+    cluster.run("scancel", "--signal=USR1", "--batch", job.id)
+
+
 @pytest.fixture(scope="session")
 def cluster():
     if sys.platform != "linux" or not shutil.which("bash"):
@@ -268,14 +280,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(
 ):
     cluster.up(1)
     job = cluster.submit(script, sizes, tmp_path, mnist_root)
-    steps = job.run_dir / "steps.jsonl"  # its first record (step 10): training is under way
-    deadline = time.monotonic() + 180
-    while not (steps.exists() and steps.stat().st_size):
-        assert job.show().get("JobState") in ("PENDING", "RUNNING"), job.why()
-        assert time.monotonic() < deadline, job.why()
-        time.sleep(0.05)
-    # What `#SBATCH --signal=B:USR1@120` sends before the time limit, without the wait.
-    cluster.run("scancel", "--signal=USR1", "--batch", job.id)
+    warn_when_training(cluster, job)
     cluster.wait(job, hurry_requeue=True)
 
     info, log = job.show(), job.log
@@ -350,14 +355,7 @@ def test_warning_signal_without_requeue_checkpoints_and_exits_75(cluster, mnist_
     cluster.up(1)
     sizes = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"]
     job = cluster.submit("ddp_srun.sbatch", ["--no-requeue", *sizes], tmp_path, mnist_root)
-    steps = job.run_dir / "steps.jsonl"  # its first record (step 10): training is under way
-    deadline = time.monotonic() + 180
-    while not (steps.exists() and steps.stat().st_size):
-        assert job.show().get("JobState") in ("PENDING", "RUNNING"), job.why()
-        assert time.monotonic() < deadline, job.why()
-        time.sleep(0.05)
-    # What `#SBATCH --signal=B:USR1@120` sends before the time limit, without the wait.
-    cluster.run("scancel", "--signal=USR1", "--batch", job.id)
+    warn_when_training(cluster, job)
     cluster.wait(job)
 
     info, log = job.show(), job.log
@@ -376,15 +374,7 @@ def test_warning_signal_without_requeue_checkpoints_and_exits_75(cluster, mnist_
 
 
 @pytest.mark.parametrize(
-    "script, sizes",
-    [
-        (
-            "ddp_srun.sbatch",
-            ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"],
-        ),
-        ("ddp_torchrun.sbatch", ["--nodes=2", "--gpus-per-node=1", "--cpus-per-task=1"]),
-    ],
-    ids=["srun", "torchrun"],
+    "script, sizes", [TWO_NODES["srun"], TWO_NODES["torchrun"]], ids=["srun", "torchrun"]
 )
 def test_a_job_requeued_from_two_nodes_continues_on_one(
     cluster, baseline, mnist_root, tmp_path, script, sizes
@@ -394,15 +384,10 @@ def test_a_job_requeued_from_two_nodes_continues_on_one(
     where the uninterrupted 2-rank run does, up to the order of float sums."""
     cluster.up(2)
     job = cluster.submit(script, sizes, tmp_path, mnist_root)
-    steps = job.run_dir / "steps.jsonl"  # its first record (step 10): training is under way
-    deadline = time.monotonic() + 180
-    while not (steps.exists() and steps.stat().st_size):
-        assert job.show().get("JobState") in ("PENDING", "RUNNING"), job.why()
-        assert time.monotonic() < deadline, job.why()
-        time.sleep(0.05)
-    cluster.run("scancel", "--signal=USR1", "--batch", job.id)
-    while not (job.show().get("Restarts") == "1" and job.show().get("JobState") == "PENDING"):
-        assert job.show().get("JobState") in ("RUNNING", "COMPLETING", "PENDING"), job.why()
+    warn_when_training(cluster, job)
+    deadline = time.monotonic() + 120
+    while (info := job.show()).get("Restarts") != "1" or info.get("JobState") != "PENDING":
+        assert info.get("JobState") in ("RUNNING", "COMPLETING", "PENDING"), job.why()
         assert time.monotonic() < deadline, job.why()
         time.sleep(0.1)
     cluster.run("scontrol", "update", f"JobId={job.id}", "NumNodes=1", "NumTasks=1", "NumCPUs=1")
