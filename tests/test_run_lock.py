@@ -37,15 +37,25 @@ def holder(tiny_mnist, tmp_path):
 
 def test_a_second_job_on_the_same_run_dir_stops_at_once_naming_the_holder(tiny_mnist, holder):
     run_dir, proc = holder
-    before = sorted(p.name for p in run_dir.iterdir())
-    second = run_pipeline(_args(tiny_mnist, run_dir, "train.max_steps=1"), timeout=120)
+    # The holder paused (it keeps its lock), so that the directory changes only if the second
+    # job changes it.
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        before = _listing(run_dir)
+        second = run_pipeline(_args(tiny_mnist, run_dir, "train.max_steps=1"), timeout=120)
+        after = _listing(run_dir)
+    finally:
+        proc.send_signal(signal.SIGCONT)
     assert second.returncode == EXIT_RUN_DIR, second.stderr[-2000:]
     (line,) = second.stderr.strip().splitlines()
     assert line.startswith("error: run directory") and f"pid {proc.pid}" in line
     assert "torchrun run a" in line and "train.run_dir" in line
+    assert after == before  # the second job wrote, replaced and removed nothing there
     assert proc.poll() is None  # the holder trains on
-    # The second job wrote nothing there (the holder may have added its own files meanwhile).
-    assert set(before) <= {p.name for p in run_dir.iterdir()}
+
+
+def _listing(run_dir) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.iterdir()}
 
 
 def test_a_dead_holders_lock_is_taken_over_with_a_line(tiny_mnist, holder):
