@@ -342,7 +342,11 @@ class Trainer:
                 save = save or due
             if save:
                 self.report_steps()
+                # The checkpoint holds the epoch's train time so far, with its images: a run
+                # resumed from it reports the whole epoch's speed. The save itself is not counted.
+                s.epoch_time += time.perf_counter() - epoch_started
                 self.save()
+                epoch_started = time.perf_counter()
         s.epoch_time += time.perf_counter() - epoch_started
         return not at_max
 

@@ -202,6 +202,16 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_mnist, tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_checkpoint_within_an_epoch_holds_the_epochs_train_time_so_far(tiny_mnist, tmp_path):
+    """With the epoch's images so far: a run resumed from it reports the epoch's speed over
+    the whole epoch, not the epoch's images over the resumed part's time."""
+    run_dir = tmp_path / "run"
+    assert_ok(run_pipeline(_tiny(tiny_mnist, run_dir, "train.max_steps=12")))
+    at4, at8 = (checkpoint.load(run_dir / checkpoint.checkpoint_name(n)) for n in (4, 8))
+    assert (at4["epoch_micro_steps"], at8["epoch_micro_steps"]) == (4, 8)
+    assert 0 < at4["epoch_time"] < at8["epoch_time"], (at4["epoch_time"], at8["epoch_time"])
+
+
 def test_a_run_resumes_from_a_checkpoint_of_the_earlier_format(tiny_mnist, tmp_path):
     run_dir = tmp_path / "run"
     assert_ok(run_pipeline(_tiny(tiny_mnist, run_dir, "train.max_steps=4")))
