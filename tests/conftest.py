@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -65,6 +66,21 @@ def tiny_mnist(tmp_path_factory) -> Path:
     return write_tiny_mnist(tmp_path_factory.mktemp("tiny-mnist"))
 
 
+def child_env(extra: dict | None = None) -> dict:
+    """The environment of a process a test starts: this one's, unbuffered output, one thread
+    per process, W&B off unless `extra` or the caller's environment says otherwise."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(extra or {})}
+    env.setdefault("WANDB_MODE", "disabled")
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch_cmd(nproc: int, args: list[str]) -> list[str]:
     """`python -m pipeline.train ARGS`, under torchrun (standalone, free port) when nproc > 1."""
     if nproc == 1:
@@ -92,10 +108,8 @@ def run_pipeline(
     cmd = launch_cmd(nproc, args)
     if extra_launcher_args:
         cmd = cmd[:3] + list(extra_launcher_args) + cmd[3:]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    full_env.setdefault("WANDB_MODE", "disabled")
     return subprocess.run(
-        cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+        cmd, cwd=REPO, env=child_env(env), capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -153,11 +167,9 @@ def max_diff(a: dict, b: dict) -> float:
 def background_training(args: list[str], log: Path, env: dict | None = None, **popen):
     """`python -m pipeline.train ARGS` running in the background, its output (stdout and
     stderr) in the file `log`; killed on leaving the block if it is still running."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    full_env.setdefault("WANDB_MODE", "disabled")
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            launch_cmd(1, args), cwd=REPO, env=full_env, stdout=out, stderr=out, **popen
+            launch_cmd(1, args), cwd=REPO, env=child_env(env), stdout=out, stderr=out, **popen
         )
     try:
         yield proc

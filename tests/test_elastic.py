@@ -10,7 +10,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_ARGS, read_jsonl, wait_for_steps
+from conftest import REPO, TINY_ARGS, child_env, free_port, read_jsonl, wait_for_steps
 
 # Short rendezvous timings for one machine (the README gives cluster values): a lost node is
 # noticed after 3 missed heartbeats of 2 s, and a round closes 3 s after its last join.
@@ -29,18 +28,9 @@ AGENT_ENV = {
     # does not publish it again): a restart on join needs this.
     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
     "LOGLEVEL": "INFO",  # the agents' log says how long each waited in the exit barrier
-    "PYTHONUNBUFFERED": "1",
-    "OMP_NUM_THREADS": "1",
-    "WANDB_MODE": "disabled",
 }
 EXIT_BARRIER = re.compile(r"Done waiting for other agents\. Elapsed: ([0-9.]+) seconds")
 AGENT_TIMEOUT = 420  # seconds for a whole job; the exit barrier alone would take 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -48,7 +38,7 @@ def rendezvous(tmp_path):
     """A c10d rendezvous store on 127.0.0.1 that outlives either agent (as on a cluster where
     the endpoint's host stays up), so that the test may take down any node: the endpoint for
     `--rdzv-endpoint`, the agents join it with `is_host=false`."""
-    port = _free_port()
+    port = free_port()
     code = (
         "import sys, time, torch.distributed as d\n"
         "s = d.TCPStore('127.0.0.1', int(sys.argv[1]), is_master=True, wait_for_workers=False)\n"
@@ -93,7 +83,7 @@ class Agents:
         ]
         with open(self.log(name), "w") as out:
             self.procs[name] = subprocess.Popen(
-                cmd, cwd=REPO, env={**os.environ, **AGENT_ENV}, stdout=out, stderr=out
+                cmd, cwd=REPO, env=child_env(AGENT_ENV), stdout=out, stderr=out
             )
         return self.procs[name]
 

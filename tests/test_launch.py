@@ -13,18 +13,17 @@ import torch
 
 from pipeline.train import parse_args
 
-from conftest import REPO, TINY_ARGS, assert_ok
+from conftest import REPO, TINY_ARGS, assert_ok, child_env
 
 
 def launch(script: str, args: list[str], nproc: int | None = None) -> subprocess.CompletedProcess:
     """Run launch/`script` ARGS from another directory, with this interpreter as $PYTHON."""
-    env = {
-        **os.environ,
-        "PYTHON": sys.executable,
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-    }
+    env = child_env(
+        {
+            "PYTHON": sys.executable,
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        }
+    )
     env.pop("NPROC", None)
     if nproc is not None:
         env["NPROC"] = str(nproc)

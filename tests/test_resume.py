@@ -1,8 +1,6 @@
 """Exact resume and surviving faults, on real processes (gloo on CPU)."""
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ import torch
 from pipeline import checkpoint
 from pipeline.errors import EXIT_DISTRIBUTED, EXIT_NONFINITE, EXIT_PREEMPTED
 
-from conftest import REPO, TINY_ARGS, assert_ok, final_model, run_pipeline
+from conftest import REPO, TINY_ARGS, assert_ok, child_env, final_model, free_port, run_pipeline
 
 
 def _args(tiny_mnist, run_dir, *extra):
@@ -70,12 +68,6 @@ def test_rank_killed_under_torchrun_restarts_and_resumes(tiny_mnist, tmp_path):
     _assert_same(straight, faulty)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def _ranks(args, logs: Path, world=2) -> Iterator[list[subprocess.Popen]]:
     """Start `world` training processes the way srun or torchrun's workers see the world.
@@ -85,7 +77,7 @@ def _ranks(args, logs: Path, world=2) -> Iterator[list[subprocess.Popen]]:
     ends, by an assertion or a timeout, are killed.
     """
     logs.mkdir(parents=True, exist_ok=True)
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     try:
         for rank in range(world):
@@ -99,17 +91,16 @@ def _ranks(args, logs: Path, world=2) -> Iterator[list[subprocess.Popen]]:
 
 
 def _start_rank(args, rank: int, world: int, port: str, logs: Path) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "RANK": str(rank),
-        "LOCAL_RANK": str(rank),
-        "WORLD_SIZE": str(world),
-        "LOCAL_WORLD_SIZE": str(world),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": port,
-        "OMP_NUM_THREADS": "1",
-        "WANDB_MODE": "disabled",
-    }
+    env = child_env(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+    )
     # The child keeps its own copies of the descriptors; ours are closed on leaving the block.
     with open(logs / f"rank{rank}.out", "w") as out, open(logs / f"rank{rank}.err", "w") as err:
         return subprocess.Popen(
