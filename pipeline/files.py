@@ -1,0 +1,98 @@
+"""Files the pipeline writes and reads: atomic writes, JSON lines, integer environment variables.
+
+`write_atomic` is the one way the project replaces a file: a temporary file in the same
+directory (created with the mode the umask gives new files, not tempfile's 0600), flushed and
+fsynced, renamed over the target, then the directory fsynced, so that a reader (or a process
+killed mid-write) sees the old file or the whole new one, and the new name survives a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (where the OS allows opening a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename itself is done
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | str | Callable[[IO[bytes]], Any]) -> Path:
+    """Replace `path` with `data` (bytes, text, or a function that writes to a binary file),
+    so that readers see the old file or the complete new one. Creates the parent directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file, in order; a missing file has none, and a line that
+    does not parse as an object (one cut short by a kill) is skipped."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Add one record as a line to a JSON-lines file."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def rewrite_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Keep only the records of a JSON-lines file that `keep` accepts (atomically)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if keep(r))
+    write_atomic(path, kept)
+
+
+def env_int(name: str, default: int, env: dict | None = None) -> int:
+    """An integer environment variable; `default` where it is unset or empty. A value that is
+    not an integer raises ValueError naming the variable."""
+    value = (os.environ if env is None else env).get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
