@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
+import logging
 import random
 import re
 import subprocess
@@ -27,7 +27,10 @@ import torch
 
 from pipeline.config import Config, to_dict
 from pipeline.dist import DistContext, broadcast_object, gather_to_main
-from pipeline.errors import CheckpointError, describe
+from pipeline.errors import CheckpointError, PeerFailed, describe
+from pipeline.files import write_atomic
+
+log = logging.getLogger(__name__)
 
 DIGEST_RECORD = "lenet-ddp.sha256"  # in the archive's folder, beside torch's own records
 LEGACY_MAGIC = b"LENET-DDP-CKPT-1\n"  # the earlier format: header, SHA-256, payload
@@ -54,28 +57,6 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [p for p in run_dir.iterdir() if _NAME.match(p.name)]
     return sorted(found, key=lambda p: p.name, reverse=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _records_digest(archive: zipfile.ZipFile, skip: zipfile.ZipInfo | None) -> str:
@@ -174,7 +155,7 @@ def parse(blob: bytes, path: Path) -> dict:
     return state
 
 
-def newest_valid(run_dir: Path, warn: Callable[[str], None]) -> Path | None:
+def newest_valid(run_dir: Path) -> Path | None:
     """The newest checkpoint in `run_dir` that verifies; each bad newer one is reported."""
     found = list_checkpoints(run_dir)
     for path in found:
@@ -182,7 +163,7 @@ def newest_valid(run_dir: Path, warn: Callable[[str], None]) -> Path | None:
             load(path)
             return path
         except CheckpointError as e:
-            warn(f"{e}; falling back to the previous checkpoint")
+            log.warning(f"{e}; falling back to the previous checkpoint")
     if found:
         raise CheckpointError(
             f"none of the {len(found)} checkpoint(s) in {run_dir} is valid; move them away to "
@@ -227,10 +208,10 @@ def check_compatible(
         )
 
 
-def choose(run_dir: Path, resume: str, warn: Callable[[str], None]) -> Path | None:
+def choose(run_dir: Path, resume: str) -> Path | None:
     """Which checkpoint `train.resume` names (None: start fresh); CheckpointError if none fits."""
     if resume == "auto":
-        return newest_valid(run_dir, warn)
+        return newest_valid(run_dir)
     if resume == "none":
         if list_checkpoints(run_dir):
             raise CheckpointError(
@@ -305,7 +286,7 @@ def load_on_main(
             found = CheckpointError(f"cannot read checkpoint {path}: {e.strerror}")
     found = broadcast_object(ctx, found)
     if isinstance(found, CheckpointError):
-        raise found
+        raise found if ctx.is_main else PeerFailed(found.exit_code)
     if found is None:
         return None, None
     path, blob = found
@@ -313,7 +294,7 @@ def load_on_main(
 
 
 def load_for_resume(
-    run_dir: Path, resume: str, ctx: DistContext, warn: Callable[[str], None]
+    run_dir: Path, resume: str, ctx: DistContext
 ) -> tuple[Path | None, dict | None]:
     """The checkpoint to resume from, and its state, on every rank (None, None: start fresh)."""
-    return load_on_main(ctx, lambda: choose(run_dir, resume, warn))
+    return load_on_main(ctx, lambda: choose(run_dir, resume))

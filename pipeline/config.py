@@ -9,6 +9,7 @@ the key and what is allowed. `help_text` renders all keys for `--help`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -209,31 +210,6 @@ class TrackingConfig:
 
 
 @dataclass
-class DebugConfig:
-    fail_rank: int = _opt(
-        -1,
-        "test only: this rank exits at debug.fail_step on the first attempt (-1, or a rank "
-        "outside the world, as after torchrun re-formed a smaller one: never)",
-    )
-    fail_step: int = _opt(
-        -1,
-        "test only: the optimizer step at which debug.fail_rank exits (0: at the end of the run, "
-        "after the last checkpoint, before the ranks' final barrier)",
-    )
-    step_sleep_s: float = _opt(
-        0.0,
-        "test only: sleep this long after each optimizer step (a run slow enough for a test to "
-        "act on it while it trains)",
-        rule=NON_NEGATIVE,
-    )
-    fail_agent: bool = _opt(
-        False,
-        "test only: the failing rank first kills the torchrun agent that started it (SIGKILL), "
-        "as when its whole node dies",
-    )
-
-
-@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -242,7 +218,6 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 def _sections() -> dict[str, type]:
@@ -317,23 +292,40 @@ def _check(key: str, f: dataclasses.Field, value: Any) -> None:
 
 
 def _unknown(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
     return ConfigError(
-        f"unknown config key {key}; known keys in this place: {', '.join(known)} (see --help)"
+        f"unknown config key {key}; {hint}known keys in this place: {', '.join(known)} (see --help)"
     )
 
 
-def _build(raw: dict[str, dict[str, Any]]) -> Config:
+def _build(raw: dict[str, dict[str, Any]], known_only: bool = False) -> Config:
+    """The typed config of `raw`, every value converted and checked; with `known_only`, keys
+    and sections this version does not have are left out instead of refused."""
     sections = {}
     for name, cls in _sections().items():
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
         for key, value in raw.get(name, {}).items():
             if key not in fields:
+                if known_only:
+                    continue
                 raise _unknown(f"{name}.{key}", [f"{name}.{k}" for k in fields])
             values[key] = _convert(f"{name}.{key}", fields[key], value)
             _check(f"{name}.{key}", fields[key], values[key])
         sections[name] = cls(**values)
     return Config(**sections)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """The config saved with a run (a checkpoint's, a config.yaml's) as a typed Config, through
+    the same conversion and checks as a YAML file. Keys of other versions of the project are
+    left out; those they lack get their defaults."""
+    if not isinstance(raw, dict):
+        raise ConfigError("a saved config must be a mapping of sections")
+    sections = {k: v for k, v in raw.items() if k in _sections() and isinstance(v, dict)}
+    typed = {k: {str(key): v for key, v in vals.items()} for k, vals in sections.items()}
+    return _build(typed, known_only=True)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -382,8 +374,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return _build(raw)
 
 
-def validate_for_world(cfg: Config, world_size: int) -> None:
-    """Checks that need the world size; run before any process group starts."""
+def validate_for_world(cfg: Config, world_size: int, device_type: str = "cpu") -> None:
+    """Checks that need the world size or the kind of device; run before any process group
+    starts."""
+    if cfg.train.precision == "fp16" and device_type != "cuda":
+        raise ConfigError(
+            f"config key train.precision: fp16 needs a CUDA device (it trains with a gradient "
+            f"scaler) but this run is on {device_type}; use train.precision=bf16 or fp32"
+        )
     split = world_size * cfg.train.grad_accum
     if cfg.train.batch_size % split:
         raise ConfigError(

@@ -22,9 +22,11 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import DistConfig
-from pipeline.errors import DistributedError, PipelineError, describe
+from pipeline.errors import DistributedError, PeerFailed, PipelineError, describe
+from pipeline.files import env_int
 
 T = TypeVar("T")
+_timeout_s: float | None = None  # dist.timeout_s of the group `init` started, for messages
 
 
 @dataclass
@@ -48,22 +50,11 @@ class DistContext:
         return self.local_rank == 0
 
 
-class PeerFailed(PipelineError):
-    """A peer rank failed and reported it; this rank ends quietly with the same exit code."""
-
-    def __init__(self, exit_code: int):
-        super().__init__(f"a peer rank failed (exit code {exit_code})")
-        self.exit_code = exit_code
-
-
-def _int_env(env: dict, name: str) -> int:
+def _int_env(env: dict, name: str, default: int = 0) -> int:
     try:
-        return int(env[name])
+        return env_int(name, default, env)
     except ValueError as e:
-        raise DistributedError(
-            f"environment variable {name}={env[name]!r} is not an integer; "
-            "check how the job was launched"
-        ) from e
+        raise DistributedError(f"{e}; check how the job was launched") from None
 
 
 def detect(env: dict | None = None) -> DistContext:
@@ -72,10 +63,10 @@ def detect(env: dict | None = None) -> DistContext:
     if "RANK" in env and "WORLD_SIZE" in env:
         ctx = DistContext(
             rank=_int_env(env, "RANK"),
-            local_rank=_int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
-            world_size=_int_env(env, "WORLD_SIZE"),
-            local_world_size=_int_env(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else 1,
-            node_rank=_int_env(env, "GROUP_RANK") if "GROUP_RANK" in env else 0,
+            local_rank=_int_env(env, "LOCAL_RANK"),
+            world_size=_int_env(env, "WORLD_SIZE", 1),
+            local_world_size=_int_env(env, "LOCAL_WORLD_SIZE", 1),
+            node_rank=_int_env(env, "GROUP_RANK"),
             launcher="torchrun",
         )
     else:
@@ -92,6 +83,13 @@ def detect(env: dict | None = None) -> DistContext:
             "launcher's settings"
         )
     return ctx
+
+
+def device_type(cfg: DistConfig) -> str:
+    """ "cuda" or "cpu": the kind of device `init` will give this config, known before it runs."""
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    return "cuda"
 
 
 def _choose_device(ctx: DistContext, want: str) -> torch.device:
@@ -111,22 +109,6 @@ def _choose_device(ctx: DistContext, want: str) -> torch.device:
     return torch.device("cuda", ctx.local_rank)
 
 
-def env_rank() -> int:
-    """This process's rank as the launcher's environment gives it (0 without a launcher): who
-    reports an error met before `detect` could build a context."""
-    for name in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
-
-
-def env_world_size() -> int:
-    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 1
-
-
 def init(ctx: DistContext, cfg: DistConfig) -> DistContext:
     """Pick the device and backend, and start the process group (world of one included)."""
     ctx.device = _choose_device(ctx, cfg.device)
@@ -139,6 +121,8 @@ def init(ctx: DistContext, cfg: DistConfig) -> DistContext:
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
     timeout = timedelta(seconds=timeout_s)
+    global _timeout_s
+    _timeout_s = timeout_s
     kwargs = {"device_id": ctx.device} if ctx.backend == "nccl" else {}
     if ctx.launcher == "single":
         # No launcher: an in-process store, no port to pick or clash over.
@@ -229,8 +213,9 @@ def leader_then_all(
 ) -> T:
     """Run `leader_fn` on each node's local rank 0, then `all_fn` everywhere.
 
-    A failure in a leader is raised there (and reported there); the other ranks end quietly
-    with the same exit code instead of each printing their own error or waiting forever.
+    A failure in a leader is raised there (and reported there); the other ranks raise
+    `PeerFailed` with the same exit code instead of each printing their own error or waiting
+    forever.
     """
     error: BaseException | None = None
     if ctx.is_local_leader:
@@ -241,7 +226,6 @@ def leader_then_all(
     code = torch.tensor([error.exit_code if error else 0], dtype=torch.int32)
     dist.all_reduce(code, op=dist.ReduceOp.MAX, group=ctx.control_group)
     if error is not None:
-        error.report_here = True  # type: ignore[attr-defined]
         raise error
     if code.item():
         raise PeerFailed(int(code.item()))
@@ -272,11 +256,17 @@ def on_main(ctx: DistContext, fn: Callable[[], T]) -> T | None:
     return result
 
 
+def raise_on_main(ctx: DistContext, error: PipelineError) -> None:
+    """Raise an error every rank knows alike (from values they agreed on) once: `error` on rank
+    0, which reports it, and `PeerFailed` with its exit code on the others."""
+    raise error if ctx.is_main else PeerFailed(error.exit_code)
+
+
 def barrier(ctx: DistContext) -> None:
     dist.barrier(group=ctx.control_group)
 
 
-def collective_failure(e: BaseException, timeout_s: float) -> DistributedError | None:
+def collective_failure(e: BaseException, timeout_s: float | None = None) -> DistributedError | None:
     """What a failed collective means for a person, or None when `e` is not one.
 
     torch raises a DistError subclass for most of these, but gloo's lost peers and some
@@ -287,13 +277,15 @@ def collective_failure(e: BaseException, timeout_s: float) -> DistributedError |
     if not isinstance(e, dist.DistError) and not any(k in text for k in markers):
         return None
     if "timed out" in text or "timeout" in text:
+        timeout_s = timeout_s or _timeout_s
+        limit = f"dist.timeout_s={timeout_s:g} s" if timeout_s else "dist.timeout_s"
         return DistributedError(
-            f"a collective waited more than dist.timeout_s={timeout_s:g} s "
-            f"for a peer rank that stopped responding ({describe(e)})"
+            f"a collective waited more than {limit} for a peer rank that stopped responding "
+            f"({describe(e)})"
         )
     return DistributedError(f"lost contact with a peer rank ({describe(e)}); see that rank's error")
 
 
 def restart_count() -> int:
     """How many times torchrun restarted this worker group (0 on the first attempt)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    return _int_env(os.environ, "TORCHELASTIC_RESTART_COUNT")

@@ -22,8 +22,8 @@ Speed options (`train.*`):
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-import sys
 import time
 from collections.abc import Callable
 
@@ -36,6 +36,8 @@ from pipeline import kernels
 from pipeline.config import Config, OptimConfig
 from pipeline.dist import DistContext, all_reduce_sum
 from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Optimizers with a fused (one kernel for all parameters) implementation on these devices.
@@ -50,6 +52,26 @@ def check_precision(precision: str, device: torch.device) -> None:
             f"config key train.precision: fp16 needs a CUDA device (it trains with a gradient "
             f"scaler) but this run is on {device.type}; use train.precision=bf16 or fp32"
         )
+
+
+def place_model(model: nn.Module, cfg: Config, device: torch.device) -> tuple[bool, str]:
+    """Put `model` on `device` as training runs it: channels-last, and on CPU the fused conv
+    kernels where `train.fused_conv` asks for them and they can be loaded. Training, evaluation
+    and the benchmark all prepare their model here. Returns whether the kernels run, and the
+    conv path in words (for the run's header)."""
+    # NHWC convolutions: oneDNN (CPU) and cuDNN run them without reordering the tensors on
+    # every call; the values are those of the plain layout, up to rounding.
+    model.to(device, memory_format=torch.channels_last)
+    if device.type != "cpu":
+        return False, ""
+    if not kernels.wanted(cfg.train.fused_conv):
+        return False, "torch's conv ops"
+    problem = kernels.load(log.info)
+    if problem is not None:
+        log.warning(f"the fused conv kernels are not available, using torch's ops: {problem}")
+        return False, "torch's conv ops"
+    model.conv_pool_relu = kernels.conv_pool_relu
+    return True, "fused conv kernels"
 
 
 def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -164,24 +186,12 @@ class Engine:
         ctx: DistContext,
         steps_per_epoch: int,
         total_steps: int,
-        info: Callable[[str], None] = lambda _: None,
-        warn: Callable[[str], None] = lambda m: print(f"warning: {m}", file=sys.stderr),
     ):
         self.model, self.ctx, self.cfg = model, ctx, cfg
         self.device = ctx.device
         self.precision = cfg.train.precision
         check_precision(self.precision, self.device)
-        # NHWC convolutions: oneDNN (CPU) and cuDNN run them without reordering the tensors on
-        # every call; the values are those of the plain layout, up to rounding.
-        model.to(memory_format=torch.channels_last)
-        self.fused_conv = False
-        if self.device.type == "cpu" and kernels.wanted(cfg.train.fused_conv):
-            problem = kernels.load(info)
-            if problem is None:
-                model.conv_pool_relu = kernels.conv_pool_relu
-                self.fused_conv = True
-            else:
-                warn(f"the fused conv kernels are not available, using torch's ops: {problem}")
+        self.fused_conv, self.conv_path = place_model(model, cfg, self.device)
         # A world of one trains the plain model: DDP would all-reduce every gradient bucket with
         # no peer, a cost on each step for nothing.
         self.ddp = model

@@ -1,7 +1,7 @@
 """Errors meant for people, and the exit codes the pipeline ends with.
 
-Each error carries the process exit code it maps to, so `pipeline.train.main` can turn any of
-them into one line on stderr and a documented, non-zero exit status.
+Each error carries the process exit code it maps to, so that `pipeline.cli.run` turns any of
+them into one line on stderr and a documented, non-zero exit status, the same for every command.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ EXIT_DATA = 3
 EXIT_CHECKPOINT = 4
 EXIT_NONFINITE = 5
 EXIT_DISTRIBUTED = 6
-EXIT_RUN_DIR = 7  # the run directory is in use by another job, or cannot be written
+EXIT_RUN_DIR = 7  # the run directory is in use, or an output cannot be written
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved; run the same command again to resume.
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
@@ -58,7 +58,18 @@ class RunDirError(PipelineError):
     exit_code = EXIT_RUN_DIR
 
 
-class Preempted(Exception):
-    """Raised after the preemption checkpoint was written; ends the run with EXIT_PREEMPTED."""
+class PeerFailed(PipelineError):
+    """A peer rank failed and reports it; this rank ends quietly with the same exit code."""
 
-    exit_code = EXIT_PREEMPTED
+    def __init__(self, exit_code: int):
+        super().__init__(f"a peer rank failed (exit code {exit_code})")
+        self.exit_code = exit_code
+
+
+class Stopped(Exception):
+    """Raised once a stop signal's checkpoint is written: ends the run with EXIT_PREEMPTED
+    (SIGTERM, train.preempt_signal) or EXIT_INTERRUPTED (Ctrl-C). The run already said so."""
+
+    def __init__(self, exit_code: int = EXIT_PREEMPTED):
+        super().__init__(f"stopped after saving a checkpoint (exit code {exit_code})")
+        self.exit_code = exit_code

@@ -54,7 +54,8 @@ def setup(rank: int = 0, verbosity: int = 0) -> None:
         level = logging.DEBUG if verbosity > 0 else logging.WARNING
         logger.addHandler(_Handler(f"[rank {rank}] "))
     logger.setLevel(level)
-    logger.propagate = False
+    # Records still reach the root logger's handlers, if a program embedding the pipeline (or
+    # pytest) set any; a command has none, and lines are printed once, by the handler above.
 
 
 def warn_once(logger: logging.Logger, message: str) -> None:

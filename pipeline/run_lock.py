@@ -11,15 +11,19 @@ its own lock again.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
 from pipeline.errors import RunDirError, describe
+from pipeline.files import write_atomic
+
+log = logging.getLogger(__name__)
 
 LOCK, OWNER = "run.lock", "run.lock.owner"
 
@@ -60,9 +64,19 @@ def _read_owner(run_dir: Path) -> dict | None:
         return None
 
 
-def acquire(run_dir: Path, info: Callable[[str], None]) -> FileLock:
+@dataclass
+class Held:
+    """A run directory's lock, held; `created`: the directory did not exist before."""
+
+    run_dir: Path
+    lock: FileLock
+    created: bool
+
+
+def acquire(run_dir: Path) -> Held:
     """Take the run directory's lock (creating the directory), or raise RunDirError naming the
-    holder. The caller keeps the returned lock for the whole run."""
+    holder. The caller keeps it for the whole run, and gives it to `release` at the end."""
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = FileLock(run_dir / LOCK, timeout=0)
@@ -80,23 +94,33 @@ def acquire(run_dir: Path, info: Callable[[str], None]) -> FileLock:
         ) from e
     me, previous = identity(), _read_owner(run_dir)
     if previous and not same_job(previous, me):
-        info(f"took over the lock of {run_dir}: its holder ({describe_holder(previous)}) is gone")
+        log.info(
+            f"took over the lock of {run_dir}: its holder ({describe_holder(previous)}) is gone"
+        )
     try:
-        tmp = run_dir / f".{OWNER}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(me))
-        os.replace(tmp, run_dir / OWNER)
+        write_atomic(run_dir / OWNER, json.dumps(me))
     except OSError as e:
         lock.release()
         raise RunDirError(
             f"cannot write in run directory {run_dir}: {describe(e)}; free space or choose "
             "another train.run_dir"
         ) from e
-    return lock
+    return Held(run_dir, lock, created)
 
 
-def release(run_dir: Path, lock: FileLock | None) -> None:
+def release(held: Held | None) -> None:
     """Give the lock back at the end of the run, whatever the end; only a holder that died
-    leaves its owner file behind."""
-    if lock is not None and lock.is_locked:
-        (run_dir / OWNER).unlink(missing_ok=True)
-        lock.release()
+    leaves its owner file behind. A directory this run created and left empty (a start that
+    failed before writing anything) is removed."""
+    if held is None or not held.lock.is_locked:
+        return
+    (held.run_dir / OWNER).unlink(missing_ok=True)
+    unused = held.created and {p.name for p in held.run_dir.iterdir()} <= {LOCK}
+    if unused:
+        (held.run_dir / LOCK).unlink(missing_ok=True)
+    held.lock.release()
+    if unused:
+        try:
+            held.run_dir.rmdir()
+        except OSError:
+            pass  # something arrived meanwhile: keep it

@@ -1,4 +1,5 @@
-"""What a run reports: console lines, a progress bar, JSON-lines metrics, Weights & Biases.
+"""What a run reports as metrics: the progress bar and epoch lines on the console, JSON-lines
+files, Weights & Biases. (Messages about the run go through `logging`.)
 
 Only the main rank gets a `Tracker`; every other rank gets a `NullTracker` whose methods do
 nothing, so the training loop calls the tracker unconditionally and never checks its rank, and a
@@ -10,10 +11,9 @@ W&B failure is one warning line after which training goes on without it.
 from __future__ import annotations
 
 import json
+import logging
 import math
-import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -21,6 +21,8 @@ from pipeline import checkpoint
 from pipeline.config import Config, TrackingConfig, load_config, to_dict, to_yaml
 from pipeline.dist import DistContext
 from pipeline.errors import ConfigError, describe
+from pipeline.files import append_jsonl, rewrite_jsonl, write_atomic
+from pipeline.progress import Line
 from pipeline.wandb_run import (
     WandbMissing,
     WandbRun,
@@ -29,6 +31,8 @@ from pipeline.wandb_run import (
     open_run,
     resolve_mode,
 )
+
+log = logging.getLogger(__name__)
 
 
 class Progress:
@@ -39,42 +43,30 @@ class Progress:
     """
 
     def __init__(self, stream: TextIO, epoch: int, epochs: int, total: int, start: int = 0):
-        self.stream, self.total = stream, total
+        self.line, self.total = Line(stream), total
         self.label = f"epoch {epoch + 1}/{epochs}"
-        self.tty = stream.isatty()
-        self.last_print = 0.0
         self.next_fraction = 0.25
         self.last_step = start
 
     def update(self, step: int, loss: float, images_per_s: float) -> None:
         fraction = step / self.total
         steps, self.last_step = step - self.last_step, step
-        line = (
-            f"{self.label} {step}/{self.total} [{int(fraction * 100):3d}%] loss {loss:.4f} "
+        text = (
+            f"{step}/{self.total} [{int(fraction * 100):3d}%] loss {loss:.4f} "
             f"{images_per_s:,.0f} img/s (last {steps} step{'s' if steps != 1 else ''})"
         )
-        now = time.monotonic()
-        if self.tty:
-            if now - self.last_print >= 0.1 or step == self.total:
-                width = 20
-                done = int(width * fraction)
-                bar = f"{self.label} |{'#' * done}{'.' * (width - done)}| "
-                # A line wider than the terminal would wrap, and \r would redraw only its end.
-                columns = shutil.get_terminal_size().columns
-                text = (bar + line[len(self.label) + 1 :])[: max(columns - 1, 20)]
-                self.stream.write(f"\r{text}\x1b[K")
-                self.stream.flush()
-                self.last_print = now
+        if self.line.tty:
+            width = 20
+            done = int(width * fraction)
+            bar = f"|{'#' * done}{'.' * (width - done)}|"
+            self.line.draw(f"{self.label} {bar} {text}", force=step == self.total)
         elif fraction >= self.next_fraction and step < self.total:
             # Logs of batch jobs get a line per quarter epoch, not one per step.
-            self.stream.write(line + "\n")
-            self.stream.flush()
+            self.line.print(f"{self.label} {text}")
             self.next_fraction = math.floor(fraction * 4 + 1) / 4
 
     def close(self) -> None:
-        if self.tty:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
+        self.line.end()
 
 
 class StepWindow:
@@ -135,17 +127,12 @@ class Tracker:
         self.window: StepWindow | None = None
         self.artifact = False
 
-    def info(self, message: str) -> None:
-        self.stream.write(message + "\n")
-        self.stream.flush()
-
-    def warn(self, message: str) -> None:
-        sys.stderr.write(f"warning: {message}\n")
-        sys.stderr.flush()
-
-    def _append(self, name: str, record: dict) -> None:
-        with open(self.run_dir / name, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    def _print(self, line: str) -> None:
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except BrokenPipeError:
+            pass  # the reader of the console went away; the files still get everything
 
     def start(
         self,
@@ -161,12 +148,15 @@ class Tracker:
         config; on resume, drop records past the checkpoint; start W&B if asked for."""
         config_yaml = to_yaml(cfg)
         if overrides:
-            self.info(overrides)
+            log.info(overrides)
         if print_config:
-            self.info("resolved config:\n  " + config_yaml.rstrip().replace("\n", "\n  "))
-        (self.run_dir / "config.yaml").write_text(config_yaml)
-        self._trim("metrics.jsonl", lambda r: resumed and r["epoch"] <= epochs_done)
-        self._trim("steps.jsonl", lambda r: resumed and r["step"] <= global_step)
+            log.info("resolved config:\n  " + config_yaml.rstrip().replace("\n", "\n  "))
+        write_atomic(self.run_dir / "config.yaml", config_yaml)
+        # On resume, the records past the checkpoint are dropped: they are trained again.
+        rewrite_jsonl(
+            self.run_dir / "metrics.jsonl", lambda r: resumed and r["epoch"] <= epochs_done
+        )
+        rewrite_jsonl(self.run_dir / "steps.jsonl", lambda r: resumed and r["step"] <= global_step)
         self._start_wandb(cfg, meta, global_step)
 
     def _start_wandb(self, cfg: Config, meta: dict, global_step: int) -> None:
@@ -191,7 +181,7 @@ class Tracker:
             self.wandb = open_run(mode, **args)
         except WandbUnavailable as e:
             if mode != "online" or isinstance(e, WandbMissing):
-                self.warn(
+                log.warning(
                     f"W&B logging is off: {e}; training goes on, results stay in {self.run_dir}"
                 )
                 return
@@ -200,17 +190,17 @@ class Tracker:
             try:
                 self.wandb = open_run("offline", **args)
             except WandbUnavailable as e2:
-                self.warn(
+                log.warning(
                     f"W&B logging is off: {e}, and offline too ({e2}); training goes on, "
                     f"results stay in {self.run_dir}"
                 )
                 return
-            self.warn(f"{e}; logging offline instead: {self._sync_hint()}")
+            log.warning(f"{e}; logging offline instead: {self._sync_hint()}")
         self.window = StepWindow(t.log_every, global_step, meta["steps_per_epoch"])
         if self.wandb.mode == "online":
-            self.info(f"W&B run {self.run_id}: {self.wandb.url}")
+            log.info(f"W&B run {self.run_id}: {self.wandb.url}")
         else:
-            self.info(f"W&B offline run {self.run_id}: {self._sync_hint()}")
+            log.info(f"W&B offline run {self.run_id}: {self._sync_hint()}")
 
     def _sync_hint(self) -> str:
         return f"upload it with `wandb sync {self.run_dir}/wandb/offline-run-*`"
@@ -223,25 +213,10 @@ class Tracker:
             call(*args, **kwargs)
         except Exception as e:
             self.wandb = None
-            self.warn(
+            log.warning(
                 f"W&B logging stopped: {what} failed ({describe(e, with_type=True)}); "
                 f"training goes on, results stay in {self.run_dir}"
             )
-
-    def _trim(self, name: str, keep) -> None:
-        """Rewrite a JSON-lines file with the records that `keep` accepts."""
-        path = self.run_dir / name
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if keep(record):
-                kept.append(line + "\n")
-        path.write_text("".join(kept))
 
     def start_epoch(self, epoch: int, epochs: int, steps: int, start: int = 0) -> None:
         """A progress line for `epoch`, whose first `start` steps were done before a resume."""
@@ -251,7 +226,7 @@ class Tracker:
         """Step metrics at a logging interval: progress line and steps.jsonl."""
         if self.progress is not None:
             self.progress.update(record["step_in_epoch"], record["loss"], record["images_per_s"])
-        self._append("steps.jsonl", record)
+        append_jsonl(self.run_dir / "steps.jsonl", record)
         if self.wandb is not None and self.window is not None:
             row = self.window.add(record)
             if row is not None:
@@ -262,14 +237,14 @@ class Tracker:
         if self.progress is not None:
             self.progress.close()
             self.progress = None
-        self.info(
+        self._print(
             f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}  "
             f"test loss {record['test_loss']:.4f}  "
             f"test acc {record['test_accuracy'] * 100:.2f}%  "
             f"time {record['epoch_time_s']:.1f}s  "
             f"epoch average {record['images_per_s']:,.0f} img/s"
         )
-        self._append("metrics.jsonl", record)
+        append_jsonl(self.run_dir / "metrics.jsonl", record)
         if self.wandb is not None:
             skip = ("step", "test_count", "dataset")  # the dataset is in the run's config
             row = {f"epoch/{k}": v for k, v in record.items() if k not in skip}
@@ -277,8 +252,7 @@ class Tracker:
 
     def finish(self, summary: dict) -> None:
         """Write summary.json; give W&B the summary and the final checkpoint, then close it."""
-        with open(self.run_dir / "summary.json", "w") as f:
-            json.dump(summary, f, indent=2)
+        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         if self.wandb is None:
             return
         self._to_wandb("writing the summary", self.wandb.summary, summary)
@@ -314,12 +288,6 @@ class NullTracker(Tracker):
 
     def __init__(self) -> None:
         self.run_id = None
-
-    def info(self, message: str) -> None:
-        pass
-
-    def warn(self, message: str) -> None:
-        pass
 
     def start(self, *args: Any, **kwargs: Any) -> None:
         pass

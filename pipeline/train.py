@@ -1,41 +1,26 @@
-"""Entry point: `python -m pipeline.train --config FILE [section.key=value ...]`.
+"""Entry point: `python -m pipeline.train --config FILE [section.key=value ...]` (`lenet-train`).
 
-The same command runs as one plain process (a gloo group of one), under torchrun, or as srun
-tasks of a SLURM job. main(argv): parse -> validate -> init -> train -> exit code. The run itself
-is `pipeline.trainer.Trainer`. Errors end in one line on stderr and an exit code listed in
-`pipeline.errors`.
+The same command runs as one plain process (a gloo group of one), under torchrun, as srun tasks
+of a SLURM job, or, with `--nproc-per-node N`, as N ranks on this machine. main(argv): parse ->
+validate -> init -> `pipeline.trainer.Trainer.run()` -> exit code; errors end in one line and
+the exit code of `pipeline.errors`, through `pipeline.cli`.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-import time
-import traceback
 
-from pipeline import dist
-from pipeline.config import Config, help_text, load_config, validate_for_world
-from pipeline.errors import (
-    EXIT_INTERRUPTED,
-    EXIT_UNEXPECTED,
-    PipelineError,
-    Preempted,
-    RunDirError,
-    describe,
-)
+from pipeline import cli, dist, launcher
+from pipeline.config import help_text, load_config, validate_for_world
+from pipeline.stop_signals import StopRequest
 from pipeline.tracking import describe_overrides
 from pipeline.trainer import Trainer
 
-# How long a rank that leaves the report of an error to the main rank waits before it exits:
-# under torchrun the first worker to exit ends the job, and the main rank's line must get out
-# first. A job that is being stopped ends the wait at once.
-REPORT_GRACE_S = 5.0
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.train",
-        description="Train LeNet on MNIST, from one CPU process to many GPUs (torchrun, SLURM).",
+    parser = cli.parser(
+        "pipeline.train",
+        "Train LeNet on MNIST, from one CPU process to many GPUs (torchrun, SLURM).",
         epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -49,70 +34,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "RUN_DIR/config.yaml)",
     )
     parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        metavar="N",
+        help="start N ranks on this machine (torchrun's launcher, run in this process); the "
+        "config is checked for the world before they start",
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         metavar="section.key=value",
         help="config overrides, for example optim.lr=0.05 train.epochs=3",
     )
     # Intermixed: launch scripts put their own overrides before the user's --config.
-    return parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.nproc_per_node < 1:
+        parser.error("--nproc-per-node must be 1 or more")
+    return args
 
 
-def report(e: PipelineError, ctx: dist.DistContext | None) -> None:
-    """One line for an error every rank meets alike, from the main rank; a leader's data error
-    where it happened. The other ranks wait a moment so that the line gets out."""
-    main_rank = ctx.is_main if ctx else dist.env_rank() == 0
-    if main_rank or getattr(e, "report_here", False):
-        print(f"error: {e}", file=sys.stderr, flush=True)
-    elif (ctx.world_size if ctx else dist.env_world_size()) > 1:
-        time.sleep(REPORT_GRACE_S)
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    """The command line of each rank started by --nproc-per-node."""
+    out = ["--config", args.config] if args.config else []
+    out += ["--print-config"] if args.print_config else []
+    out += ["-v"] if args.verbose else ["-q"] if args.quiet else []
+    return out + list(args.overrides)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    ctx: dist.DistContext | None = None
-    cfg: Config | None = None
+def train(args: argparse.Namespace, stop: StopRequest) -> int:
+    cfg = load_config(args.config, args.overrides)
+    stop.add(cfg.train.preempt_signal)
+    ctx = dist.detect()
+    if args.nproc_per_node > 1 and ctx.launcher == "single":
+        validate_for_world(cfg, args.nproc_per_node, dist.device_type(cfg.dist))
+        return launcher.run_local(args.nproc_per_node, _worker_args(args), args.verbose)
+    validate_for_world(cfg, ctx.world_size, dist.device_type(cfg.dist))
     trainer: Trainer | None = None
     try:
-        cfg = load_config(args.config, args.overrides)
-        ctx = dist.detect()
-        validate_for_world(cfg, ctx.world_size)
         dist.init(ctx, cfg.dist)
         shown = describe_overrides(args.config, args.overrides, cfg)
-        trainer = Trainer(cfg, ctx, shown, args.print_config)
+        trainer = Trainer(cfg, ctx, shown, args.print_config, stop)
         trainer.run()
         return 0
-    except Preempted as e:
-        trainer.tracker.close(e.exit_code)
-        return e.exit_code
-    except dist.PeerFailed as e:
-        return e.exit_code
-    except PipelineError as e:
-        report(e, ctx)
-        if trainer is not None:
-            trainer.tracker.close(e.exit_code)
-        return e.exit_code
-    except OSError as e:  # writing the run directory: no space, removed, not writable
-        err = RunDirError(
-            f"cannot write {e.filename or (cfg and cfg.train.run_dir)}: "
-            f"{e.strerror or describe(e)}; the checkpoints already there are kept; free space, "
-            "or choose a writable train.run_dir, and run again to resume"
-        )
-        report(err, ctx)
-        return err.exit_code
-    except RuntimeError as e:  # torch.distributed.DistError included
-        err = dist.collective_failure(e, cfg.dist.timeout_s if cfg else 0)
-        if err is None:
-            raise
-        rank = ctx.rank if ctx else dist.env_rank()
-        print(f"error (rank {rank}): {err}", file=sys.stderr, flush=True)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception:
-        traceback.print_exc()
-        return EXIT_UNEXPECTED
+    except BaseException as e:
+        if trainer is not None:  # W&B is told how the run ended
+            trainer.tracker.close(getattr(e, "exit_code", 1))
+        raise
     finally:
         if trainer is not None:
             trainer.close()
@@ -120,9 +88,21 @@ def main(argv: list[str] | None = None) -> int:
         dist.shutdown()
 
 
-def cli() -> None:
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # SIGTERM asks for a stop from the start: a rank that torchrun stops because a peer failed
+    # first still reports its own error, and a preempted run saves where it can.
+    stop = StopRequest()
+    try:
+        return cli.run(
+            lambda: train(args, stop),
+            verbose=cli.verbosity(args),
+            interrupted="interrupted (Ctrl-C) while starting: nothing was saved; run the same "
+            "command again to start",
+        )
+    finally:
+        stop.restore()
 
 
 if __name__ == "__main__":
-    cli()
+    raise SystemExit(main())

@@ -14,9 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.mnist import FILES, write_idx
+from pipeline import logs
+from pipeline.data.catalog import FILES
+from pipeline.data.idx import write_idx
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def project_logging():
+    """The logging set-up of the commands (`pipeline.cli.run`): what a test reads on stdout and
+    stderr is what a user sees."""
+    logs.setup()
 
 
 def require(reason: str) -> None:
@@ -81,19 +90,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_cmd(nproc: int, args: list[str]) -> list[str]:
+def train_entry(args: list[str], faults: list[str] | None = None) -> list[str]:
+    """What runs the training command: `-m pipeline.train ARGS`, or with `faults` (options of
+    tests/faulty_train.py, e.g. ["--fail-rank", "1", "--fail-step", "13"]) that script."""
+    if faults is None:
+        return ["-m", "pipeline.train", *args]
+    return [str(REPO / "tests" / "faulty_train.py"), *faults, "--", *args]
+
+
+def launch_cmd(nproc: int, args: list[str], faults: list[str] | None = None) -> list[str]:
     """`python -m pipeline.train ARGS`, under torchrun (standalone, free port) when nproc > 1."""
     if nproc == 1:
-        return [sys.executable, "-m", "pipeline.train", *args]
+        return [sys.executable, *train_entry(args, faults)]
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={nproc}",
-        "-m",
-        "pipeline.train",
-        *args,
+        *train_entry(args, faults),
     ]
 
 
@@ -103,9 +118,11 @@ def run_pipeline(
     env: dict | None = None,
     timeout: float = 600,
     extra_launcher_args: list[str] = (),
+    faults: list[str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run the real entry point in fresh processes; returns the finished process (text output)."""
-    cmd = launch_cmd(nproc, args)
+    """Run the real entry point in fresh processes (with `faults`, see `train_entry`); returns
+    the finished process (text output)."""
+    cmd = launch_cmd(nproc, args, faults)
     if extra_launcher_args:
         cmd = cmd[:3] + list(extra_launcher_args) + cmd[3:]
     return subprocess.run(
@@ -164,12 +181,19 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 @contextlib.contextmanager
-def background_training(args: list[str], log: Path, env: dict | None = None, **popen):
+def background_training(
+    args: list[str], log: Path, env: dict | None = None, faults: list[str] | None = None, **popen
+):
     """`python -m pipeline.train ARGS` running in the background, its output (stdout and
     stderr) in the file `log`; killed on leaving the block if it is still running."""
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            launch_cmd(1, args), cwd=REPO, env=child_env(env), stdout=out, stderr=out, **popen
+            launch_cmd(1, args, faults),
+            cwd=REPO,
+            env=child_env(env),
+            stdout=out,
+            stderr=out,
+            **popen,
         )
     try:
         yield proc

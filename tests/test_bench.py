@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.bench_report import aggregate, summarize
+from pipeline.benchmark.results import aggregate, summarize
 
 from conftest import run_bench
 

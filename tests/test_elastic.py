@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_ARGS, child_env, free_port, read_jsonl, wait_for_steps
+from conftest import (
+    REPO,
+    TINY_ARGS,
+    child_env,
+    free_port,
+    read_jsonl,
+    train_entry,
+    wait_for_steps,
+)
 
 # Short rendezvous timings for one machine (the README gives cluster values): a lost node is
 # noticed after 3 missed heartbeats of 2 s, and a round closes 3 s after its last join.
@@ -59,8 +67,8 @@ def rendezvous(tmp_path):
 class Agents:
     """torchrun agents of one job (one process each), their output in files under `tmp`."""
 
-    def __init__(self, tmp: Path, endpoint: str, args: list[str]):
-        self.tmp, self.endpoint, self.args = tmp, endpoint, args
+    def __init__(self, tmp: Path, endpoint: str, args: list[str], faults: list[str] | None):
+        self.tmp, self.endpoint, self.args, self.faults = tmp, endpoint, args, faults
         self.run_id = f"elastic-{os.getpid()}-{tmp.name}"
         self.procs: dict[str, subprocess.Popen] = {}
 
@@ -77,9 +85,7 @@ class Agents:
             f"--rdzv-endpoint={self.endpoint}",
             f"--rdzv-id={self.run_id}",
             f"--rdzv-conf={RDZV_CONF},is_host=false",
-            "-m",
-            "pipeline.train",
-            *self.args,
+            *train_entry(self.args, self.faults),
         ]
         with open(self.log(name), "w") as out:
             self.procs[name] = subprocess.Popen(
@@ -120,8 +126,8 @@ class Agents:
 
 
 @contextlib.contextmanager
-def elastic_job(tmp: Path, endpoint: str, args: list[str]):
-    agents = Agents(tmp, endpoint, args)
+def elastic_job(tmp: Path, endpoint: str, args: list[str], faults: list[str] | None = None):
+    agents = Agents(tmp, endpoint, args, faults)
     try:
         yield agents
     finally:
@@ -144,10 +150,12 @@ def _mnist_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def _lose_a_node(tmp: Path, endpoint: str, args: list[str]) -> tuple[str, str]:
-    """Agents a and b run `args`, in which rank 1 loses its node (debug.fail_agent): the logs
-    of the agent that finished (exit 0) and of the one that was killed."""
-    with elastic_job(tmp, endpoint, args) as job:
+def _lose_a_node(tmp: Path, endpoint: str, args: list[str], step: int) -> tuple[str, str]:
+    """Agents a and b run `args`, in which rank 1 loses its node after `step` (0: at the end
+    of the run): the logs of the agent that finished (exit 0) and of the one that was
+    killed."""
+    faults = ["--fail-rank", "1", "--fail-step", str(step), "--fail-agent"]
+    with elastic_job(tmp, endpoint, args, faults) as job:
         job.start("a")
         job.start("b")
         codes = job.wait()
@@ -169,12 +177,9 @@ def test_a_node_lost_mid_epoch_leaves_a_world_of_one_that_finishes(
         run_dir,
         "train.epochs=1",
         "checkpoint.every_steps=100",
-        "debug.fail_rank=1",
-        "debug.fail_step=250",
-        "debug.fail_agent=true",
     )
-    log, lost_log = _lose_a_node(tmp_path, rendezvous, args)
-    assert "debug: rank 1 and its torchrun agent exits at step 250" in lost_log
+    log, lost_log = _lose_a_node(tmp_path, rendezvous, args, 250)
+    assert "fault: rank 1 and its torchrun agent exits at step 250" in lost_log
     assert "world 2 (torchrun, gloo)" in log and "world 1 (torchrun, gloo)" in log
     assert "resumed from" in log and "(epoch 1, step 200/937, global step 200)" in log
     assert "world 2 -> 1: the same global batch of 64 per step" in log
@@ -198,12 +203,9 @@ def test_a_node_lost_after_the_last_checkpoint_does_not_hold_the_survivor(
         *TINY_ARGS,
         f"data.root={tiny_mnist}",
         f"train.run_dir={run_dir}",
-        "debug.fail_rank=1",
-        "debug.fail_step=0",
-        "debug.fail_agent=true",
     ]
     started = time.monotonic()
-    log, _ = _lose_a_node(tmp_path, rendezvous, args)
+    log, _ = _lose_a_node(tmp_path, rendezvous, args, 0)
     elapsed = time.monotonic() - started
     assert "lost contact with a peer rank" in log  # the final barrier noticed the loss
     assert "nothing to do: the run in" in log and "world 1 (torchrun, gloo)" in log
@@ -218,8 +220,8 @@ def test_a_node_joining_a_world_of_one_makes_it_a_world_of_two(mnist_root, tmp_p
     run_dir = tmp_path / "run"
     # 10 ms of sleep a step: the world of 1 trains for 10 s or more, whatever this machine's
     # speed, while agent b starts and joins (a few seconds).
-    args = _mnist_args(mnist_root, run_dir, "train.epochs=1", "debug.step_sleep_s=0.01")
-    with elastic_job(tmp_path, rendezvous, args) as job:
+    args = _mnist_args(mnist_root, run_dir, "train.epochs=1")
+    with elastic_job(tmp_path, rendezvous, args, ["--step-sleep", "0.01"]) as job:
         a = job.start("a")
         wait_for_steps(run_dir, a, job.log("a"))
         job.start("b")

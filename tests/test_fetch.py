@@ -23,11 +23,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from pipeline import fetch, mnist
 from pipeline.config import load_config
-from pipeline.datasets import DATASETS, FILES
+from pipeline.data import download, store
+from pipeline.data.catalog import DATASETS, FILES
+from pipeline.data.download import Remote, check
 from pipeline.errors import EXIT_DATA, ConfigError, DataError
-from pipeline.fetch import Remote, check
 
 from conftest import assert_ok, real_mnist_root, require, run_pipeline
 
@@ -62,8 +62,8 @@ def test_recompressed_file_is_accepted_on_its_content() -> None:
 def test_content_served_decompressed_is_accepted_and_kept_uncompressed() -> None:
     remote = Remote("f.gz", md5(gzip.compress(b"content")), md5(b"content"))
     assert check(b"content", remote) is None
-    assert fetch.stored_name(b"content", remote) == "f"
-    assert fetch.stored_name(gzip.compress(b"content"), remote) == "f.gz"
+    assert download.stored_name(b"content", remote) == "f"
+    assert download.stored_name(gzip.compress(b"content"), remote) == "f.gz"
 
 
 def test_neither_checksum_is_refused_with_both_sums() -> None:
@@ -89,7 +89,7 @@ def test_progress_is_one_line() -> None:
         (io.StringIO(), "downloading u (2.0 MB)\n"),
         (Terminal(), "\rdownloading u: 1.0 MB of 2.0 MB\rdownloading u: 2.0 MB of 2.0 MB\n"),
     ):
-        progress = fetch.Progress("u", stream)
+        progress = download.Progress("u", stream)
         progress.total = 2_000_000
         progress.update(1_000_000)
         progress.update(1_500_000)
@@ -238,7 +238,7 @@ def test_404_on_the_first_mirror_then_the_second_serves_two_ranks(
     assert [s for _, s in server.log].count(404) == 1  # the mirror that served goes first
     size = len(server.files[GZ_NAMES[0]]) / 1e6
     assert f"downloading {server.url('ok')}{GZ_NAMES[0]} ({size:.1f} MB)\n" in proc.stderr
-    assert everything_under(mnist.raw_dir(root)) == sorted(GZ_NAMES)  # no staging left
+    assert everything_under(store.raw_dir(root)) == sorted(GZ_NAMES)  # no staging left
     assert "| data mnist |" in proc.stdout
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert record["dataset"] == "mnist"
@@ -254,7 +254,7 @@ def test_truncated_response_is_retried(server: MirrorServer, tmp_path: Path) -> 
     # Each file: one response cut short, then one whole.
     assert [s for _, s in server.log] == [206, 200] * len(GZ_NAMES)
     assert f"{server.url('flaky')}{GZ_NAMES[0]} failed: the response broke off" in proc.stderr
-    assert everything_under(mnist.raw_dir(root)) == sorted(GZ_NAMES)
+    assert everything_under(store.raw_dir(root)) == sorted(GZ_NAMES)
 
 
 def test_corrupt_file_ends_in_one_line_and_leaves_nothing(
@@ -269,7 +269,7 @@ def test_corrupt_file_ends_in_one_line_and_leaves_nothing(
     assert f"could not download {LAST}: tried {url}{LAST}: MD5 " in line
     assert "of its content the canonical 27ae3e4e09519cfbb04c329615203637" in line
     assert "(3 tries)" in line and "data.mirrors" in line
-    assert str(mnist.raw_dir(root).absolute()) in line
+    assert str(store.raw_dir(root).absolute()) in line
     # Three files were good, but a failure leaves nothing: no partial file, no staging.
     assert server.served("corrupt") == [*GZ_NAMES, LAST, LAST]
     assert everything_under(root) == []
@@ -289,7 +289,7 @@ def test_connection_refused_and_404_end_in_one_line_naming_both(
     assert (
         f"could not download {first}: tried {refused}{first}: connection refused (3 tries); "
         f"{missing}{first}: HTTP 404 Not Found; copy {', '.join(GZ_NAMES)} (.gz or uncompressed) "
-        f"into {mnist.raw_dir(root).absolute()} by hand, or set data.mirrors" in line
+        f"into {store.raw_dir(root).absolute()} by hand, or set data.mirrors" in line
     )
     assert not root.exists()
 
@@ -305,7 +305,9 @@ def test_proxy_from_the_environment_is_used(
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.port}")
     remotes = [DATASETS["mnist"].remote(FILES[("test", "labels")])]
-    fetch.fetch_all(tmp_path, remotes, ["http://mirror.invalid/ok/"], "do something", io.StringIO())
+    download.fetch_all(
+        tmp_path, remotes, ["http://mirror.invalid/ok/"], "do something", io.StringIO()
+    )
     assert server.served("ok") == [LAST]
     assert (tmp_path / LAST).read_bytes() == server.files[LAST]
 
@@ -318,7 +320,7 @@ def test_downloaded_files_follow_the_umask(
     remotes = [DATASETS["mnist"].remote(FILES[("test", "labels")])]
     old = os.umask(umask)
     try:
-        fetch.fetch_all(tmp_path, remotes, [server.url("ok")], "do something", io.StringIO())
+        download.fetch_all(tmp_path, remotes, [server.url("ok")], "do something", io.StringIO())
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / LAST).stat().st_mode) == 0o666 & ~umask
@@ -326,12 +328,12 @@ def test_downloaded_files_follow_the_umask(
 
 def test_no_mirrors_left_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="^no mirrors to download from; copy them"):
-        fetch.fetch_all(tmp_path, [], [], "copy them")
+        download.fetch_all(tmp_path, [], [], "copy them")
 
 
 def test_download_false_does_not_download(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="set data.download=true to download them"):
-        mnist.prepare(tmp_path, download=False, mirrors=["http://127.0.0.1:9/"])
+        store.prepare(tmp_path, download=False, mirrors=["http://127.0.0.1:9/"])
     assert not (tmp_path / "MNIST").exists()
 
 
@@ -340,12 +342,12 @@ def test_other_datasets_live_in_their_own_folder(tmp_path: Path) -> None:
 
     write_tiny_mnist(tmp_path)
     (tmp_path / "MNIST").rename(tmp_path / "KMNIST")
-    cache = mnist.prepare(tmp_path, download=False, dataset="kmnist")
+    cache = store.prepare(tmp_path, download=False, dataset="kmnist")
     assert cache == tmp_path / "KMNIST" / "cache" / "kmnist-v1.pt"
-    assert mnist.load(tmp_path, "kmnist")["train_images"].shape == (512, 28, 28)
+    assert store.load(tmp_path, "kmnist")["train_images"].shape == (512, 28, 28)
     with pytest.raises(DataError, match=f"^MNIST needs .* in {tmp_path / 'MNIST' / 'raw'} but"):
-        mnist.prepare(tmp_path, download=False)
-    assert mnist.load(tmp_path, "kmnist")["test_labels"].unique().numel() == 10
+        store.prepare(tmp_path, download=False)
+    assert store.load(tmp_path, "kmnist")["test_labels"].unique().numel() == 10
 
 
 # -- the README's quick start, from no data ----------------------------------------------------

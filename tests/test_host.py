@@ -18,11 +18,11 @@ pytestmark = pytest.mark.skipif(
 PROBE = """
 import resource, sys, torch
 import torch.nn.functional as F
-from pipeline import host
+from pipeline import cpu_memory
 from pipeline.model import LeNet
 torch.set_num_threads(2)
 if sys.argv[1] == "reuse":
-    assert host.reuse_freed_memory()
+    assert cpu_memory.reuse_freed_memory()
 model = LeNet().to(memory_format=torch.channels_last)  # as the engine trains it
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 x, y = torch.randn(64, 1, 32, 32), torch.randint(0, 10, (64,))

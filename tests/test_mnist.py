@@ -1,4 +1,4 @@
-"""Tests for pipeline.mnist: IDX reading and checking, the prepare/load cache, error messages.
+"""Tests for pipeline.data.idx and pipeline.data.store: IDX reading and checking, the prepare/load cache, error messages.
 
 Most tests write tiny IDX files of their own (64 train / 32 test images); one test reads the
 real MNIST at $MNIST_ROOT (the `mnist_root` fixture): it skips with the reason where the data is
@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import mnist
-from pipeline.datasets import CANONICAL
+from pipeline.data import store
+from pipeline.data.catalog import CANONICAL, FILES
+from pipeline.data.idx import read_idx, write_idx
+from pipeline.data.store import load, prepare, raw_dir
 from pipeline.errors import DataError
-from pipeline.mnist import FILES, load, prepare, raw_dir, read_idx, write_idx
 
 from conftest import require
 
@@ -51,13 +52,13 @@ def make_mnist(root: Path, *, gz: bool, seed: int = 0) -> dict[str, np.ndarray]:
 def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Spy on the slow path (reading and checking the raw files); returns a call log."""
     calls: list[int] = []
-    real = mnist._decode
+    real = store._decode
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mnist, "_decode", spy)
+    monkeypatch.setattr(store, "_decode", spy)
     return calls
 
 
@@ -76,8 +77,8 @@ def assert_one_line_naming(err: pytest.ExceptionInfo[DataError], name: str) -> N
 @pytest.mark.parametrize("gz", [True, False], ids=["gz", "raw"])
 def test_round_trip(tmp_path: Path, gz: bool) -> None:
     arrays = make_mnist(tmp_path, gz=gz)
-    cache = prepare(tmp_path, download=False)
-    assert cache == tmp_path / "MNIST" / "cache" / "mnist-v1.pt"
+    cache = prepare(tmp_path, download=False)[0]
+    assert cache == tmp_path / "MNIST" / "cache" / "mnist-train-v2.pt"
     data = load(tmp_path)
     assert set(data) == set(arrays)
     for key, array in arrays.items():
@@ -99,16 +100,16 @@ def test_read_idx_takes_either_form_of_the_name(tmp_path: Path) -> None:
 def test_second_prepare_reuses_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_mnist(tmp_path, gz=True)
     decodes = count_decodes(monkeypatch)
-    cache = prepare(tmp_path, download=False)
+    cache = prepare(tmp_path, download=False)[0]
     before = identity(cache)
-    assert prepare(tmp_path, download=False) == cache
-    assert decodes == [1]
+    assert prepare(tmp_path, download=False)[0] == cache
+    assert decodes == [1, 1]  # once per split, the first time only
     assert identity(cache) == before
 
 
 def test_changed_raw_file_makes_cache_stale_and_prepare_rebuilds(tmp_path: Path) -> None:
     make_mnist(tmp_path, gz=False)
-    cache = prepare(tmp_path, download=False)
+    cache = prepare(tmp_path, download=False)[0]
     labels_path = raw_dir(tmp_path) / TRAIN_LABELS
     new_labels = (np.arange(N_TRAIN) % 10).astype(np.uint8)
     old_mtime = labels_path.stat().st_mtime_ns
@@ -119,20 +120,20 @@ def test_changed_raw_file_makes_cache_stale_and_prepare_rebuilds(tmp_path: Path)
     with pytest.raises(DataError, match="run prepare") as err:
         load(tmp_path)
     assert_one_line_naming(err, str(cache))
-    assert prepare(tmp_path, download=False) == cache
+    assert prepare(tmp_path, download=False)[0] == cache
     assert torch.equal(load(tmp_path)["train_labels"], torch.from_numpy(new_labels).long())
 
 
 def test_corrupt_cache_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     arrays = make_mnist(tmp_path, gz=True)
-    cache = prepare(tmp_path, download=False)
+    cache = prepare(tmp_path, download=False)[0]
     cache.write_bytes(b"this is not a torch file" * 100)
     with pytest.raises(DataError, match="run prepare") as err:
         load(tmp_path)
     assert_one_line_naming(err, str(cache))
     decodes = count_decodes(monkeypatch)
-    assert prepare(tmp_path, download=False) == cache
-    assert decodes == [1]
+    assert prepare(tmp_path, download=False)[0] == cache
+    assert decodes == [1]  # the damaged cache only
     assert torch.equal(load(tmp_path)["test_images"], torch.from_numpy(arrays["test_images"]))
 
 
@@ -140,7 +141,30 @@ def test_load_before_prepare_says_to_run_prepare(tmp_path: Path) -> None:
     make_mnist(tmp_path, gz=True)
     with pytest.raises(DataError, match="run prepare") as err:
         load(tmp_path)
-    assert_one_line_naming(err, "mnist-v1.pt")
+    assert_one_line_naming(err, "mnist-train-v2.pt")
+
+
+def test_the_test_split_alone_needs_only_its_files(tmp_path: Path) -> None:
+    """What evaluation reads: the test split, cached apart, without the training files."""
+    arrays = make_mnist(tmp_path, gz=False)
+    for kind in ("images", "labels"):
+        (raw_dir(tmp_path) / FILES[("train", kind)]).unlink()
+    (cache,) = prepare(tmp_path, download=False, splits=("test",))
+    assert cache.name == "mnist-test-v2.pt"
+    data = load(tmp_path, splits=("test",))
+    assert sorted(data) == ["test_images", "test_labels"]
+    assert torch.equal(data["test_images"], torch.from_numpy(arrays["test_images"]))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte") as err:
+        prepare(tmp_path, download=False)
+    assert_one_line_naming(err, str(raw_dir(tmp_path)))
+
+
+def test_a_data_root_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.write_text("not a directory")
+    with pytest.raises(DataError, match="is a file, not a directory") as err:
+        prepare(root, download=True)
+    assert_one_line_naming(err, str(root))
 
 
 def _flip_middle_byte(path: Path) -> None:
@@ -261,19 +285,20 @@ def test_cache_file_follows_the_umask(tmp_path: Path, umask: int) -> None:
     make_mnist(tmp_path, gz=True)
     old = os.umask(umask)
     try:
-        cache = prepare(tmp_path, download=False)
+        cache = prepare(tmp_path, download=False)[0]
     finally:
         os.umask(old)
     # Not tempfile's 0600: other users of a shared data root can read what the umask allows.
     assert stat.S_IMODE(cache.stat().st_mode) == 0o666 & ~umask
-    assert [p.name for p in cache.parent.iterdir()] == [cache.name]  # no temp file left
+    names = sorted(p.name for p in cache.parent.iterdir())
+    assert names == ["mnist-test-v2.pt", "mnist-train-v2.pt"]  # no temp file left
 
 
 def test_cache_falls_back_to_user_cache_dir(tmp_path: Path) -> None:
     arrays = make_mnist(tmp_path, gz=True)
     # A plain file where the cache directory should be: unwritable even for root.
     (tmp_path / "MNIST" / "cache").write_text("in the way")
-    cache = prepare(tmp_path, download=False)
+    cache = prepare(tmp_path, download=False)[0]
     assert cache is not None and cache.is_relative_to(tmp_path / "xdg" / "lenet-ddp")
     assert torch.equal(load(tmp_path)["train_images"], torch.from_numpy(arrays["train_images"]))
 
@@ -285,7 +310,7 @@ def test_no_writable_cache_means_load_decodes_raw(
     (tmp_path / "MNIST" / "cache").write_text("in the way")
     (tmp_path / "not-a-dir").write_text("in the way")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-dir"))
-    assert prepare(tmp_path, download=False) is None
+    assert prepare(tmp_path, download=False) == [None, None]
     assert torch.equal(
         load(tmp_path)["test_labels"], torch.from_numpy(arrays["test_labels"]).long()
     )
@@ -314,20 +339,20 @@ def test_real_mnist(mnist_root: Path, tmp_path: Path, monkeypatch: pytest.Monkey
     for path in found.values():
         shutil.copy(path, raw_dir(tmp_path))
     md5s_checked: list[str | None] = []
-    real_parse = mnist._parse
+    real_parse = store.parse
 
     def spy_parse(*args, **kwargs):
         md5s_checked.append(kwargs["expected_md5"])
         return real_parse(*args, **kwargs)
 
-    monkeypatch.setattr(mnist, "_parse", spy_parse)
-    cache = prepare(tmp_path, download=False)
+    monkeypatch.setattr(store, "parse", spy_parse)
+    cache = prepare(tmp_path, download=False)[0]
     # Every file has the canonical count, so every file was held to its canonical MD5.
     assert sorted(md5s_checked) == sorted(md5 for _, md5 in CANONICAL.values())
 
     before = identity(cache)
     decodes = count_decodes(monkeypatch)
-    assert prepare(tmp_path, download=False) == cache
+    assert prepare(tmp_path, download=False)[0] == cache
     assert decodes == [] and identity(cache) == before
 
     data = load(tmp_path)

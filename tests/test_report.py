@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import report
+from pipeline.results.plots import PLOTS
 
 from conftest import REPO, TINY_ARGS, assert_ok, read_jsonl, run_pipeline
 
@@ -57,7 +58,7 @@ def test_plots_and_summary_match_the_metrics(finished_run, tmp_path):
     out = tmp_path / "out"
     proc = run_report(finished_run, "--out", out)
     assert proc.returncode == 0, proc.stderr
-    for name in report.PLOTS:
+    for name in PLOTS:
         width, height = png_size(out / name)
         assert width >= 600 and height >= 300 and (out / name).stat().st_size > 10_000
     epochs = read_jsonl(finished_run / "metrics.jsonl")
@@ -90,7 +91,7 @@ def test_a_running_job_is_reported_with_its_partial_lines_skipped(finished_run, 
     assert fields["status"].startswith("not finished")
     assert fields["epochs"].startswith("1 ")
     assert fields["final accuracy"] == f"{first_epoch['test_accuracy'] * 100:.2f}%"
-    assert all((run_dir / "report" / name).exists() for name in report.PLOTS)
+    assert all((run_dir / "report" / name).exists() for name in PLOTS)
 
 
 def test_bad_input_is_one_line_and_a_failing_exit(tmp_path):

@@ -57,13 +57,14 @@ def test_rank_killed_under_torchrun_restarts_and_resumes(tiny_mnist, tmp_path):
     straight, faulty = tmp_path / "straight", tmp_path / "faulty"
     assert_ok(run_pipeline(_args(tiny_mnist, straight), nproc=2))
     proc = run_pipeline(
-        _args(tiny_mnist, faulty, "debug.fail_rank=1", "debug.fail_step=13"),
+        _args(tiny_mnist, faulty),
         nproc=2,
         extra_launcher_args=["--max-restarts=1"],
         timeout=240,
+        faults=["--fail-rank", "1", "--fail-step", "13"],
     )
     assert_ok(proc)
-    assert "debug: rank 1 exits at step 13" in proc.stderr
+    assert "fault: rank 1 exits at step 13" in proc.stderr
     assert f"resumed from {faulty / checkpoint.checkpoint_name(10)}" in proc.stdout
     _assert_same(straight, faulty)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.data import TrainBatches, eval_indices
+from pipeline.data.device import TrainBatches, eval_indices
 
 
 def _batches(n: int, rank: int, world: int, micro: int = 8, seed: int = 0) -> TrainBatches:

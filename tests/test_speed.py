@@ -12,7 +12,7 @@ from torch.utils.data import DistributedSampler
 
 from pipeline import engine as engine_module
 from pipeline.config import load_config
-from pipeline.data import shard_indices
+from pipeline.data.device import shard_indices
 from pipeline.dist import DistContext
 from pipeline.engine import Engine
 from pipeline.errors import EXIT_CONFIG, ConfigError

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint, evaluate, mnist
-from pipeline.data import normalize_and_pad
+from pipeline import checkpoint, evaluate
+from pipeline.data import store
+from pipeline.data.device import normalize_and_pad
 from pipeline.export import main as export_main
 
 from conftest import REPO, assert_ok, launch_cmd, require, run_pipeline
@@ -64,7 +65,7 @@ def test_evaluate_gives_exactly_what_training_reported(real_run, mnist_root):
     assert all(per_class[str(c)] == matrix[c, c].item() / rows[c] for c in range(10))
 
     mistakes = results["mistakes"]
-    labels = mnist.load(mnist_root)["test_labels"]
+    labels = store.load(mnist_root)["test_labels"]
     assert len(mistakes) == 24
     assert all(m["label"] != m["predicted"] for m in mistakes)
     assert all(labels[m["index"]] == m["label"] for m in mistakes)
@@ -204,7 +205,7 @@ def test_exported_files_run_without_this_project(real_run, mnist_root, tmp_path,
         assert export_main([str(real_run), "--format", fmt, "--out", str(work / names[fmt])]) == 0
         assert "the checkpoint's outputs" in capsys.readouterr().out
 
-    images = mnist.load(mnist_root)["test_images"][:500]
+    images = store.load(mnist_root)["test_images"][:500]
     torch.save(images, work / "images.pt")
     (work / "readme.py").write_text(readme_code())
     child = [sys.executable, "-I", "-c", CHILD, *(["onnx"] if "onnx" in formats else [])]
@@ -214,9 +215,9 @@ def test_exported_files_run_without_this_project(real_run, mnist_root, tmp_path,
     got = torch.load(work / "outputs.pt", weights_only=True)
     x = normalize_and_pad(images, torch.device("cpu"))
     assert torch.equal(got["x"], x)  # the README's preprocessing is the pipeline's
-    from pipeline import trained
+    from pipeline.trained import loading
 
-    _, _, _, model = trained.load(real_run)
+    _, _, _, model = loading.load(real_run)
     with torch.no_grad():
         expected = model(x)
     for fmt in formats:
@@ -258,7 +259,7 @@ def save_as_a_user_would(images: np.ndarray, out: Path) -> list[Path]:
 def test_predict_reads_digits_saved_as_a_user_would(real_run, mnist_root, tmp_path):
     if importlib.util.find_spec("PIL") is None:
         require("predict needs Pillow: pip install -e .[predict]")
-    data = mnist.load(mnist_root)
+    data = store.load(mnist_root)
     images, labels = data["test_images"][:100].numpy(), data["test_labels"][:100].tolist()
     paths = save_as_a_user_would(images, tmp_path)
     proc = run_module("pipeline.predict", [str(real_run), *map(str, paths)])

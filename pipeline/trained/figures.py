@@ -1,7 +1,7 @@
 """The pictures of `pipeline.evaluate`: the confusion matrix and a grid of mistakes, as PNG files.
 
-Drawing needs matplotlib, the `report` extra (`pip install -e .[report]`); it is imported when a
-picture is drawn, never when this module is.
+Drawing needs matplotlib (the project's `report` extra); it is imported when a picture is
+drawn, never when this module is.
 """
 
 from __future__ import annotations
@@ -10,30 +10,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import PipelineError
+from pipeline.results.plots import pyplot
 
 COLUMNS = 8  # of the mistakes grid
-
-
-def pyplot():
-    """matplotlib.pyplot, drawing to files only; a one-line PipelineError where it is missing."""
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise PipelineError(
-            "drawing the confusion matrix and the mistakes needs matplotlib; "
-            "pip install -e .[report]"
-        ) from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def confusion_png(matrix: torch.Tensor, path: Path, title: str) -> Path:
     """Counts of true (rows) against predicted (columns) classes, on a log colour scale so
     that the few mistakes show next to the diagonal's thousands."""
-    plt = pyplot()
+    plt = pyplot("drawing the confusion matrix and the mistakes")
     from matplotlib.colors import LogNorm
 
     counts = matrix.numpy()
@@ -70,7 +55,7 @@ def confusion_png(matrix: torch.Tensor, path: Path, title: str) -> Path:
 def mistakes_png(images: torch.Tensor, mistakes: list[dict], path: Path, title: str) -> Path:
     """The test images of `mistakes` (index, label, predicted, probability), most confident
     first, each titled with its true and predicted label."""
-    plt = pyplot()
+    plt = pyplot("drawing the confusion matrix and the mistakes")
     rows = max(1, -(-len(mistakes) // COLUMNS))
     fig, axes = plt.subplots(rows, COLUMNS, figsize=(COLUMNS * 1.3, rows * 1.55 + 0.6))
     for ax in axes.flat:

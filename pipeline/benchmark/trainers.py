@@ -14,9 +14,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from pipeline import host
 from pipeline.config import Config
-from pipeline.data import MEAN, STD, TrainBatches
+from pipeline.cpu_memory import reuse_freed_memory
+from pipeline.data.device import MEAN, STD, TrainBatches
 from pipeline.engine import Engine, build_scheduler, loss_function
 from pipeline.engine import evaluate as evaluate_model
 
@@ -79,7 +79,7 @@ def classic_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
 # -- the two trainers, each: steps of an epoch, a logging-interval flush, evaluation ----------
 def pipeline_trainer(cfg, ctx, data, raw, model, micro, workers):
     if cfg.train.reuse_host_memory and ctx.device.type == "cpu":
-        host.reuse_freed_memory()  # as pipeline.train does; the baseline keeps the defaults
+        reuse_freed_memory()  # as pipeline.train does; the baseline keeps the defaults
     batches = TrainBatches(
         data.train_x, data.train_y, micro, ctx.rank, ctx.world_size, cfg.train.seed
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.fetch import Remote
+from pipeline.data.download import Remote
 
 FILES: dict[tuple[str, str], str] = {
     ("train", "images"): "train-images-idx3-ubyte",

@@ -2,33 +2,28 @@
 start.
 
 `find_checkpoint` takes what a user passes (a run directory: its newest valid checkpoint; or a
-file), `config_of` rebuilds the run's typed config from the checkpoint (keys of other versions
-of the project are ignored, missing ones get their defaults), and `build_model` gives the
-checkpoint's `LeNet` variant with its weights. `run_cli` turns the errors of a command into one
-line and its exit code.
+file), `config_of` reads the run's config from the checkpoint through the config's own
+conversion and checks (keys of other versions of the project are left out, missing ones get
+their defaults), and `build_model` gives the checkpoint's `LeNet` variant with its weights.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-from collections.abc import Callable
+import logging
 from pathlib import Path
 
 from pipeline import checkpoint
-from pipeline.config import Config
-from pipeline.errors import EXIT_INTERRUPTED, CheckpointError, PipelineError, describe
+from pipeline.config import Config, from_dict
+from pipeline.errors import CheckpointError, ConfigError, describe
 from pipeline.model import LeNet
 
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
-def find_checkpoint(target: Path, warn: Callable[[str], None] = warn) -> Path:
+def find_checkpoint(target: Path) -> Path:
     """The checkpoint file `target` names: itself, or a run directory's newest valid one."""
     if target.is_dir():
-        path = checkpoint.newest_valid(target, warn)
+        path = checkpoint.newest_valid(target)
         if path is None:
             raise CheckpointError(
                 f"{target} holds no checkpoint (ckpt-*.pt); pass the train.run_dir of a run "
@@ -50,13 +45,12 @@ def config_of(state: dict, path: Path) -> Config:
             f"checkpoint {path} holds no run config; pass a checkpoint written by "
             "python -m pipeline.train"
         )
-    sections = {}
-    for section in dataclasses.fields(Config):
-        cls = section.default_factory
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = raw.get(section.name, {})
-        sections[section.name] = cls(**{k: v for k, v in values.items() if k in known})
-    return Config(**sections)
+    try:
+        return from_dict(raw)
+    except ConfigError as e:
+        raise CheckpointError(
+            f"checkpoint {path} holds a config this version cannot use: {e}"
+        ) from e
 
 
 def build_model(state: dict, cfg: Config, path: Path) -> LeNet:
@@ -72,21 +66,9 @@ def build_model(state: dict, cfg: Config, path: Path) -> LeNet:
     return model.eval()
 
 
-def load(target: Path, warn: Callable[[str], None] = warn) -> tuple[Path, dict, Config, LeNet]:
+def load(target: Path) -> tuple[Path, dict, Config, LeNet]:
     """The checkpoint `target` names: its path, its state, its config and its model."""
-    path = find_checkpoint(target, warn)
+    path = find_checkpoint(target)
     state = checkpoint.load(path)
     cfg = config_of(state, path)
     return path, state, cfg, build_model(state, cfg, path)
-
-
-def run_cli(body: Callable[[], int]) -> int:
-    """Run a command's `body`; an error becomes one line on stderr and its exit code."""
-    try:
-        return body()
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED

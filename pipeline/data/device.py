@@ -1,4 +1,4 @@
-"""MNIST as tensors on the training device, sharded across ranks, cut into batches.
+"""A dataset as tensors on the training device, sharded across ranks, cut into batches.
 
 The decoded dataset is moved to the device once, normalised and padded to 32x32 there, so the
 training loop never touches per-sample Python, PIL or transforms. Each epoch this rank's shard
@@ -7,16 +7,24 @@ rank), computed with tensor operations; it is gathered once into a buffer that i
 epoch to epoch, and batches are views of it. Every batch has the same shape (the ragged tail is
 dropped), which is what compiled graphs and CUDA graphs need. Evaluation splits the test set so
 that every image is counted exactly once across ranks.
+
+`load_splits` is how training, evaluation and the benchmark read a dataset: the same files, the
+same checks and cache, the dataset and mirrors of the run's config.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from pipeline import dist
+from pipeline.config import DataConfig
+from pipeline.data import store
 
 MEAN, STD = 0.1307, 0.3081  # MNIST's training-set pixel statistics
 
@@ -26,6 +34,35 @@ def normalize_and_pad(images: torch.Tensor, device: torch.device) -> torch.Tenso
     x = images.to(device).unsqueeze(1).float().div_(255).sub_(MEAN).div_(STD)
     # Pad with the normalised value of a black pixel, as Pad-then-Normalize would.
     return F.pad(x, (2, 2, 2, 2), value=-MEAN / STD)
+
+
+def load_splits(
+    cfg: DataConfig,
+    ctx: dist.DistContext,
+    splits: Sequence[str] = store.SPLITS,
+    root: str | Path | None = None,
+) -> dict[str, torch.Tensor]:
+    """The `splits` of the configured dataset as CPU tensors on every rank (`root` instead of
+    data.root where given): each node's local rank 0 checks the files, downloads the missing
+    ones from data.mirrors and caches them; then every rank maps the caches."""
+    where = Path(root if root is not None else cfg.root)
+    return dist.leader_then_all(
+        ctx,
+        lambda: store.prepare(
+            where,
+            download=cfg.download,
+            dataset=cfg.dataset,
+            mirrors=cfg.mirror_list(),
+            splits=splits,
+        ),
+        lambda: store.load(where, cfg.dataset, splits),
+    )
+
+
+def steps_per_epoch(n: int, micro_batch: int, world_size: int, grad_accum: int) -> int:
+    """Optimizer steps in an epoch of `n` training images: each rank's shard (n / world,
+    rounded up) in whole micro-batches, the incomplete tail dropped."""
+    return math.ceil(n / world_size) // micro_batch // grad_accum
 
 
 @dataclass

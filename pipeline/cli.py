@@ -1,0 +1,155 @@
+"""What every command shares: its parser's common options, the logging set-up, and one mapping
+from errors to exit codes (the README's table), so train, evaluate, export, predict, report and
+bench end alike.
+
+`run(body)` calls the command's body and turns what escapes it into one line and an exit code:
+- a `PipelineError`: its message as `error: ...` and its exit code. Before the process group
+  starts (config, command line, environment) every rank meets the same error, so only rank 0
+  prints it; once the group is up, the rank that raised it prints it (a peer that learns of the
+  failure through a collective raises `PeerFailed`, which ends quietly with the same code).
+  Under torchrun the message also goes into the worker's error file, so that torchrun names it
+  as the root cause whichever rank exited first;
+- an `OSError` (a file that cannot be written: no space, no permission) exits 7;
+- a failed collective (a lost peer, a timeout) exits 6 with a line from that rank;
+- Ctrl-C exits 130 with one line from rank 0; a closed pipe (`report | head`) ends quietly;
+- anything else is a bug: its traceback, exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+
+from pipeline import __version__, logs
+from pipeline.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_RUN_DIR,
+    EXIT_UNEXPECTED,
+    PeerFailed,
+    PipelineError,
+    RunDirError,
+    Stopped,
+    describe,
+)
+
+log = logging.getLogger(__name__)
+
+
+def prog(module: str) -> str:
+    """The program's name as it was called: `lenet-train`, or `python -m pipeline.train`."""
+    called = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if not called or called.endswith(".py") or called == "-c":
+        return f"python -m {module}"
+    return called
+
+
+def parser(module: str, description: str, **kwargs) -> argparse.ArgumentParser:
+    """An argument parser with the options every command has: --version, -v, -q."""
+    p = argparse.ArgumentParser(prog=prog(module), description=description, **kwargs)
+    p.add_argument("--version", action="version", version=f"%(prog)s (lenet-ddp) {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print debug messages")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="print only warnings, errors and results"
+    )
+    return p
+
+
+def verbosity(args: argparse.Namespace) -> int:
+    return 1 if args.verbose else -1 if args.quiet else 0
+
+
+def env_rank() -> int:
+    """This process's rank as its launcher set it (0 without one)."""
+    for name in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def _group_started() -> bool:
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return False
+    return dist.is_available() and dist.is_initialized()
+
+
+def _record_for_torchrun(e: BaseException) -> None:
+    """Write the error into torchrun's error file for this worker, if it gave one, so that its
+    failure report names the error (it shows the first rank that exited)."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(e)
+    except Exception:
+        pass  # the report is torchrun's; ours is already on stderr
+
+
+def report(e: PipelineError) -> None:
+    """One `error:` line for `e`, from the rank that should say it (see the module's text)."""
+    _record_for_torchrun(e)
+    if _group_started() or env_rank() == 0:
+        log.error(str(e))
+
+
+def run(body: Callable[[], int], *, verbose: int = 0, interrupted: str = "interrupted") -> int:
+    """Run a command's `body` and return its exit code; see the module's text."""
+    rank = env_rank()
+    logs.setup(rank, verbose)
+    try:
+        return body()
+    except Stopped as e:  # the run said why, and where its checkpoint is
+        return e.exit_code
+    except PeerFailed as e:
+        return e.exit_code
+    except PipelineError as e:
+        report(e)
+        return e.exit_code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
+    except OSError as e:
+        err = RunDirError(
+            f"cannot write {e.filename or 'a file'}: {e.strerror or describe(e)}; free space or "
+            "choose a writable directory, and run again"
+        )
+        report(err)
+        return EXIT_RUN_DIR
+    except KeyboardInterrupt as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # no traceback for another one
+        if rank == 0:
+            print(str(e) or interrupted, file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except RuntimeError as e:  # torch.distributed.DistError included
+        from pipeline import dist
+
+        err = dist.collective_failure(e)
+        if err is None:
+            _record_for_torchrun(e)
+            traceback.print_exc()
+            return EXIT_UNEXPECTED
+        _record_for_torchrun(err)
+        log.error(f"(rank {rank}) {err}")
+        return err.exit_code
+    except Exception as e:
+        _record_for_torchrun(e)
+        traceback.print_exc()
+        return EXIT_UNEXPECTED
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null, so that the interpreter's own flush at
+    exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass

@@ -1,0 +1,49 @@
+"""Several training processes on this machine from one command: `lenet-train --nproc-per-node N`
+(what `launch/cpu.sh` and `launch/single_node.sh` run).
+
+It is `torchrun --standalone --nproc-per-node=N -m pipeline.train ...` run inside this process,
+so that the job speaks with one voice: the config is checked for the world before any worker
+starts (a bad key or a batch size that does not split is one line, with no worker started), a
+worker's error is the one line that worker printed (not torchrun's report after it), and
+Ctrl-C is one line from rank 0 after the ranks saved their checkpoint. torchrun's own log lines
+are left out unless `-v` is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from pipeline.errors import EXIT_INTERRUPTED, EXIT_UNEXPECTED
+
+log = logging.getLogger(__name__)
+
+
+def run_local(nproc: int, train_args: list[str], verbose: bool = False) -> int:
+    """Run `python -m pipeline.train TRAIN_ARGS` as `nproc` ranks here; the job's exit code:
+    0, or the exit code of the first rank that failed."""
+    if not verbose:
+        os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torchrun's elastic loggers read it
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = torchrun.parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "-m", "pipeline.train", *train_args]
+    )
+    try:
+        torchrun.run(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        if code < 0:  # killed by a signal, without a word of its own
+            log.error(f"rank {rank} was killed by signal {-code}; see the lines above")
+            return EXIT_UNEXPECTED
+        return code
+    except SignalException as e:
+        # torchrun stopped the workers with SIGTERM: each saved a checkpoint and said so (rank 0).
+        return EXIT_INTERRUPTED if e.sigval == 2 else 128 + int(e.sigval)
+    finally:
+        sys.stdout.flush()
+    return 0
