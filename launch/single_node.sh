@@ -13,5 +13,4 @@ config=configs/mnist_lenet.yaml  # unless the arguments name one
 for arg in "$@"; do
   if [[ "$arg" == --config || "$arg" == --config=* ]]; then config=""; fi
 done
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
-  -m pipeline.train ${config:+--config "$config"} "$@"
+exec "$PYTHON" -m pipeline.train --nproc-per-node="$NPROC" ${config:+--config "$config"} "$@"

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_UNEXPECTED
 
 log = logging.getLogger(__name__)
+
+WORKER = ["-m", "pipeline.train"]  # what each rank runs: torchrun's training script and options
 
 
 def run_local(nproc: int, train_args: list[str], verbose: bool = False) -> int:
@@ -29,9 +32,7 @@ def run_local(nproc: int, train_args: list[str], verbose: bool = False) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    args = torchrun.parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", "-m", "pipeline.train", *train_args]
-    )
+    args = torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", *WORKER, *train_args])
     try:
         torchrun.run(args)
     except ChildFailedError as e:
@@ -43,7 +44,7 @@ def run_local(nproc: int, train_args: list[str], verbose: bool = False) -> int:
         return code
     except SignalException as e:
         # torchrun stopped the workers with SIGTERM: each saved a checkpoint and said so (rank 0).
-        return EXIT_INTERRUPTED if e.sigval == 2 else 128 + int(e.sigval)
+        return EXIT_INTERRUPTED if e.sigval == signal.SIGINT else 128 + int(e.sigval)
     finally:
         sys.stdout.flush()
     return 0

@@ -12,6 +12,7 @@ import argparse
 
 from pipeline import cli, dist, launcher
 from pipeline.config import help_text, load_config, validate_for_world
+from pipeline.errors import EXIT_RUN_DIR, RunDirError, describe
 from pipeline.stop_signals import StopRequest
 from pipeline.tracking import describe_overrides
 from pipeline.trainer import Trainer
@@ -77,6 +78,14 @@ def train(args: argparse.Namespace, stop: StopRequest) -> int:
         trainer = Trainer(cfg, ctx, shown, args.print_config, stop)
         trainer.run()
         return 0
+    except OSError as e:  # writing the run directory: no space, removed, not writable
+        if trainer is not None:
+            trainer.tracker.close(EXIT_RUN_DIR)
+        raise RunDirError(
+            f"cannot write {e.filename or cfg.train.run_dir}: {e.strerror or describe(e)}; the "
+            "checkpoints already there are kept; free space, or choose a writable "
+            "train.run_dir, and run again to resume"
+        ) from e
     except BaseException as e:
         if trainer is not None:  # W&B is told how the run ended
             trainer.tracker.close(getattr(e, "exit_code", 1))

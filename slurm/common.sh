@@ -4,8 +4,9 @@
 # lenet_setup CONFIG [section.key=value ...]
 #     Checks that it runs in a Slurm job and sets, for the job step:
 #       PYTHON       the interpreter (environment, default python3: set it to a venv's python)
-#       RUN_DIR      checkpoints and metrics (environment, default runs/<job name>-<job id>:
-#                    the job id survives a requeue, so a requeued job resumes in it)
+#       RUN_DIR      checkpoints and metrics: a train.run_dir=DIR among the overrides, else the
+#                    environment's RUN_DIR, else runs/<job name>-<job id> (the job id survives
+#                    a requeue, so a requeued job resumes in it)
 #       TRAIN        the training arguments: -m pipeline.train --config CONFIG ...
 #       TASKS        srun's task options for the nodes this run was given: --ntasks-per-node
 #                    on each of them (a requeued job may get fewer nodes than it had, while
@@ -63,6 +64,10 @@ lenet_setup() {
   command -v "$PYTHON" >/dev/null ||
     lenet_die "PYTHON=$PYTHON not found on $(hostname); set PYTHON to the interpreter to use"
   RUN_DIR=${RUN_DIR:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}
+  local arg
+  for arg in "${@:2}"; do # the overrides win: the log names the directory the run uses
+    if [[ $arg == train.run_dir=* ]]; then RUN_DIR=${arg#train.run_dir=}; fi
+  done
   # shellcheck disable=SC2034 # used by the batch scripts
   TRAIN=(-m pipeline.train --config "$1" "train.run_dir=$RUN_DIR" "${@:2}")
   export PYTHONPATH="$LENET_DIR${PYTHONPATH:+:$PYTHONPATH}"

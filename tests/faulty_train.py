@@ -10,6 +10,7 @@ no test switch:
   when its whole node dies.
 - `--step-sleep S`: sleep S seconds after every optimizer step (a run slow enough for a test to
   act on it while it trains).
+With `--nproc-per-node N` among the training arguments, each rank runs this script too.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import signal
 import sys
 import time
 
-from pipeline import dist, train
+from pipeline import dist, launcher, train
 from pipeline.trainer import Trainer
 
 
@@ -69,4 +70,6 @@ def install(faults: argparse.Namespace) -> None:
 if __name__ == "__main__":
     faults, train_args = parse(sys.argv[1:])
     install(faults)
+    split = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
+    launcher.WORKER = [__file__, *sys.argv[1:split], "--"]  # the ranks of --nproc-per-node too
     sys.exit(train.main(train_args))

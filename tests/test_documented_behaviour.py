@@ -11,7 +11,6 @@ through the training loop's internals.
 from __future__ import annotations
 
 import itertools
-import signal
 from pathlib import Path
 
 import pytest
@@ -24,11 +23,9 @@ from pipeline.engine import build_scheduler
 from conftest import (
     TINY_ARGS,
     assert_ok,
-    background_training,
     final_model,
     read_jsonl,
     run_pipeline,
-    wait_for_steps,
 )
 
 N_TRAIN = 512  # training images of the `tiny_mnist` fixture
@@ -47,28 +44,6 @@ def _assert_same_model(a_dir: Path, b_dir: Path) -> None:
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"parameters differ: {differ}"
-
-
-# -- Ctrl-C ---------------------------------------------------------------------------------
-
-
-def _default_sigint() -> None:
-    # A shell that starts pytest in the background makes it ignore SIGINT, and children inherit
-    # that; in a terminal the training process has Python's own handler, as here.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def test_ctrl_c_exits_130_with_one_line(tiny_mnist, tmp_path):
-    run_dir, log = tmp_path / "run", tmp_path / "log"
-    args = _args(tiny_mnist, run_dir, "train.epochs=100000", "train.log_every=1")
-    with background_training(args, log, preexec_fn=_default_sigint) as proc:
-        wait_for_steps(run_dir, proc, log, timeout=120)
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends
-        proc.wait(timeout=60)
-    out = log.read_text()
-    assert proc.returncode == 130, f"exit {proc.returncode}\n{out[-3000:]}"
-    assert out.strip().splitlines()[-1] == "interrupted", out[-3000:]
-    assert "Traceback" not in out, out[-3000:]
 
 
 # -- train.resume=<path> --------------------------------------------------------------------

@@ -93,7 +93,7 @@ def test_single_node_sh_trains_with_overrides(tiny_mnist, tmp_path):
     args = [f"data.root={tiny_mnist}", *TINY_ARGS, f"train.run_dir={run_dir}"]
     proc = launch("single_node.sh", args, nproc=nproc)
     assert_ok(proc)
-    assert "world 1 (torchrun, " in proc.stdout
+    assert "world 1 (single, " in proc.stdout
     assert "config: configs/mnist_lenet.yaml" in proc.stdout
     assert "train.epochs=1 (file: 8)" in proc.stdout
     assert epochs_run(run_dir) == [1]

@@ -1,4 +1,4 @@
-"""Tests for pipeline.data.idx and pipeline.data.store: IDX reading and checking, the prepare/load cache, error messages.
+"""pipeline.data.idx and pipeline.data.store: IDX reading and checks, the cache, error messages.
 
 Most tests write tiny IDX files of their own (64 train / 32 test images); one test reads the
 real MNIST at $MNIST_ROOT (the `mnist_root` fixture): it skips with the reason where the data is
