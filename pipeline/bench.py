@@ -38,6 +38,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", default=str(REPO / "bench"), help="folder for the JSON and markdown")
     p.add_argument("--only", default="", help="only the cases whose name matches this regex")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="section.key=value",
+        help="a config override for every case (repeatable), e.g. --set data.dataset=kmnist",
+    )
     return p.parse_args(argv)
 
 

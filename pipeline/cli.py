@@ -18,10 +18,12 @@ bench end alike.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 
@@ -80,16 +82,24 @@ def _group_started() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _record_for_torchrun(e: BaseException) -> None:
+def _record_for_torchrun(e: BaseException, with_traceback: bool = False) -> None:
     """Write the error into torchrun's error file for this worker, if it gave one, so that its
-    failure report names the error (it shows the first rank that exited)."""
-    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+    failure report names the error (it shows the first rank that exited): the one line of an
+    error meant for people, the traceback of any other."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
         return
+    text = traceback.format_exc() if with_traceback else f"error: {e}"
+    record = {
+        "message": {
+            "message": f"{type(e).__name__}: {e}",
+            "extraInfo": {"py_callstack": text, "timestamp": str(int(time.time()))},
+        }
+    }
     try:
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
-        ErrorHandler().record_exception(e)
-    except Exception:
+        with open(path, "w") as f:  # the format of torch's ErrorHandler.record_exception
+            json.dump(record, f)
+    except OSError:
         pass  # the report is torchrun's; ours is already on stderr
 
 
@@ -133,14 +143,14 @@ def run(body: Callable[[], int], *, verbose: int = 0, interrupted: str = "interr
 
         err = dist.collective_failure(e)
         if err is None:
-            _record_for_torchrun(e)
+            _record_for_torchrun(e, with_traceback=True)
             traceback.print_exc()
             return EXIT_UNEXPECTED
         _record_for_torchrun(err)
         log.error(f"(rank {rank}) {err}")
         return err.exit_code
     except Exception as e:
-        _record_for_torchrun(e)
+        _record_for_torchrun(e, with_traceback=True)
         traceback.print_exc()
         return EXIT_UNEXPECTED
 

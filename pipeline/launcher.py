@@ -12,7 +12,6 @@ are left out unless `-v` is given.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 
@@ -26,11 +25,12 @@ WORKER = ["-m", "pipeline.train"]  # what each rank runs: torchrun's training sc
 def run_local(nproc: int, train_args: list[str], verbose: bool = False) -> int:
     """Run `python -m pipeline.train TRAIN_ARGS` as `nproc` ranks here; the job's exit code:
     0, or the exit code of the first rank that failed."""
-    if not verbose:
-        os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torchrun's elastic loggers read it
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if not verbose:
+        _quiet_torchrun()
 
     args = torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", *WORKER, *train_args])
     try:
@@ -48,3 +48,10 @@ def run_local(nproc: int, train_args: list[str], verbose: bool = False) -> int:
     finally:
         sys.stdout.flush()
     return 0
+
+
+def _quiet_torchrun() -> None:
+    """Leave out torchrun's log lines (each elastic logger sets its own level when created)."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)

@@ -54,10 +54,13 @@ def mnist_root() -> Path:
     return root
 
 
-def write_tiny_mnist(root: Path, n_train: int = 512, n_test: int = 128, seed: int = 0) -> Path:
-    """A small random dataset in MNIST's IDX layout under `root`/MNIST/raw."""
+def write_tiny_mnist(
+    root: Path, n_train: int = 512, n_test: int = 128, seed: int = 0, folder: str = "MNIST"
+) -> Path:
+    """A small random dataset in MNIST's IDX layout under `root`/`folder`/raw (FashionMNIST,
+    KMNIST: the folders of the other data.dataset values)."""
     rng = np.random.default_rng(seed)
-    raw = root / "MNIST" / "raw"
+    raw = root / folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_train), ("test", n_test)):
         labels = rng.integers(0, 10, n, dtype=np.uint8)

@@ -71,6 +71,47 @@ def test_corrupt_gzip_names_the_file(tiny_mnist, tmp_path):
     _check_one_line(proc, EXIT_DATA, "t10k-labels-idx1-ubyte.gz", 1)
 
 
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("optim.lrate=0.1", "unknown config key optim.lrate"),
+        ("train.batch_size=63", "63 cannot be split across 2 rank(s)"),
+    ],
+)
+def test_nproc_per_node_reports_a_config_error_once_before_any_rank_starts(
+    tiny_mnist, tmp_path, override, needle
+):
+    run_dir = tmp_path / "run"
+    proc = run_pipeline(
+        [
+            "--nproc-per-node=2",
+            *TINY_ARGS,
+            f"data.root={tiny_mnist}",
+            f"train.run_dir={run_dir}",
+            override,
+        ]
+    )
+    assert proc.returncode == EXIT_CONFIG
+    assert proc.stderr.strip().splitlines() == _our_error_lines(proc.stderr), proc.stderr
+    (line,) = _our_error_lines(proc.stderr)
+    assert needle in line and proc.stdout == "" and not run_dir.exists()
+
+
+def test_nproc_per_node_reports_a_rank_error_once(tmp_path):
+    proc = run_pipeline(
+        [
+            "--nproc-per-node=2",
+            *TINY_ARGS,
+            f"data.root={tmp_path / 'nowhere'}",
+            f"train.run_dir={tmp_path / 'run'}",
+        ]
+    )
+    assert proc.returncode == EXIT_DATA
+    (line,) = _our_error_lines(proc.stderr)
+    assert "train-images-idx3-ubyte" in line
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr
+
+
 def test_help_lists_keys():
     proc = run_pipeline(["--help"])
     assert proc.returncode == 0

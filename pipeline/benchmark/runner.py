@@ -257,8 +257,10 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
         for c in cases(device, torch.cuda.device_count(), args.quick)
         if re.search(args.only, c.name)
     ]
+    for c in todo:
+        c.overrides = [*c.overrides, *args.set]
     # The datasets of the cases' configs, checked (and cached) once here, not in every case.
-    for dataset in sorted({load_config(REPO / c.config).data.dataset for c in todo}):
+    for dataset in sorted({load_config(REPO / c.config, c.overrides).data.dataset for c in todo}):
         try:
             store.prepare(args.data_root, download=False, dataset=dataset)
         except DataError as e:
