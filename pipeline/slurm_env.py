@@ -15,6 +15,7 @@ import re
 import socket
 
 from pipeline.errors import DistributedError
+from pipeline.files import env_int
 
 PORT_BASE, PORT_SPAN = 20000, 10000
 # One host pattern, e.g. "gpu[01-04,07]-ib"; a host list is such patterns joined by commas.
@@ -77,16 +78,18 @@ def visible_gpus(env: dict) -> int:
 
 
 def _int(env: dict, name: str, default: int | None = None) -> int:
-    value = env.get(name)
-    if value is None and default is not None:
-        return default
-    try:
-        return int(value)
-    except (TypeError, ValueError) as e:
+    if default is None and not env.get(name, "").strip():
         raise DistributedError(
-            f"SLURM variable {name}={value!r} is not an integer; start the tasks with srun "
-            "and leave the SLURM_* variables as srun sets them"
-        ) from e
+            f"SLURM variable {name} is not set; start the tasks with srun and leave the SLURM_* "
+            "variables as srun sets them"
+        )
+    try:
+        return env_int(name, default or 0, env)
+    except ValueError as e:
+        raise DistributedError(
+            f"SLURM {e}; start the tasks with srun and leave the SLURM_* variables as srun "
+            "sets them"
+        ) from None
 
 
 def rendezvous(env: dict) -> tuple[str, str]:

@@ -14,8 +14,11 @@ import http.server
 import io
 import json
 import os
+import shutil
 import socket
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +32,7 @@ from pipeline.data.catalog import DATASETS, FILES
 from pipeline.data.download import Remote, check
 from pipeline.errors import EXIT_DATA, ConfigError, DataError
 
-from conftest import assert_ok, real_mnist_root, require, run_pipeline
+from conftest import REPO, assert_ok, child_env, real_mnist_root, require, run_pipeline
 
 GZ_NAMES = [name + ".gz" for name in FILES.values()]
 LAST = FILES[("test", "labels")] + ".gz"  # the last file fetched
@@ -245,6 +248,31 @@ def test_404_on_the_first_mirror_then_the_second_serves_two_ranks(
     assert json.loads((run_dir / "summary.json").read_text())["dataset"] == "mnist"
 
 
+def test_evaluate_fetches_the_test_files_from_the_runs_mirror(
+    server: MirrorServer, tmp_path: Path
+) -> None:
+    """A run trained from a custom mirror, its test files gone: evaluate downloads those two
+    from the run's data.mirrors, and none of the training files it does not need."""
+    root, run_dir = tmp_path / "data", tmp_path / "run"
+    assert_ok(run_pipeline(prepare_args(root, run_dir, server.url("ok")), env=NO_PROXY))
+    shutil.rmtree(root / "MNIST" / "cache")
+    tests = [name for name in GZ_NAMES if name.startswith("t10k")]
+    for name in [*tests, *(n for n in GZ_NAMES if n.startswith("train"))]:
+        (store.raw_dir(root) / name).unlink()
+    server.log.clear()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.evaluate", str(run_dir), "--tracking", "disabled"],
+        cwd=REPO,
+        env=child_env(NO_PROXY),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert server.served("ok") == tests
+    assert "test images:     10,000" in proc.stdout
+
+
 def test_truncated_response_is_retried(server: MirrorServer, tmp_path: Path) -> None:
     root = tmp_path / "data"
     proc = run_pipeline(
@@ -342,8 +370,10 @@ def test_other_datasets_live_in_their_own_folder(tmp_path: Path) -> None:
 
     write_tiny_mnist(tmp_path)
     (tmp_path / "MNIST").rename(tmp_path / "KMNIST")
-    cache = store.prepare(tmp_path, download=False, dataset="kmnist")
-    assert cache == tmp_path / "KMNIST" / "cache" / "kmnist-v1.pt"
+    caches = store.prepare(tmp_path, download=False, dataset="kmnist")
+    assert caches == [
+        tmp_path / "KMNIST" / "cache" / f"kmnist-{s}-v2.pt" for s in ("train", "test")
+    ]
     assert store.load(tmp_path, "kmnist")["train_images"].shape == (512, 28, 28)
     with pytest.raises(DataError, match=f"^MNIST needs .* in {tmp_path / 'MNIST' / 'raw'} but"):
         store.prepare(tmp_path, download=False)

@@ -40,9 +40,11 @@ def _run(root, run_dir, nproc, *extra):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_mnist, tmp_path_factory):
-    """The whole run on 2 ranks, and a control run with another learning rate."""
+    """The whole run on 2 ranks and on 1 (the same run, up to the order of float sums), and a
+    control run with another learning rate."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
     _run(tiny_mnist, tmp / "w2", 2)
+    _run(tiny_mnist, tmp / "w1", 1)
     _run(tiny_mnist, tmp / "control", 2, "optim.lr=0.09")
     return tmp
 
@@ -63,16 +65,24 @@ def test_a_checkpoint_resumes_on_another_world_size(
     assert f"world {n0} -> {n1}" in resumed.stdout
 
     reference, control = uninterrupted / "w2", uninterrupted / "control"
-    ours = _losses(run_dir)
-    # The same optimizer steps, and the same samples in each: the losses agree step by step.
-    assert sorted(ours) == sorted(_losses(reference))
-    loss_gap = max(abs(ours[s] - _losses(reference)[s]) for s in ours)
-    control_gap = max(abs(_losses(control)[s] - _losses(reference)[s]) for s in ours)
-    assert loss_gap < 1e-4 < control_gap, (loss_gap, control_gap)
+    other_split = uninterrupted / "w1"
+    ours, theirs = _losses(run_dir), _losses(reference)
+
+    def loss_gap(a: dict) -> float:
+        return max(abs(a[s] - theirs[s]) for s in ours)
+
+    # The same optimizer steps, and the same samples in each: the losses agree step by step,
+    # as closely as an uninterrupted run on another number of ranks does (float sums in
+    # another order drift apart over the steps, more on some CPUs than on others).
+    assert sorted(ours) == sorted(theirs)
+    float_order = loss_gap(_losses(other_split))
+    gap, control_gap = loss_gap(ours), loss_gap(_losses(control))
+    assert gap <= max(1e-4, 3 * float_order) < control_gap / 10, (gap, float_order, control_gap)
     # The parameters end equal up to float sums in another order; a control run is far off.
     diff = max_diff(final_model(run_dir), final_model(reference))
+    float_diff = max_diff(final_model(other_split), final_model(reference))
     control_diff = max_diff(final_model(control), final_model(reference))
-    assert diff < 1e-4 and control_diff > 100 * max(diff, 1e-6), (diff, control_diff)
+    assert diff <= max(1e-4, 3 * float_diff) < control_diff / 10, (diff, float_diff, control_diff)
     # The epoch summary counts every image once across the change.
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in epochs] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
