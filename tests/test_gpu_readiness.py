@@ -6,12 +6,18 @@ without CUDA. (The GPU runs themselves are in tests/test_cuda.py.)"""
 
 import dataclasses
 import inspect
+import random
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from pipeline import checkpoint
 from pipeline.config import TrainConfig
 from pipeline.engine import CUDA_GRAPH_MODES, bf16_warning, uses_cuda_graphs
+
+from conftest import TINY_ARGS, assert_ok, run_pipeline
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
@@ -51,3 +57,102 @@ def test_torch_tells_native_bf16_apart_from_emulation():
     params = inspect.signature(torch.cuda.is_bf16_supported).parameters
     assert "including_emulation" in params
     assert torch.cuda.is_bf16_supported(including_emulation=False) in (True, False)
+
+
+# -- CPU tensors in checkpoints --------------------------------------------------------------------
+def test_every_tensor_of_a_nested_state_is_reached():
+    state = {
+        "model": {"w": torch.zeros(2), "b": torch.zeros(1)},
+        "optimizer": {"state": {0: {"exp_avg": torch.zeros(2)}}, "param_groups": [{"lr": 0.1}]},
+        "rng": [{"numpy": ("MT19937", torch.zeros(3), 5), "cuda": [torch.zeros(4)]}],
+        "epoch": 3,
+        "scaler": None,
+    }
+    moved = checkpoint.map_tensors(state, lambda t: t + 7)
+    assert moved["model"]["w"].tolist() == [7, 7] and moved["model"]["b"].tolist() == [7]
+    assert moved["optimizer"]["state"][0]["exp_avg"].tolist() == [7, 7]
+    numpy_state = moved["rng"][0]["numpy"]
+    assert isinstance(numpy_state, tuple) and numpy_state[0] == "MT19937"
+    assert numpy_state[1].tolist() == [7, 7, 7] and numpy_state[2] == 5
+    assert moved["rng"][0]["cuda"][0].tolist() == [7] * 4
+    assert moved["optimizer"]["param_groups"] == [{"lr": 0.1}]
+    assert (moved["epoch"], moved["scaler"]) == (3, None)
+    assert state["model"]["w"].tolist() == [0, 0]  # the state itself is left alone
+
+
+def test_on_cpu_gives_plain_cpu_tensors():
+    weight = torch.nn.Parameter(torch.ones(3))
+    got = checkpoint.on_cpu({"model": {"w": weight}, "rng": [(torch.ones(2),)]})
+    w = got["model"]["w"]
+    assert w.device.type == "cpu" and not w.requires_grad and not isinstance(w, torch.nn.Parameter)
+    assert got["rng"][0][0].device.type == "cpu"
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+
+
+def _args(root, run_dir, *extra):
+    return [*TINY_ARGS, f"data.root={root}", f"train.run_dir={run_dir}", *extra]
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tiny_mnist, tmp_path_factory) -> Path:
+    """A real CPU run, stopped at train.max_steps=8 of its 16 with a checkpoint."""
+    run_dir = tmp_path_factory.mktemp("cpu-run") / "run"
+    assert_ok(run_pipeline(_args(tiny_mnist, run_dir, "train.max_steps=8", "dist.device=cpu")))
+    return run_dir
+
+
+def test_a_real_runs_checkpoint_holds_cpu_tensors_only(cpu_run):
+    (path,) = checkpoint.list_checkpoints(cpu_run)
+    state = torch.load(path, weights_only=True)  # plain torch, no map_location
+    found = list(_tensors(state))
+    assert len(found) > 10 and {t.device.type for t in found} == {"cpu"}
+    assert state["rng"][0]["cuda"] == []  # a CPU rank has no CUDA generator to keep
+
+
+# -- each rank's own CUDA generator ----------------------------------------------------------------
+def test_a_rank_takes_the_cuda_generator_of_its_own_gpu():
+    a, b, c = torch.tensor([1]), torch.tensor([2]), torch.tensor([3])
+    assert checkpoint.cuda_rng_for([a], 0) is a  # this version: the saving rank's own GPU
+    assert checkpoint.cuda_rng_for([a], 3) is a  # on whichever GPU the resuming rank is
+    # Earlier versions: one per GPU the saving process saw, its own at its local rank.
+    assert checkpoint.cuda_rng_for([a, b, c], 1) is b
+    assert checkpoint.cuda_rng_for([a, b], 2) is a  # fewer saved than this GPU's index
+    assert checkpoint.cuda_rng_for([], 0) is None  # saved on CPU: the generator stays seeded
+
+
+def _draws() -> tuple:
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+
+def test_rng_states_come_back_with_a_cuda_list_of_any_length():
+    state = checkpoint.rng_state(CPU)
+    expected = _draws()
+    for cuda in ([], [torch.zeros(16, dtype=torch.uint8)] * 3):
+        random.seed(1), np.random.seed(1), torch.manual_seed(1)
+        checkpoint.set_rng_state({**state, "cuda": cuda}, CPU)
+        assert _draws() == expected
+
+
+def test_a_checkpoint_whose_cuda_rng_list_is_longer_resumes(tiny_mnist, cpu_run, tmp_path):
+    """A state written by earlier versions on a machine with 3 GPUs (one CUDA generator per
+    GPU) resumes here, and the run finishes."""
+    (path,) = checkpoint.list_checkpoints(cpu_run)
+    state = checkpoint.load(path)
+    state["rng"][0]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 3
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    checkpoint.save(run_dir, state["global_step"], state, keep=3)
+    proc = run_pipeline(_args(tiny_mnist, run_dir, "dist.device=cpu"))
+    assert_ok(proc)
+    assert f"resumed from {run_dir / path.name}" in proc.stdout
+    assert checkpoint.load(checkpoint.list_checkpoints(run_dir)[0])["global_step"] == 16
