@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as torch_dist
 
-from pipeline import checkpoint
-from pipeline.config import TrainConfig
+from pipeline import checkpoint, dist
+from pipeline.config import DistConfig, TrainConfig
 from pipeline.engine import CUDA_GRAPH_MODES, bf16_warning, uses_cuda_graphs
 
 from conftest import TINY_ARGS, assert_ok, run_pipeline
@@ -156,3 +157,98 @@ def test_a_checkpoint_whose_cuda_rng_list_is_longer_resumes(tiny_mnist, cpu_run,
     assert_ok(proc)
     assert f"resumed from {run_dir / path.name}" in proc.stdout
     assert checkpoint.load(checkpoint.list_checkpoints(run_dir)[0])["global_step"] == 16
+
+
+# -- what an NCCL failure means --------------------------------------------------------------------
+# Texts as torch 2.13 and NCCL write them: C10D_NCCL_CHECK's "NCCL error in: FILE:LINE, " +
+# ncclGetErrorString + ", NCCL version V", then getNcclErrorDetailStr's reading and NCCL's
+# last error; the watchdog's timeout message.
+NCCL_OOM = (
+    "NCCL error in: /pytorch/torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:3356, unhandled "
+    "cuda error (run with NCCL_DEBUG=INFO for details), NCCL version 2.26.2\n"
+    "ncclUnhandledCudaError: Call to CUDA function failed.\nLast error:\n"
+    "Cuda failure 2 'out of memory'"
+)
+NCCL_SAME_GPU = (
+    "NCCL error in: /pytorch/torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:1970, invalid "
+    "usage (run with NCCL_DEBUG=WARN for details), NCCL version 2.21.5\n"
+    "ncclInvalidUsage: This usually reflects invalid usage of NCCL library.\nLast error:\n"
+    "Duplicate GPU detected : rank 1 and rank 0 both on CUDA device 1000"
+)
+NCCL_REMOTE = (
+    "NCCL error: remote process exited or there was a network error, NCCL version 2.20.5\n"
+    "ncclRemoteError: A call failed possibly due to a network error or a remote process "
+    "exiting prematurely.\nLast error:\n"
+    "socketProgress: Connection closed by remote peer node1.cluster<45074>"
+)
+NCCL_OLD_SYSTEM = (  # NCCL before ncclRemoteError: a peer that exited was a system error
+    "NCCL error in: ../torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:1269, unhandled system "
+    "error, NCCL version 2.10.3\nncclSystemError: System call (e.g. socket, malloc) or external "
+    "library call failed or device error. It can be also caused by unexpected exit of a remote "
+    "peer, you can check NCCL warnings for failure reason and see if there is connection closure "
+    "by a peer."
+)
+NCCL_WATCHDOG = (
+    "[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=12, OpType=ALLREDUCE"
+    ", NumelIn=61706, NumelOut=61706, Timeout(ms)=1200000) ran for 1200081 milliseconds before "
+    "timing out."
+)
+
+
+@pytest.fixture(autouse=True)
+def _group_not_broken(monkeypatch):
+    """collective_failure marks this process's groups broken: keep that inside each test."""
+    monkeypatch.setattr(dist, "_broken", False)
+
+
+@pytest.mark.parametrize(
+    "text, starting, says",
+    [
+        (NCCL_OOM, True, "NCCL could not start on this rank's GPU, not because of a peer"),
+        (NCCL_OOM, False, "NCCL failed on this rank's GPU, not because of a peer"),
+        (NCCL_SAME_GPU, True, "Duplicate GPU detected : rank 1 and rank 0 both on CUDA device"),
+        (NCCL_REMOTE, False, "lost contact with a peer rank (NCCL error: remote process exited"),
+        (NCCL_OLD_SYSTEM, False, "lost contact with a peer rank"),
+        (NCCL_WATCHDOG, False, "an NCCL collective waited more than 1200 s (2 x dist.timeout_s)"),
+    ],
+    ids=["oom-start", "oom", "same-gpu", "remote", "old-system", "watchdog"],
+)
+def test_an_nccl_failure_is_told_apart_from_a_lost_peer(text, starting, says):
+    err = dist.collective_failure(torch_dist.DistBackendError(text), 600, starting=starting)
+    assert err is not None and says in str(err), str(err)
+    assert "\n" not in str(err) and err.exit_code == 6
+    if "not because of a peer" in str(err):
+        assert "NCCL_DEBUG=INFO" in str(err) and "dist.backend=gloo" in str(err)
+
+
+def test_the_oom_detail_names_cudas_failure():
+    err = dist.collective_failure(torch_dist.DistBackendError(NCCL_OOM), 600, starting=True)
+    assert "ncclUnhandledCudaError: Call to CUDA function failed; Cuda failure 2 'out of " in str(
+        err
+    )
+
+
+def test_a_gloo_timeout_is_still_dist_timeout_s():
+    text = "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms"
+    err = dist.collective_failure(RuntimeError(text), 5)
+    assert "a collective waited more than dist.timeout_s=5 s" in str(err)
+
+
+def test_the_control_collectives_time_out_before_the_nccl_group():
+    """A hung peer is met by a host-side (gloo) collective first, which ends the job with one
+    line and exit 6, before NCCL's watchdog takes the process down."""
+    control, training = dist.group_timeouts("nccl", 600)
+    assert control.total_seconds() == 600 and training > control
+    control, training = dist.group_timeouts("gloo", 600)
+    assert control == training and control.total_seconds() == 600
+
+
+def test_a_gloo_group_marked_broken_is_still_destroyed():
+    """After a failure only NCCL communicators are aborted; a gloo group is destroyed as ever."""
+    dist.init(dist.DistContext(), DistConfig())
+    try:
+        dist.collective_failure(RuntimeError("Connection closed by peer"), 5)
+        assert dist._broken
+    finally:
+        dist.shutdown()
+    assert not torch_dist.is_initialized() and not dist._broken
