@@ -7,6 +7,8 @@ without CUDA. (The GPU runs themselves are in tests/test_cuda.py.)"""
 import dataclasses
 import inspect
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +17,11 @@ import torch
 import torch.distributed as torch_dist
 
 from pipeline import checkpoint, dist
-from pipeline.config import DistConfig, TrainConfig
+from pipeline.bench import cases, gpu_worlds
+from pipeline.config import DistConfig, TrainConfig, load_config, validate_for_world
 from pipeline.engine import CUDA_GRAPH_MODES, bf16_warning, uses_cuda_graphs
 
-from conftest import TINY_ARGS, assert_ok, run_pipeline
+from conftest import REPO, TINY_ARGS, assert_ok, run_pipeline
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
@@ -252,3 +255,41 @@ def test_a_gloo_group_marked_broken_is_still_destroyed():
     finally:
         dist.shutdown()
     assert not torch_dist.is_initialized() and not dist._broken
+
+
+# -- the benchmark on any number of GPUs -----------------------------------------------------------
+def test_gpu_worlds_split_the_batch():
+    assert gpu_worlds(1, 512) == [1]
+    assert gpu_worlds(2, 512) == [1, 2]
+    assert gpu_worlds(3, 512) == [1, 2]
+    assert gpu_worlds(6, 128) == [1, 4]
+    assert gpu_worlds(7, 128) == [1, 4]
+    assert gpu_worlds(8, 128) == [1, 8]
+    assert gpu_worlds(4, 128, grad_accum=64) == [1, 2]
+
+
+@pytest.mark.parametrize("n_gpus", range(1, 9))
+def test_every_gpu_case_splits_its_batch(n_gpus):
+    notes = []
+    todo = cases("cuda", n_gpus, False, say=notes.append)
+    for case in todo:
+        validate_for_world(load_config(REPO / case.config, case.overrides), case.world)
+    assert {c.world for c in todo} <= set(range(1, n_gpus + 1))
+    if n_gpus in (1, 2, 4, 8):
+        assert not notes and {c.world for c in todo} == {1, n_gpus}
+    else:
+        assert len(notes) == 2 and all(f"across {n_gpus} GPUs" in n for n in notes), notes
+
+
+def test_bench_refuses_cuda_without_a_gpu_in_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.bench", "--device", "cuda", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--device cuda" in proc.stderr and "finds no GPU" in proc.stderr
