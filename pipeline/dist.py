@@ -19,7 +19,9 @@ backstop for a rank that waits on the GPU itself.
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,6 +34,7 @@ from pipeline.config import DistConfig
 from pipeline.errors import DistributedError, PipelineError, describe
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 NCCL_TIMEOUT_FACTOR = 2  # the NCCL group's timeout, in units of dist.timeout_s
 # Whether a collective of this process failed (`collective_failure`): `shutdown` then aborts
@@ -106,8 +109,38 @@ def detect(env: dict | None = None) -> DistContext:
     return ctx
 
 
+def unused_gpu_warning(
+    cuda_available: bool, nvidia_smi: str | None, torch_version: str, torch_cuda: str | None
+) -> str | None:
+    """The warning for dist.device=auto training on CPU on a machine with NVIDIA GPUs (an
+    `nvidia-smi` on PATH), or None. `torch_cuda`: `torch.version.cuda` (None: a CPU build)."""
+    if cuda_available or nvidia_smi is None:
+        return None
+    if torch_cuda is None:
+        why = (
+            f"torch {torch_version} is a CPU build; install a CUDA build (launch/setup.sh "
+            "prints how: TORCH_INDEX_URL)"
+        )
+    else:
+        why = (
+            f"torch {torch_version} (CUDA {torch_cuda}) finds no usable GPU; check nvidia-smi, "
+            "the driver's CUDA version and CUDA_VISIBLE_DEVICES"
+        )
+    return (
+        f"dist.device=auto trains on CPU although {nvidia_smi} is here: {why}; or set "
+        "dist.device=cpu to train on CPU without this warning"
+    )
+
+
 def _choose_device(ctx: DistContext, want: str) -> torch.device:
-    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+    if want == "auto" and not torch.cuda.is_available():
+        warning = unused_gpu_warning(
+            False, shutil.which("nvidia-smi"), torch.__version__, torch.version.cuda
+        )
+        if warning and ctx.is_local_leader:  # once per node
+            log.warning(warning)
+        return torch.device("cpu")
+    if want == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise DistributedError(

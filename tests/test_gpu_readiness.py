@@ -6,6 +6,7 @@ without CUDA. (The GPU runs themselves are in tests/test_cuda.py.)"""
 
 import dataclasses
 import inspect
+import logging
 import random
 import subprocess
 import sys
@@ -293,3 +294,44 @@ def test_bench_refuses_cuda_without_a_gpu_in_one_line(tmp_path):
     )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "--device cuda" in proc.stderr and "finds no GPU" in proc.stderr
+
+
+# -- a GPU machine that trains on CPU --------------------------------------------------------------
+def test_the_unused_gpu_warning_says_why_and_what_to_do():
+    smi = "/usr/bin/nvidia-smi"
+    cpu_build = dist.unused_gpu_warning(False, smi, "2.13.0+cpu", None)
+    assert "2.13.0+cpu is a CPU build" in cpu_build and "TORCH_INDEX_URL" in cpu_build
+    assert "dist.device=cpu" in cpu_build and "\n" not in cpu_build
+    no_gpu = dist.unused_gpu_warning(False, smi, "2.13.0+cu128", "12.8")
+    assert "(CUDA 12.8) finds no usable GPU" in no_gpu and "CUDA_VISIBLE_DEVICES" in no_gpu
+    assert dist.unused_gpu_warning(True, smi, "2.13.0+cu128", "12.8") is None
+    assert dist.unused_gpu_warning(False, None, "2.13.0+cpu", None) is None
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.mark.parametrize("smi", ["/usr/bin/nvidia-smi", None])
+def test_auto_device_on_cpu_warns_only_where_nvidia_smi_is(monkeypatch, smi):
+    monkeypatch.setattr(dist.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist.shutil, "which", lambda name: smi if name == "nvidia-smi" else None)
+    handler = _Lines()
+    logger = logging.getLogger("pipeline.dist")
+    logger.addHandler(handler)
+    try:
+        assert dist._choose_device(dist.DistContext(), "auto") == CPU
+        assert dist._choose_device(dist.DistContext(), "cpu") == CPU  # asked for: no warning
+        other_rank = dist.DistContext(local_rank=1, local_world_size=2)
+        assert dist._choose_device(other_rank, "auto") == CPU
+    finally:
+        logger.removeHandler(handler)
+    if smi is None:
+        assert handler.lines == []
+    else:  # once: the first call's, on the node's local rank 0
+        assert len(handler.lines) == 1 and "trains on CPU although" in handler.lines[0]
