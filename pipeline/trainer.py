@@ -355,11 +355,11 @@ class Trainer:
         """Read back the loss of the steps since the last report (a collective) and log it."""
         if not self.pending:
             return
+        loss_sum, finite = self.engine.read_loss()  # waits for the device: read the clock after
         now = time.perf_counter()
         steps, seconds = self.pending, now - self.interval_started
         self.pending, self.interval_started = 0, now
         s, world, accum = self.state, self.ctx.world_size, self.cfg.train.grad_accum
-        loss_sum, finite = self.engine.read_loss()
         micro = steps * accum * world
         if finite < micro:
             first_bad = s.global_step - steps + finite // (accum * world) + 1

@@ -10,7 +10,9 @@ import logging
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from pipeline import checkpoint, dist
 from pipeline.bench import cases, gpu_worlds
 from pipeline.config import DistConfig, TrainConfig, load_config, validate_for_world
 from pipeline.engine import CUDA_GRAPH_MODES, bf16_warning, uses_cuda_graphs
+from pipeline.trainer import Trainer, TrainState
 
 from conftest import REPO, TINY_ARGS, assert_ok, run_pipeline
 
@@ -335,3 +338,42 @@ def test_auto_device_on_cpu_warns_only_where_nvidia_smi_is(monkeypatch, smi):
         assert handler.lines == []
     else:  # once: the first call's, on the node's local rank 0
         assert len(handler.lines) == 1 and "trains on CPU although" in handler.lines[0]
+
+
+# -- the step interval's clock ---------------------------------------------------------------------
+class _SlowReadBack:
+    """An engine whose loss read-back waits, as it does for a GPU's queued steps."""
+
+    lr = 0.01
+
+    def __init__(self, wait_s: float):
+        self.wait_s, self.returned = wait_s, 0.0
+
+    def read_loss(self):
+        time.sleep(self.wait_s)
+        self.returned = time.perf_counter()
+        return 4 * 2.0, 4
+
+
+def test_an_interval_includes_the_read_back_it_waited_for():
+    """The interval's time ends after the loss read-back, which waits for the device's queued
+    steps: read before it, the clock would give this interval too little time (too many img/s)
+    and the next one the wait."""
+    records = []
+    engine = _SlowReadBack(0.3)
+    fake = SimpleNamespace(
+        pending=4,
+        interval_started=time.perf_counter(),
+        state=TrainState(global_step=4, step_in_epoch=4),
+        ctx=SimpleNamespace(world_size=1),
+        cfg=SimpleNamespace(train=SimpleNamespace(grad_accum=1, batch_size=64)),
+        engine=engine,
+        tracker=SimpleNamespace(log_step=records.append),
+        run_dir=Path("runs/x"),
+    )
+    Trainer.report_steps(fake)
+    (record,) = records
+    seconds = 4 * 64 / record["images_per_s"]
+    assert seconds >= 0.3, record
+    assert fake.interval_started >= engine.returned  # the next interval starts after the wait
+    assert record["loss"] == 2.0 and fake.pending == 0
