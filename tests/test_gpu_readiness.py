@@ -25,7 +25,7 @@ from pipeline.config import DistConfig, TrainConfig, load_config, validate_for_w
 from pipeline.engine import CUDA_GRAPH_MODES, bf16_warning, uses_cuda_graphs
 from pipeline.trainer import Trainer, TrainState
 
-from conftest import REPO, TINY_ARGS, assert_ok, run_pipeline
+from conftest import REPO, TINY_ARGS, assert_ok, child_env, run_pipeline
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
@@ -377,3 +377,25 @@ def test_an_interval_includes_the_read_back_it_waited_for():
     assert seconds >= 0.3, record
     assert fake.interval_started >= engine.returned  # the next interval starts after the wait
     assert record["loss"] == 2.0 and fake.pending == 0
+
+
+# -- bench/gpu.sh without CUDA ---------------------------------------------------------------------
+def test_gpu_script_refuses_at_once_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: bench/gpu.sh would run the GPU checks")
+    results = tmp_path / "results"
+    # python3 on PATH is this interpreter: torch present, no CUDA.
+    env = child_env({"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
+    started = time.monotonic()
+    proc = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu.sh"), str(results)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and time.monotonic() - started < 60
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: bench/gpu.sh needs CUDA: torch ") and "finds no GPU" in line
+    assert proc.stdout == "" and not results.exists()  # nothing else was done
