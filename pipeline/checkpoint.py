@@ -21,6 +21,7 @@ import subprocess
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,10 +74,28 @@ def _records_digest(archive: zipfile.ZipFile, skip: zipfile.ZipInfo | None) -> s
     return h.hexdigest()
 
 
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`obj` with `fn` applied to every tensor in it, through nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, map_tensors(v, fn)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def on_cpu(state: Any) -> Any:
+    """`state` with every tensor on the CPU: a checkpoint of a GPU run then opens with plain
+    `torch.load(path, weights_only=True)` on a machine without CUDA."""
+    return map_tensors(state, lambda t: t.detach().cpu())
+
+
 def encode(state: dict) -> bytes:
-    """The bytes of a checkpoint file: `torch.save(state)` with the digest record added."""
+    """The bytes of a checkpoint file: `torch.save(state)`, every tensor on the CPU, with the
+    digest record added."""
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(on_cpu(state), buf)
     with zipfile.ZipFile(buf, "a") as archive:
         folder = archive.namelist()[0].split("/")[0]
         line = f"sha256 {_records_digest(archive, None)}\n"
@@ -225,23 +244,41 @@ def choose(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """This rank's RNG states: Python, NumPy, torch's CPU generator and, on a CUDA `device`,
+    that device's generator (a list of one: only the rank's own GPU, so that a process that
+    sees fewer GPUs can resume it)."""
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
     }
 
 
-def set_rng_state(state: dict) -> None:
+def cuda_rng_for(saved: list, index: int) -> torch.Tensor | None:
+    """The saved CUDA generator state that the GPU `index` of a resuming rank takes, or None.
+
+    `saved` holds the saving rank's own GPU only (one entry); checkpoints of earlier versions
+    hold one per GPU the saving process saw, its own at its local rank, i.e. at the index of
+    the resuming rank's GPU on the same layout. A list too short for `index` gives its first.
+    """
+    if not saved:
+        return None
+    return saved[index] if index < len(saved) else saved[0]
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore `state` (of `rng_state`); its CUDA part onto `device` only, when it is a GPU."""
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy(), *rest))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda":
+        cuda = cuda_rng_for(state.get("cuda", []), device.index or 0)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 def git_revision() -> str | None:

@@ -34,6 +34,7 @@ from pipeline.errors import (
     EXIT_UNEXPECTED,
     PeerFailed,
     PipelineError,
+    RankError,
     RunDirError,
     Stopped,
     describe,
@@ -106,7 +107,7 @@ def _record_for_torchrun(e: BaseException, with_traceback: bool = False) -> None
 def report(e: PipelineError) -> None:
     """One `error:` line for `e`, from the rank that should say it (see the module's text)."""
     _record_for_torchrun(e)
-    if _group_started() or env_rank() == 0:
+    if _group_started() or env_rank() == 0 or isinstance(e, RankError):
         log.error(str(e))
 
 

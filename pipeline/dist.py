@@ -7,12 +7,21 @@ collective below runs in it, so a laptop or CI run takes the same code path as a
 (Only DDP's wrapper is left out at world 1: it would all-reduce each gradient with no peer.)
 Every collective the project calls lives here, with the classification of a collective's
 failure, so rank logic stays in one place.
+
+Timeouts: the host-side control collectives (stop checks, checkpoint gathers, flags) wait
+`dist.timeout_s`; on GPUs the NCCL group's watchdog waits `NCCL_TIMEOUT_FACTOR` times longer.
+A peer that stops responding is then met first by a control collective, which fails with one
+line and exit code 6, while NCCL's watchdog, which takes the whole process down (with
+`TORCH_NCCL_ASYNC_ERROR_HANDLING` 1, torchrun's setting, or 3, torch's default), stays the
+backstop for a rank that waits on the GPU itself.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,11 +31,17 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import DistConfig
-from pipeline.errors import DistributedError, PeerFailed, PipelineError, describe
+from pipeline.errors import DistributedError, PeerFailed, PipelineError, RankError, describe
 from pipeline.files import env_int
 
 T = TypeVar("T")
 _timeout_s: float | None = None  # dist.timeout_s of the group `init` started, for messages
+log = logging.getLogger(__name__)
+
+NCCL_TIMEOUT_FACTOR = 2  # the NCCL group's timeout, in units of dist.timeout_s
+# Whether a collective of this process failed (`collective_failure`): `shutdown` then aborts
+# the NCCL communicators, whose queued work would otherwise wait for the lost peer.
+_broken = False
 
 
 @dataclass
@@ -92,8 +107,38 @@ def device_type(cfg: DistConfig) -> str:
     return "cuda"
 
 
+def unused_gpu_warning(
+    cuda_available: bool, nvidia_smi: str | None, torch_version: str, torch_cuda: str | None
+) -> str | None:
+    """The warning for dist.device=auto training on CPU on a machine with NVIDIA GPUs (an
+    `nvidia-smi` on PATH), or None. `torch_cuda`: `torch.version.cuda` (None: a CPU build)."""
+    if cuda_available or nvidia_smi is None:
+        return None
+    if torch_cuda is None:
+        why = (
+            f"torch {torch_version} is a CPU build; install a CUDA build (launch/setup.sh "
+            "prints how: TORCH_INDEX_URL)"
+        )
+    else:
+        why = (
+            f"torch {torch_version} (CUDA {torch_cuda}) finds no usable GPU; check nvidia-smi, "
+            "the driver's CUDA version and CUDA_VISIBLE_DEVICES"
+        )
+    return (
+        f"dist.device=auto trains on CPU although {nvidia_smi} is here: {why}; or set "
+        "dist.device=cpu to train on CPU without this warning"
+    )
+
+
 def _choose_device(ctx: DistContext, want: str) -> torch.device:
-    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+    if want == "auto" and not torch.cuda.is_available():
+        warning = unused_gpu_warning(
+            False, shutil.which("nvidia-smi"), torch.__version__, torch.version.cuda
+        )
+        if warning and ctx.is_local_leader:  # once per node
+            log.warning(warning)
+        return torch.device("cpu")
+    if want == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise DistributedError(
@@ -120,24 +165,31 @@ def init(ctx: DistContext, cfg: DistConfig) -> DistContext:
         raise DistributedError("dist.backend=nccl needs CUDA devices; use dist.backend=gloo on CPU")
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
-    timeout = timedelta(seconds=timeout_s)
+    timeout, group_timeout = group_timeouts(ctx.backend, timeout_s)
     global _timeout_s
     _timeout_s = timeout_s
     kwargs = {"device_id": ctx.device} if ctx.backend == "nccl" else {}
-    if ctx.launcher == "single":
-        # No launcher: an in-process store, no port to pick or clash over.
-        dist.init_process_group(
-            ctx.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs
-        )
-    else:
+    store = (
+        dist.HashStore()  # no launcher: an in-process store, no port to pick or clash over
+        if ctx.launcher == "single"
+        else _rendezvous_store(ctx, timeout)
+    )
+    try:
         dist.init_process_group(
             ctx.backend,
-            store=_rendezvous_store(ctx, timeout),
+            store=store,
             rank=ctx.rank,
             world_size=ctx.world_size,
-            timeout=timeout,
+            timeout=group_timeout,
             **kwargs,
         )
+    except RuntimeError as e:
+        # With device_id, NCCL starts its communicator here: a failure of this rank's own GPU
+        # is reported by this rank, whatever the main rank says.
+        if not _local_nccl_failure(str(e)):
+            raise
+        err = collective_failure(e, timeout_s, starting=True)
+        raise RankError(str(err)) from e
     # Host-side flags (stop requests, failures) travel over gloo so that they never wait
     # on the device stream.
     ctx.control_group = (
@@ -146,6 +198,14 @@ def init(ctx: DistContext, cfg: DistConfig) -> DistContext:
         else dist.group.WORLD
     )
     return ctx
+
+
+def group_timeouts(backend: str, timeout_s: float) -> tuple[timedelta, timedelta]:
+    """(the control collectives' timeout, the training group's): dist.timeout_s for both on
+    gloo; on NCCL the training group waits `NCCL_TIMEOUT_FACTOR` times longer, so that the
+    control collectives meet a lost peer first (see the module's docstring)."""
+    timeout = timedelta(seconds=timeout_s)
+    return timeout, timeout * (NCCL_TIMEOUT_FACTOR if backend == "nccl" else 1)
 
 
 def _rendezvous_store(ctx: DistContext, timeout: timedelta) -> dist.Store:
@@ -183,8 +243,17 @@ def shutdown() -> None:
     their own references to the model before calling this.
     """
     gc.collect()
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    global _broken
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if _broken and abort is not None and dist.get_backend() == "nccl":
+        # A collective failed: destroying would first flush the NCCL queue, whose work waits
+        # for the lost peer until the watchdog takes the process down.
+        abort()
+    else:
         dist.destroy_process_group()
+    _broken = False
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -266,19 +335,61 @@ def barrier(ctx: DistContext) -> None:
     dist.barrier(group=ctx.control_group)
 
 
-def collective_failure(e: BaseException, timeout_s: float | None = None) -> DistributedError | None:
-    """What a failed collective means for a person, or None when `e` is not one.
+# Local NCCL failures (its ncclResult_t names and ncclGetErrorString texts, as torch's
+# "NCCL error in: ..." message gives them): this rank's GPU, driver or NCCL set-up, not a peer.
+_NCCL_LOCAL = (
+    "ncclunhandledcudaerror",
+    "unhandled cuda error",
+    "ncclsystemerror",
+    "unhandled system error",
+    "ncclinternalerror",
+    "ncclinvalidargument",
+    "ncclinvalidusage",
+)
+
+
+def _local_nccl_failure(text: str) -> bool:
+    text = text.lower()
+    # Before ncclRemoteError existed, NCCL reported a peer that exited as a system error.
+    return "nccl" in text and any(k in text for k in _NCCL_LOCAL) and "remote" not in text
+
+
+def collective_failure(
+    e: BaseException, timeout_s: float | None = None, starting: bool = False
+) -> DistributedError | None:
+    """What a failed collective means for a person, or None when `e` is not one; `starting`:
+    it failed while the process group started.
 
     torch raises a DistError subclass for most of these, but gloo's lost peers and some
-    timeouts still arrive as a plain RuntimeError, recognisable only by their text.
+    timeouts still arrive as a plain RuntimeError, recognisable only by their text. A failure
+    also marks this process's groups as broken, for `shutdown`.
     """
+    global _broken
     text = str(e).lower()
     markers = ("gloo", "nccl", "connection closed", "timed out", "connection reset")
     if not isinstance(e, dist.DistError) and not any(k in text for k in markers):
         return None
+    _broken = True
+    if _local_nccl_failure(text):
+        # torch's text: "NCCL error in: FILE:LINE, REASON, NCCL version V", then NCCL's
+        # reading of it, then "Last error:" and NCCL's last message.
+        lines = [line.strip().rstrip(".") for line in str(e).splitlines()]
+        detail = "; ".join([x for x in lines[1:] if x and x.lower() != "last error:"][:2])
+        when = "could not start" if starting else "failed"
+        return DistributedError(
+            f"NCCL {when} on this rank's GPU, not because of a peer ({detail or describe(e)}); "
+            "run with NCCL_DEBUG=INFO for NCCL's reason, check the GPU with nvidia-smi, or "
+            "use dist.backend=gloo"
+        )
     if "timed out" in text or "timeout" in text:
         timeout_s = timeout_s or _timeout_s
         limit = f"dist.timeout_s={timeout_s:g} s" if timeout_s else "dist.timeout_s"
+        if "watchdog" in text or "nccl" in text:
+            waited = f"{timeout_s * NCCL_TIMEOUT_FACTOR:g} s " if timeout_s else ""
+            return DistributedError(
+                f"an NCCL collective waited more than {waited}({NCCL_TIMEOUT_FACTOR} x "
+                f"dist.timeout_s) for a peer rank that stopped responding ({describe(e)})"
+            )
         return DistributedError(
             f"a collective waited more than {limit} for a peer rank that stopped responding "
             f"({describe(e)})"

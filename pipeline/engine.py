@@ -14,9 +14,10 @@ Speed options (`train.*`):
   Dynamo splits the graph at DDP's bucket boundaries); `step` compiles autocast, forward and loss
   as one graph, whose backward AOTAutograd compiles too. The optimizer update is a single fused
   kernel already (fused SGD/Adam/AdamW exist on CPU and CUDA), so it is not compiled.
-- `compile_mode=reduce-overhead` replays CUDA graphs on GPU. Batches have one static shape (the
-  data drops the ragged tail); gradients live in buffers allocated once, outside the graphs, so
-  that graph replays never overwrite them (what gradient accumulation needs).
+- `compile_mode=reduce-overhead` and `max-autotune` replay CUDA graphs on GPU
+  (`CUDA_GRAPH_MODES`). Batches have one static shape (the data drops the ragged tail);
+  gradients live in buffers allocated once, outside the graphs, so that graph replays never
+  overwrite them (what gradient accumulation needs).
 """
 
 from __future__ import annotations
@@ -43,6 +44,28 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Optimizers with a fused (one kernel for all parameters) implementation on these devices.
 _FUSED = {"sgd", "nesterov", "adam", "adamw"}
 _FUSED_DEVICES = {"cpu", "cuda"}
+# The torch.compile modes whose inductor options turn on CUDA graphs ("triton.cudagraphs" in
+# torch._inductor.list_mode_options; a test checks this set against it for every allowed mode).
+CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
+
+
+def uses_cuda_graphs(compile: str, compile_mode: str, device: torch.device) -> bool:
+    """Whether the compiled step replays CUDA graphs: a compiled run, on CUDA, in a mode that
+    turns them on."""
+    return compile != "none" and compile_mode in CUDA_GRAPH_MODES and device.type == "cuda"
+
+
+def bf16_warning(precision: str, device: torch.device, native_bf16: bool, gpu: str) -> str | None:
+    """The warning for bf16 autocast on a GPU without native bf16 (before compute capability
+    8.0: V100, T4), where torch emulates it, slower than fp32; None where there is nothing to
+    say. `native_bf16`: `torch.cuda.is_bf16_supported(including_emulation=False)`."""
+    if precision != "bf16" or device.type != "cuda" or native_bf16:
+        return None
+    return (
+        f"train.precision=bf16 on {gpu}, which has no native bf16 (compute capability below "
+        "8.0): torch emulates it, slower than fp32; use train.precision=fp16 (with its gradient "
+        "scaler) or fp32"
+    )
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -191,6 +214,13 @@ class Engine:
         self.device = ctx.device
         self.precision = cfg.train.precision
         check_precision(self.precision, self.device)
+        if self.precision == "bf16" and self.device.type == "cuda":
+            native = torch.cuda.is_bf16_supported(including_emulation=False)  # this rank's GPU
+            problem = bf16_warning(
+                self.precision, self.device, native, torch.cuda.get_device_name(self.device)
+            )
+            if problem:
+                log.warning(problem)
         self.fused_conv, self.conv_path = place_model(model, cfg, self.device)
         # A world of one trains the plain model: DDP would all-reduce every gradient bucket with
         # no peer, a cost on each step for nothing.
@@ -209,11 +239,7 @@ class Engine:
             self._forward = torch.compile(self.ddp, mode=cfg.train.compile_mode)
         elif cfg.train.compile == "step":
             self._loss = torch.compile(self._eager_loss, mode=cfg.train.compile_mode)
-        self.cuda_graphs = (
-            cfg.train.compile != "none"
-            and cfg.train.compile_mode == "reduce-overhead"
-            and self.device.type == "cuda"
-        )
+        self.cuda_graphs = uses_cuda_graphs(cfg.train.compile, cfg.train.compile_mode, self.device)
         if self.cuda_graphs:
             # A gradient the compiled backward hands over would live in the CUDA-graph pool and
             # be overwritten by the next replay; accumulating into buffers allocated here, once,

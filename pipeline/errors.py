@@ -54,6 +54,12 @@ class DistributedError(PipelineError):
     exit_code = EXIT_DISTRIBUTED
 
 
+class RankError(DistributedError):
+    """A failure of this rank's own device or set-up, not a peer's and not the config's: the
+    rank reports it itself, also before the process group is up (when the ranks' errors are
+    otherwise alike, and rank 0 alone reports them)."""
+
+
 class RunDirError(PipelineError):
     exit_code = EXIT_RUN_DIR
 

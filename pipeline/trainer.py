@@ -218,7 +218,7 @@ class Trainer:
         return {
             **self.engine.state_dict(),
             **self.state.state_dict(),
-            "rng": checkpoint.rng_state(),
+            "rng": checkpoint.rng_state(self.ctx.device),
             "config": to_dict(self.cfg),
             "world_size": self.ctx.world_size,
             "steps_per_epoch": self.steps_per_epoch,
@@ -239,7 +239,8 @@ class Trainer:
             s.epoch_micro_steps = s.epoch_micro_steps * new_split // old_split
             s.epoch_loss_sum *= new_split / old_split
         rngs = saved["rng"]  # one per rank that wrote it; a new rank takes rank 0's
-        checkpoint.set_rng_state(rngs[self.ctx.rank] if self.ctx.rank < len(rngs) else rngs[0])
+        mine = rngs[self.ctx.rank] if self.ctx.rank < len(rngs) else rngs[0]
+        checkpoint.set_rng_state(mine, self.ctx.device)
         self.tracker.run_id = saved.get("run_id")
 
     def save(self) -> None:

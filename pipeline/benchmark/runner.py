@@ -25,6 +25,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from pipeline.data import store
 from pipeline.data.device import eval_indices, load_splits, to_device
 from pipeline.dist import DistContext
 from pipeline.engine import synchronize
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.model import LeNet
 
 log = logging.getLogger(__name__)
@@ -59,16 +60,34 @@ class Case:
     workers: int = 0  # the baseline's DataLoader worker processes
 
 
-def cases(device: str, n_gpus: int, quick: bool) -> list[Case]:
+def gpu_worlds(n_gpus: int, batch_size: int, grad_accum: int = 1) -> list[int]:
+    """The world sizes a GPU case runs on: one GPU, and the most of the `n_gpus` GPUs that
+    split `batch_size` (with `grad_accum` micro-steps) evenly: all of them where they do."""
+    most = max(w for w in range(1, max(1, n_gpus) + 1) if batch_size % (w * grad_accum) == 0)
+    return sorted({1, most})
+
+
+def cases(device: str, n_gpus: int, quick: bool, say: Callable[[str], None] = print) -> list[Case]:
     if device == "cuda":
+        worlds = {}
+        for name in ("mnist_lenet.yaml", "fast_gpu.yaml"):
+            train = load_config(REPO / "configs" / name, []).train
+            worlds[name] = gpu_worlds(n_gpus, train.batch_size, train.grad_accum)
+            if worlds[name][-1] != max(1, n_gpus):
+                say(
+                    f"bench: {name} (train.batch_size={train.batch_size}) does not split "
+                    f"across {n_gpus} GPUs: its cases run on "
+                    f"{' and '.join(map(str, worlds[name]))} GPU(s)"
+                )
         out = []
-        for w in sorted({1, n_gpus}):
-            out += [
-                Case(f"baseline mnist_lenet.yaml w{w}", "baseline", "configs/mnist_lenet.yaml", w),
-                Case(f"pipeline mnist_lenet.yaml w{w}", "pipeline", "configs/mnist_lenet.yaml", w),
-                Case(f"baseline fast_gpu.yaml w{w}", "baseline", "configs/fast_gpu.yaml", w),
-                Case(f"pipeline fast_gpu.yaml w{w}", "pipeline", "configs/fast_gpu.yaml", w),
-            ]
+        for w in sorted(set().union(*worlds.values())):
+            for name in worlds:
+                if w in worlds[name]:
+                    config = f"configs/{name}"
+                    out += [
+                        Case(f"baseline {name} w{w}", "baseline", config, w),
+                        Case(f"pipeline {name} w{w}", "pipeline", config, w),
+                    ]
         return out
     cpu, fast = "configs/cpu.yaml", "configs/fast_cpu.yaml"
     out = [
@@ -252,6 +271,11 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device cuda but torch {torch.__version__} finds no GPU here; run on a GPU "
+            "machine with a CUDA build of torch, or use --device cpu"
+        )
     todo = [
         c
         for c in cases(device, torch.cuda.device_count(), args.quick)
