@@ -8,7 +8,7 @@ import argparse
 import os
 
 from pipeline import cli
-from pipeline.benchmark.runner import QUICK_STEPS, REPO, run_benchmark
+from pipeline.benchmark.runner import QUICK_STEPS, run_benchmark
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,7 +36,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=-1,
         help="DataLoader worker processes of the baseline (default: 0 on CPU, 4 per GPU)",
     )
-    p.add_argument("--out", default=str(REPO / "bench"), help="folder for the JSON and markdown")
+    p.add_argument(
+        "--out",
+        default="bench",
+        help="folder for the JSON and markdown (default: bench, in the current directory)",
+    )
     p.add_argument("--only", default="", help="only the cases whose name matches this regex")
     p.add_argument(
         "--set",

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from pipeline import config_files
 from pipeline.errors import ConfigError
 
 
@@ -349,10 +350,12 @@ def _read_yaml(path: Path) -> dict:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Load a YAML file (optional) and apply dotted `section.key=value` overrides."""
+    """Load a YAML file (optional: a path, or a shipped config's name, see `config_files`) and
+    apply dotted `section.key=value` overrides."""
     raw: dict[str, dict[str, Any]] = {}
     if path is not None:
-        for section, values in _read_yaml(Path(path)).items():
+        path = config_files.resolve(path)
+        for section, values in _read_yaml(path).items():
             if section not in _sections():
                 raise _unknown(str(section), list(_sections()))
             if not isinstance(values, dict):

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipeline import checkpoint
+from pipeline import checkpoint, config_files
 from pipeline.config import Config, TrackingConfig, load_config, to_dict, to_yaml
 from pipeline.dist import DistContext
 from pipeline.errors import ConfigError, describe
@@ -321,9 +321,11 @@ def make_tracker(ctx: DistContext, run_dir: Path) -> Tracker:
 def describe_overrides(path: str | None, overrides: list[str], cfg: Config) -> str:
     """The config file, where every setting is saved, and each setting that the overrides
     changed with the file's (or the default) value, for the start of a run."""
+    shown = path or "built-in defaults"
+    if path and not Path(path).is_file():  # a shipped config, by its name
+        shown = f"{path} = {config_files.resolve(path)}"
     lines = [
-        f"config: {path or 'built-in defaults'} (every setting: "
-        f"{cfg.train.run_dir}/config.yaml, or --print-config)"
+        f"config: {shown} (every setting: {cfg.train.run_dir}/config.yaml, or --print-config)"
     ]
     try:
         base = to_dict(load_config(path))

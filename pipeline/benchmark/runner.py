@@ -45,7 +45,6 @@ from pipeline.model import LeNet
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
 WARMUP_STEPS = 5  # steps after the first that count as warm-up, not steady state
 QUICK_STEPS = 150
 
@@ -71,7 +70,7 @@ def cases(device: str, n_gpus: int, quick: bool, say: Callable[[str], None] = pr
     if device == "cuda":
         worlds = {}
         for name in ("mnist_lenet.yaml", "fast_gpu.yaml"):
-            train = load_config(REPO / "configs" / name, []).train
+            train = load_config(name, []).train
             worlds[name] = gpu_worlds(n_gpus, train.batch_size, train.grad_accum)
             if worlds[name][-1] != max(1, n_gpus):
                 say(
@@ -232,7 +231,7 @@ def spawn(case: Case, data_root: str, device: str, max_steps: int, seed: int | N
     """Run `case` in `case.world` fresh processes; rank 0's record and the case's facts."""
     seeded = [] if seed is None else [f"train.seed={seed}"]
     cfg = load_config(
-        REPO / case.config,
+        case.config,
         [*case.overrides, *seeded, f"data.root={data_root}", f"dist.device={device}"],
     )
     validate_for_world(cfg, case.world)
@@ -284,7 +283,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
     for c in todo:
         c.overrides = [*c.overrides, *args.set]
     # The datasets of the cases' configs, checked (and cached) once here, not in every case.
-    for dataset in sorted({load_config(REPO / c.config, c.overrides).data.dataset for c in todo}):
+    for dataset in sorted({load_config(c.config, c.overrides).data.dataset for c in todo}):
         try:
             store.prepare(args.data_root, download=False, dataset=dataset)
         except DataError as e:
