@@ -148,7 +148,13 @@ class TrainConfig:
     log_every: int = _opt(
         50, "optimizer steps between progress updates and step metrics", rule=POSITIVE
     )
-    run_dir: str = _opt("runs/default", "run directory: config, metrics and checkpoints")
+    run_dir: str = _opt(
+        "runs/{config}{changes}",
+        "run directory: config, metrics and checkpoints. A template: {config} is the config's "
+        "name, {changes} the overrides of settings that change training (',optim.lr=0.1'), "
+        "{seed}, {slurm_job}, {slurm_array_task}, {wandb_run}; the default gives a run that "
+        "trains differently a directory of its own, and the same command the same directory",
+    )
     resume: str = _opt("auto", "auto (newest valid checkpoint in run_dir), none, or a path")
     preempt_signal: str = _opt(
         "SIGUSR1",
@@ -412,3 +418,10 @@ def help_text() -> str:
             lines.append(f"  {name}.{f.name} = {f.default!r}{allowed}")
             lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines)
+
+
+def show_value(value: object) -> str:
+    """A setting's value as the command line writes it (true, 0.1, '')."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if value == "" else str(value)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pipeline import checkpoint, config_files
-from pipeline.config import Config, TrackingConfig, load_config, to_dict, to_yaml
+from pipeline.config import Config, TrackingConfig, load_config, show_value, to_dict, to_yaml
 from pipeline.dist import DistContext
 from pipeline.errors import ConfigError, describe
 from pipeline.files import append_jsonl, rewrite_jsonl, write_atomic
@@ -324,9 +324,7 @@ def describe_overrides(path: str | None, overrides: list[str], cfg: Config) -> s
     shown = path or "built-in defaults"
     if path and not Path(path).is_file():  # a shipped config, by its name
         shown = f"{path} = {config_files.resolve(path)}"
-    lines = [
-        f"config: {shown} (every setting: {cfg.train.run_dir}/config.yaml, or --print-config)"
-    ]
+    lines = [f"config: {shown} (every setting: {cfg.train.run_dir}/config.yaml, or --print-config)"]
     try:
         base = to_dict(load_config(path))
     except ConfigError:  # the file alone is invalid: an override fixed it
@@ -336,16 +334,10 @@ def describe_overrides(path: str | None, overrides: list[str], cfg: Config) -> s
         section, _, name = key.partition(".")
         value = final[section][name]
         if base is None:
-            changed.append(f"{key}={_show(value)}")
+            changed.append(f"{key}={show_value(value)}")
         elif base[section][name] != value:
             was = "file" if path else "default"
-            changed.append(f"{key}={_show(value)} ({was}: {_show(base[section][name])})")
+            changed.append(f"{key}={show_value(value)} ({was}: {show_value(base[section][name])})")
     if changed:
         lines.append(f"overrides: {', '.join(changed)}")
     return "\n".join(lines)
-
-
-def _show(value: object) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    return repr(value) if value == "" else str(value)

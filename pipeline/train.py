@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline import cli, dist, launcher
-from pipeline.config import help_text, load_config, validate_for_world
-from pipeline.errors import EXIT_RUN_DIR, RunDirError, describe
+from pipeline import cli, dist, launcher, run_dirs
+from pipeline.config import Config, help_text, load_config, validate_for_world
+from pipeline.errors import EXIT_RUN_DIR, ConfigError, RunDirError, describe
 from pipeline.stop_signals import StopRequest
 from pipeline.tracking import describe_overrides
 from pipeline.trainer import Trainer
@@ -63,8 +63,19 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
     return out + list(args.overrides)
 
 
-def train(args: argparse.Namespace, stop: StopRequest) -> int:
+def resolved_config(args: argparse.Namespace) -> Config:
+    """The command's config, its run directory's template filled in (`pipeline.run_dirs`)."""
     cfg = load_config(args.config, args.overrides)
+    try:
+        base = load_config(args.config)
+    except ConfigError:  # the file alone is invalid: an override fixed it
+        base = Config()
+    cfg.train.run_dir = run_dirs.render(cfg.train.run_dir, cfg, base, args.config, args.overrides)
+    return cfg
+
+
+def train(args: argparse.Namespace, stop: StopRequest) -> int:
+    cfg = resolved_config(args)
     stop.add(cfg.train.preempt_signal)
     ctx = dist.detect()
     if args.nproc_per_node > 1 and ctx.launcher == "single":

@@ -1,0 +1,90 @@
+"""`train.run_dir` as a template: a directory of its own for every run that trains differently.
+
+Fields, filled in before the run starts (str.format syntax):
+- `{config}`: the config's name (`cpu` for `--config configs/cpu.yaml`; `default` without one);
+- `{changes}`: the command line's overrides of settings that change what is trained (those a
+  resume insists on: model.*, optim.*, train.batch_size, loss, seed, precision, epochs,
+  data.dataset), where they differ from the config, as `,key=value` in key order (empty when
+  there are none), e.g. `,optim.lr=0.1,train.seed=1`;
+- `{seed}`: train.seed;
+- `{slurm_job}`, `{slurm_array_task}`: SLURM_JOB_ID and SLURM_ARRAY_TASK_ID (empty outside
+  SLURM);
+- `{wandb_run}`: the W&B run id a `wandb agent` gives its run (WANDB_RUN_ID; empty otherwise).
+The shipped configs use `runs/{config}{changes}`: the same command resumes in the same
+directory (`runs/cpu`), and `optim.lr=0.1` trains in `runs/cpu,optim.lr=0.1`. Settings that do
+not change the result (data.root, tracking, logging, checkpoint cadence, the world size) do not
+change the directory.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+from pipeline.checkpoint import MUST_MATCH
+from pipeline.config import Config, show_value, to_dict
+from pipeline.errors import ConfigError
+
+FIELDS = ("config", "changes", "seed", "slurm_job", "slurm_array_task", "wandb_run")
+
+
+def changes_training(key: str) -> bool:
+    """Whether the dotted key `key` changes what is trained (a resume refuses another value)."""
+    section, _, name = key.partition(".")
+    if section not in MUST_MATCH:
+        return False
+    keys = MUST_MATCH[section]
+    return keys is None or name in keys
+
+
+def changes(cfg: Config, base: Config, overrides: list[str]) -> str:
+    """`,key=value` for each override of a setting that changes training where `cfg` differs
+    from `base` (the config without the overrides), in key order."""
+    now, was = to_dict(cfg), to_dict(base)
+    keys = sorted({item.partition("=")[0].strip() for item in overrides})
+    out = []
+    for key in keys:
+        section, _, name = key.partition(".")
+        if changes_training(key) and now[section][name] != was[section][name]:
+            out.append(f",{key}={show_value(now[section][name])}")
+    return "".join(out)
+
+
+def config_name(path: str | Path | None) -> str:
+    return Path(path).stem if path else "default"
+
+
+def render(
+    template: str,
+    cfg: Config,
+    base: Config,
+    path: str | None,
+    overrides: list[str],
+    env: dict | None = None,
+) -> str:
+    """The run directory `template` names for this command (see the module's text)."""
+    env = os.environ if env is None else env
+    used = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    unknown = [name for name in used if name not in FIELDS]
+    if unknown:
+        raise ConfigError(
+            f"config key train.run_dir: {template!r} has the unknown field {{{unknown[0]}}}; "
+            f"the fields are {', '.join('{' + f + '}' for f in FIELDS)}"
+        )
+    if not used:
+        return template
+    values = {
+        "config": config_name(path),
+        "changes": changes(cfg, base, overrides),
+        "seed": str(cfg.train.seed),
+        "slurm_job": env.get("SLURM_JOB_ID", ""),
+        "slurm_array_task": env.get("SLURM_ARRAY_TASK_ID", ""),
+        "wandb_run": env.get("WANDB_RUN_ID", ""),
+    }
+    try:
+        return template.format(**values)
+    except (ValueError, IndexError) as e:
+        raise ConfigError(
+            f"config key train.run_dir: {template!r} is not a valid template ({e})"
+        ) from e
