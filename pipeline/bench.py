@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--out",
-        default="bench",
-        help="folder for the JSON and markdown (default: bench, in the current directory)",
+        default="runs/bench",
+        help="folder for the JSON and markdown (default: runs/bench, in the current directory)",
     )
     p.add_argument("--only", default="", help="only the cases whose name matches this regex")
     p.add_argument(
