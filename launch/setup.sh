@@ -9,14 +9,15 @@
 #   TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 (pick the CUDA version your driver
 #   supports: https://pytorch.org/get-started/locally/); it replaces a CPU build already in VENV.
 #   On a machine with NVIDIA GPUs (nvidia-smi) that ends up with a CPU build, setup says so.
-# - EXTRAS (default dev,report,predict,wandb: all of them): the project's optional extras (dev:
-#   pytest and ruff; report: plots; predict: reading your own images; wandb: Weights & Biases).
+# - EXTRAS (default dev,report,predict,wandb,tensorboard: all of them): the project's optional
+#   extras (dev: pytest and ruff; report: plots; predict: reading your own images; wandb:
+#   Weights & Biases; tensorboard: TensorBoard event files).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
-EXTRAS="${EXTRAS:-dev,report,predict,wandb}"
+EXTRAS="${EXTRAS:-dev,report,predict,wandb,tensorboard}"
 TORCH_WHEEL_DIR="${TORCH_WHEEL_DIR:-/opt/wheels}"
 TORCH_INDEX_URL="${TORCH_INDEX_URL:-}"
 

@@ -212,8 +212,16 @@ class TrackingConfig:
     project: str = _opt("lenet-ddp", "W&B project")
     entity: str = _opt("", "W&B entity (team or user); empty: your default")
     name: str = _opt("", "W&B run name; empty: the run directory's name")
+    group: str = _opt(
+        "", "W&B group of the run (pipeline.sweep sets the sweep's name); empty: none"
+    )
     log_every: int = _opt(50, "optimizer steps between W&B step metrics", rule=POSITIVE)
     artifact: bool = _opt(False, "upload the final checkpoint as a W&B artifact")
+    tensorboard: bool = _opt(
+        False,
+        "also write the run's scalars as TensorBoard event files in RUN_DIR/tensorboard "
+        "(rank 0; needs the tensorboard package)",
+    )
 
 
 @dataclass

@@ -23,10 +23,12 @@ from pipeline.dist import DistContext
 from pipeline.errors import ConfigError, describe
 from pipeline.files import append_jsonl, rewrite_jsonl, write_atomic
 from pipeline.progress import Line
+from pipeline.tensorboard_events import EventFiles, TensorBoardMissing
 from pipeline.wandb_run import (
     WandbMissing,
     WandbRun,
     WandbUnavailable,
+    agent_run,
     new_run_id,
     open_run,
     resolve_mode,
@@ -125,6 +127,7 @@ class Tracker:
         self.run_id: str | None = None
         self.wandb: WandbRun | None = None
         self.window: StepWindow | None = None
+        self.tensorboard: EventFiles | None = None
         self.artifact = False
 
     def _print(self, line: str) -> None:
@@ -158,6 +161,11 @@ class Tracker:
         )
         rewrite_jsonl(self.run_dir / "steps.jsonl", lambda r: resumed and r["step"] <= global_step)
         self._start_wandb(cfg, meta, global_step)
+        if cfg.tracking.tensorboard:
+            try:
+                self.tensorboard = EventFiles(self.run_dir, global_step)
+            except TensorBoardMissing as e:
+                log.warning(f"TensorBoard logging is off: {e}; training goes on")
 
     def _start_wandb(self, cfg: Config, meta: dict, global_step: int) -> None:
         """Open (or, with the checkpoint's run id, continue) the job's W&B run."""
@@ -166,8 +174,20 @@ class Tracker:
         if mode == "disabled":
             return
         self.artifact = t.artifact
-        # The id is chosen here, not by wandb, so that it is in the first checkpoint even
-        # when W&B cannot start now and a later attempt of the job can.
+        group = t.group
+        agent = agent_run()
+        if agent is not None:
+            # A `wandb agent` started this run: the run and its id are the agent's (kept in the
+            # checkpoints, so that a requeued point continues it), its group the sweep's.
+            sweep, run = agent
+            if self.run_id and self.run_id != run:
+                log.warning(
+                    f"the checkpoint belongs to W&B run {self.run_id}, but the agent started "
+                    f"run {run}: logging to the agent's run"
+                )
+            self.run_id, group = run, group or sweep
+        # Otherwise the id is chosen here, not by wandb, so that it is in the first checkpoint
+        # even when W&B cannot start now and a later attempt of the job can.
         self.run_id = self.run_id or new_run_id()
         args = dict(
             run_dir=self.run_dir,
@@ -175,6 +195,7 @@ class Tracker:
             project=t.project,
             entity=t.entity,
             name=t.name,
+            group=group,
             config={**to_dict(cfg), "meta": {k: v for k, v in meta.items() if v is not None}},
         )
         try:
@@ -227,6 +248,8 @@ class Tracker:
         if self.progress is not None:
             self.progress.update(record["step_in_epoch"], record["loss"], record["images_per_s"])
         append_jsonl(self.run_dir / "steps.jsonl", record)
+        if self.tensorboard is not None:
+            self.tensorboard.log_step(record)
         if self.wandb is not None and self.window is not None:
             row = self.window.add(record)
             if row is not None:
@@ -245,6 +268,8 @@ class Tracker:
             f"epoch average {record['images_per_s']:,.0f} img/s"
         )
         append_jsonl(self.run_dir / "metrics.jsonl", record)
+        if self.tensorboard is not None:
+            self.tensorboard.log_epoch(record)
         if self.wandb is not None:
             skip = ("step", "test_count", "dataset")  # the dataset is in the run's config
             row = {f"epoch/{k}": v for k, v in record.items() if k not in skip}
@@ -253,10 +278,9 @@ class Tracker:
     def finish(self, summary: dict) -> None:
         """Write summary.json; give W&B the summary and the final checkpoint, then close it."""
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        if self.wandb is None:
-            return
-        self._to_wandb("writing the summary", self.wandb.summary, summary)
-        if self.artifact:
+        if self.wandb is not None:
+            self._to_wandb("writing the summary", self.wandb.summary, summary)
+        if self.wandb is not None and self.artifact:
             found = checkpoint.list_checkpoints(self.run_dir)
             if found:
                 self._to_wandb(
@@ -270,6 +294,9 @@ class Tracker:
         When training stops without calling this (a preemption, an error), wandb finishes the
         run at process exit; only the steps since the last row are then missing from W&B.
         """
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         if self.wandb is None:
             return
         row = self.window.drain() if self.window is not None else None

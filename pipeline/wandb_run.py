@@ -76,6 +76,14 @@ def new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
+def agent_run(env: dict[str, str] | None = None) -> tuple[str, str] | None:
+    """(sweep id, run id) when a `wandb agent` started this process, else None. The agent
+    owns the run: its id is the one to open (and to keep in checkpoints), not one of ours."""
+    env = os.environ if env is None else env
+    sweep, run = env.get("WANDB_SWEEP_ID", "").strip(), env.get("WANDB_RUN_ID", "").strip()
+    return (sweep, run) if sweep and run else None
+
+
 def _import_wandb():
     try:
         import wandb
@@ -132,6 +140,7 @@ def open_run(
     entity: str,
     name: str,
     config: dict[str, Any],
+    group: str = "",
 ) -> WandbRun:
     """Start, or continue by `run_id`, the job's W&B run; files go under `run_dir`/wandb.
 
@@ -148,6 +157,7 @@ def open_run(
             project=project,
             entity=entity or None,
             name=name or run_dir.resolve().name,
+            group=group or None,
             job_type="train",
             config=config,
             settings=wandb.Settings(init_timeout=init_timeout(), quiet=True),

@@ -130,6 +130,7 @@ def to_wandb(state: dict, cfg: Config, mode: str, run_dir: Path, results: dict, 
             project=t.project,
             entity=t.entity,
             name=t.name,
+            group=t.group,
             config=state["config"],
         )
     except WandbUnavailable as e:
