@@ -1,6 +1,7 @@
-"""`python -m pipeline.report RUN_DIR` (`lenet-report`): plots (loss, test accuracy,
-throughput) and a text summary of a run directory, finished or still running, without W&B. The
-work is `pipeline.results`; plotting needs matplotlib (the project's `report` extra)."""
+"""`python -m pipeline.report RUN_DIR [RUN_DIR...]` (`lenet-report`): without W&B, a run's plots
+(loss, test accuracy, throughput) and a text summary, finished or still running; or, for several
+run directories or a sweep's folder, the runs side by side (`pipeline.results.compare`): a table
+(Markdown and CSV) and their curves overlaid. Plotting needs matplotlib (the `report` extra)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from pipeline import cli
 from pipeline.files import write_atomic
+from pipeline.results import compare
 from pipeline.results.plots import plot
 from pipeline.results.records import load_run, summarize, summary_text
 
@@ -25,17 +27,35 @@ def report(run_dir: Path, out: Path | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser(
         "pipeline.report",
-        "Plots (loss, test accuracy, throughput) and a text summary of a run directory, "
-        "finished or still running.",
+        "Plots and a summary of a run directory, finished or still running; for several run "
+        "directories (or a sweep's folder), a comparison of the runs.",
     )
-    parser.add_argument("run_dir", type=Path, help="the run's directory (train.run_dir)")
-    parser.add_argument("--out", type=Path, help="where to write them (default: RUN_DIR/report)")
+    parser.add_argument(
+        "run_dirs",
+        type=Path,
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directories (train.run_dir), or a folder of them (a sweep's)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where to write (default: RUN_DIR/report for one run, FOLDER/comparison for a "
+        "sweep's folder, runs/comparison for several runs)",
+    )
     args = parser.parse_args(argv)
 
     def body() -> int:
-        text = report(args.run_dir, args.out)
-        print(text)
-        print(f"plots and summary.txt in {args.out or args.run_dir / 'report'}")
+        targets = args.run_dirs
+        if len(targets) == 1 and (not targets[0].is_dir() or compare.is_run(targets[0])):
+            print(report(targets[0], args.out))
+            print(f"plots and summary.txt in {args.out or targets[0] / 'report'}")
+            return 0
+        out = args.out or (
+            targets[0] / "comparison" if len(targets) == 1 else Path("runs/comparison")
+        )
+        print(compare.compare(targets, out), end="")
+        print(f"comparison.md, comparison.csv and comparison.png in {out}")
         return 0
 
     return cli.run(body, verbose=cli.verbosity(args))

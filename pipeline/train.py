@@ -9,6 +9,7 @@ the exit code of `pipeline.errors`, through `pipeline.cli`.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from pipeline import cli, dist, launcher, run_dirs
 from pipeline.config import Config, help_text, load_config, validate_for_world
@@ -49,10 +50,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="config overrides, for example optim.lr=0.05 train.epochs=3",
     )
     # Intermixed: launch scripts put their own overrides before the user's --config.
-    args = parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(agent_overrides(sys.argv[1:] if argv is None else argv))
     if args.nproc_per_node < 1:
         parser.error("--nproc-per-node must be 1 or more")
     return args
+
+
+def agent_overrides(argv: list[str]) -> list[str]:
+    """`--section.key=value` (how `wandb agent` passes a sweep's parameters with `${args}`) as
+    the override `section.key=value`; the command's own options have no dot in their name."""
+    out = []
+    for arg in argv:
+        name = arg[2:].partition("=")[0]
+        out.append(arg[2:] if arg.startswith("--") and "=" in arg and "." in name else arg)
+    return out
 
 
 def _worker_args(args: argparse.Namespace) -> list[str]:

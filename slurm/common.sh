@@ -16,6 +16,10 @@
 #     and puts the project on PYTHONPATH, so the job may run in another directory (--chdir).
 #     Overrides given to sbatch come after train.run_dir=$RUN_DIR, so they win.
 #
+# lenet_sweep_setup SWEEP.yaml
+#     The same for an array task of slurm/sweep.sbatch: RUN_DIR is the run directory of the
+#     task's point (SLURM_ARRAY_TASK_ID) and TRAIN runs that point (pipeline.sweep --point).
+#
 # lenet_run COMMAND...
 #     Runs the job step (srun ...) and waits for it, handling the signals that end a job:
 #       USR1  the warning before the time limit (#SBATCH --signal=B:USR1@SECONDS): the training
@@ -54,15 +58,20 @@ _lenet_on_term() {
   lenet_log "SIGTERM: the job is ending; the training processes save a checkpoint if they can"
 }
 
-lenet_setup() {
+_lenet_python() {
   [ -n "${SLURM_JOB_ID:-}" ] || lenet_die "not inside a Slurm job; submit this script with sbatch"
+  PYTHON=${PYTHON:-python3}
+  command -v "$PYTHON" >/dev/null ||
+    lenet_die "PYTHON=$PYTHON not found on $(hostname); set PYTHON to the interpreter to use"
+  export PYTHONPATH="$LENET_DIR${PYTHONPATH:+:$PYTHONPATH}"
+}
+
+lenet_setup() {
+  _lenet_python
   if [ $# -lt 1 ] || [[ $1 == *=* ]]; then
     lenet_die "usage: sbatch slurm/SCRIPT.sbatch CONFIG.yaml [section.key=value ...]"
   fi
   [ -f "$1" ] || lenet_die "config file $1 not found (relative to $(pwd)); pass its path"
-  PYTHON=${PYTHON:-python3}
-  command -v "$PYTHON" >/dev/null ||
-    lenet_die "PYTHON=$PYTHON not found on $(hostname); set PYTHON to the interpreter to use"
   RUN_DIR=${RUN_DIR:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}
   local arg
   for arg in "${@:2}"; do # the overrides win: the log names the directory the run uses
@@ -70,7 +79,24 @@ lenet_setup() {
   done
   # shellcheck disable=SC2034 # used by the batch scripts
   TRAIN=(-m pipeline.train --config "$1" "train.run_dir=$RUN_DIR" "${@:2}")
-  export PYTHONPATH="$LENET_DIR${PYTHONPATH:+:$PYTHONPATH}"
+  _lenet_job
+}
+
+# lenet_sweep_setup SWEEP.yaml: the same, for the array task's point of a sweep; RUN_DIR is the
+# point's own run directory (pipeline.sweep names it), TRAIN runs that point.
+lenet_sweep_setup() {
+  _lenet_python
+  [ $# -eq 1 ] || lenet_die "usage: sbatch --array=0-N slurm/sweep.sbatch SWEEP.yaml"
+  [ -n "${SLURM_ARRAY_TASK_ID:-}" ] ||
+    lenet_die "not an array task: submit with python -m pipeline.sweep $1 --slurm"
+  RUN_DIR=$("$PYTHON" -m pipeline.sweep "$1" --point "$SLURM_ARRAY_TASK_ID" --print-run-dir) ||
+    lenet_die "no point $SLURM_ARRAY_TASK_ID in the sweep $1"
+  # shellcheck disable=SC2034 # used by the batch scripts
+  TRAIN=(-m pipeline.sweep "$1" --point "$SLURM_ARRAY_TASK_ID")
+  _lenet_job
+}
+
+_lenet_job() {
   TASKS=()
   if [[ ${SLURM_NTASKS_PER_NODE:-} =~ ^[0-9]+$ ]]; then
     # shellcheck disable=SC2034 # used by the batch scripts

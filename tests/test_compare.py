@@ -1,0 +1,90 @@
+"""Runs side by side (`pipeline.report RUN_DIR...`, a sweep's folder): a row per run with the
+settings that differ, runs that differ only by seed grouped with mean and standard deviation,
+unfinished and broken run directories shown as such, Markdown, CSV and one PNG written."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from pipeline import report
+from pipeline.config import Config, to_dict
+from pipeline.results import compare
+
+
+def make_run(root, name: str, lr: float, seed: int, accuracies: list[float], finished=True):
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    cfg = to_dict(Config())
+    cfg["optim"]["lr"], cfg["train"]["seed"] = lr, seed
+    cfg["train"]["run_dir"] = str(run_dir)  # differs everywhere, never shown
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    epochs = [
+        {"epoch": i + 1, "step": 10 * (i + 1), "train_loss": 1.0 / (i + 1), "test_loss": 0.5,
+         "test_accuracy": a, "epoch_time_s": 2.0, "images_per_s": 500.0}
+        for i, a in enumerate(accuracies)
+    ]  # fmt: skip
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+    steps = [{"step": s, "loss": 2.0 / s} for s in (5, 10, 15, 20)]
+    (run_dir / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    if finished:
+        (run_dir / "summary.json").write_text(json.dumps({"train_time_s": 4.5}))
+    return run_dir
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "sweep"
+    make_run(root, "a", 0.1, 0, [0.90, 0.95])
+    make_run(root, "b", 0.1, 1, [0.92, 0.97])
+    make_run(root, "c", 0.2, 0, [0.80, 0.85])
+    make_run(root, "d", 0.2, 1, [0.70], finished=False)
+    (root / "e").mkdir()
+    (root / "e" / "steps.jsonl").write_text("")  # a run that never wrote its config
+    return root
+
+
+def test_a_row_per_run_with_the_settings_that_differ(sweep):
+    runs = [compare.read_run(p) for p in compare.find_runs([sweep])]
+    assert [r.path.name for r in runs] == ["a", "b", "c", "d", "e"]
+    keys = compare.differing(runs)
+    assert keys == ["optim.lr", "train.seed"]  # not train.run_dir
+    rows = {r["run"]: r for r in compare.rows(runs, keys)}
+    assert rows["a"]["final_test_accuracy"] == 0.95 and rows["a"]["best_test_accuracy"] == 0.95
+    assert rows["a"]["train_time_s"] == 4.5 and rows["a"]["images_per_s"] == 500.0
+    assert rows["d"]["state"] == "unfinished (1 of 3 epochs)"
+    assert rows["e"]["state"] == "broken (no config.yaml)" and rows["e"]["train_time_s"] is None
+
+
+def test_runs_that_differ_by_seed_only_are_grouped(sweep):
+    runs = [compare.read_run(p) for p in compare.find_runs([sweep])]
+    (group,) = compare.seed_groups(runs, compare.differing(runs))  # c's partner is unfinished
+    assert group["settings"] == "optim.lr=0.1" and group["seeds"] == 2
+    assert group["final_test_accuracy"] == pytest.approx(0.96)
+    assert group["final_test_accuracy_std"] == pytest.approx(0.01414, abs=1e-4)
+
+
+def test_the_report_of_a_folder_writes_the_table_the_csv_and_the_plot(sweep, capsys):
+    assert report.main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "| a | 0.1 | 0 | finished | 2 | 95.00% | 95.00% |" in out
+    assert "| optim.lr=0.1 | 2 | 96.00 ± 1.41% |" in out
+    assert "| e | - | - | broken (no config.yaml) |" in out
+    folder = sweep / "comparison"
+    assert (folder / "comparison.md").read_text() in out
+    with open(folder / "comparison.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["run"] for r in table] == ["a", "b", "c", "d", "e"]
+    assert table[1]["final_test_accuracy"] == "0.97" and table[1]["optim.lr"] == "0.1"
+    assert (folder / "comparison.png").stat().st_size > 10_000
+
+
+def test_several_run_directories_and_a_missing_one(sweep, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert report.main([str(sweep / "a"), str(sweep / "c"), "--out", str(out)]) == 0
+    assert "| a | 0.1 | finished |" in capsys.readouterr().out  # only optim.lr differs
+    assert report.main([str(sweep / "a"), str(tmp_path / "nowhere")]) == 3
+    assert "is not a directory" in capsys.readouterr().err
