@@ -70,6 +70,7 @@ def test_points_are_added_to_the_grid_and_the_shipped_example_is_valid(tmp_path)
         ("base: cpu\ngrid: {optim.lrate: [0.1]}\n", "unknown config key optim.lrate"),
         ("base: cpu\nseeds: 2\nrun_dir: runs/x\n", "gives two points one directory"),
         ("base: nowhere\n", "config file nowhere not found"),
+        ("method: grid\nparameters: {optim.lr: {values: [1]}}\n", "this is a W&B sweep file"),
     ],
 )
 def test_a_bad_sweep_file_is_one_line(tmp_path, text, needle):

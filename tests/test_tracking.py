@@ -409,3 +409,23 @@ def test_null_tracker_does_nothing_for_every_method_and_refuses_unknown_ones():
     assert null.run_id is None
     with pytest.raises(AttributeError):
         null.log_stepp({"step": 1})
+
+
+def test_under_a_wandb_agent_the_run_is_the_agents_in_the_sweeps_group(tmp_path, monkeypatch):
+    wandb = fake_wandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep42x")
+    monkeypatch.setenv("WANDB_RUN_ID", "agentrun7")
+    tracker = Tracker(tmp_path)
+    tracker.run_id = "fromckpt"  # an earlier checkpoint's: the agent's run wins
+    drive(tracker, tiny_config("offline"))
+    (run,) = wandb.runs
+    assert run.kwargs["id"] == tracker.run_id == "agentrun7"
+    assert run.kwargs["group"] == "sweep42x"
+    # A sweep of pipeline.sweep names its group itself, agent or not.
+    monkeypatch.delenv("WANDB_SWEEP_ID")
+    wandb.runs.clear()
+    named = load_config(None, ["tracking.mode=offline", "tracking.group=lr_seeds"])
+    drive(Tracker(tmp_path / "b"), named)
+    assert wandb.runs[0].kwargs["group"] == "lr_seeds"
+    assert wandb.runs[0].kwargs["id"] != "agentrun7"  # no agent: an id of its own

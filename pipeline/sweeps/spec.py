@@ -94,6 +94,12 @@ def _read(path: Path) -> dict[str, Any]:
         raise _fail(path, f"not valid YAML{where}; fix its syntax") from e
     if not isinstance(data, dict):
         raise _fail(path, f"must be a mapping with the keys {', '.join(KEYS)}")
+    if "parameters" in data and ("method" in data or "command" in data):
+        raise _fail(
+            path,
+            "this is a W&B sweep file: run it with `wandb sweep FILE` and `wandb agent`, "
+            "not with pipeline.sweep",
+        )
     for key in data:
         if key not in KEYS:
             close = difflib.get_close_matches(str(key), KEYS, n=1)
