@@ -164,6 +164,32 @@ class TrainConfig:
     stop_check_every: int = _opt(
         10, "steps between the ranks' check for a stop signal", rule=POSITIVE
     )
+    profile: str = _opt(
+        "",
+        "A:B: torch.profiler over the optimizer steps A+1..B (step A warms it up); a trace for "
+        "Perfetto or TensorBoard in RUN_DIR/profile and the top operators by self time printed "
+        "(empty: off)",
+    )
+    profile_ranks: str = _opt("0", "ranks that profile with train.profile: comma-separated, or all")
+
+    def __post_init__(self) -> None:
+        try:
+            step_range(self.profile)
+        except ValueError as e:
+            raise ConfigError(f"config key train.profile: {self.profile!r}: {e}") from None
+
+
+def step_range(text: str) -> tuple[int, int] | None:
+    """train.profile's `A:B` as (A, B); None for an empty setting; ValueError for others."""
+    if not text:
+        return None
+    first, sep, last = text.partition(":")
+    if not sep or not first.strip().isdigit() or not last.strip().isdigit():
+        raise ValueError("use A:B, two step numbers with A < B, e.g. 20:30")
+    a, b = int(first), int(last)
+    if a >= b:
+        raise ValueError("use A:B with A < B, e.g. 20:30")
+    return a, b
 
 
 @dataclass

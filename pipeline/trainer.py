@@ -35,6 +35,7 @@ from pipeline.errors import (
     Stopped,
 )
 from pipeline.model import LeNet
+from pipeline.profiling import make as make_profiler
 from pipeline.stop_signals import StopRequest
 from pipeline.tracking import make_tracker, wandb_status
 
@@ -125,6 +126,7 @@ class Trainer:
         self.pending, self.interval_started = 0, 0.0  # steps not yet reported, and since when
         self.saved_at = time.monotonic()  # for checkpoint.every_seconds
         self.lock: run_lock.Held | None = None  # the run directory's, rank 0's for the whole run
+        self.profiler = None  # train.profile's, where this rank profiles
 
     # -- parts and their state ---------------------------------------------------------------
     def build(self) -> None:
@@ -283,6 +285,9 @@ class Trainer:
             print_config=self.print_config,
         )
         started = time.perf_counter()
+        self.profiler = make_profiler(
+            cfg, self.ctx.rank, self.run_dir, self.ctx.device, self.state.global_step
+        )
         self.stop.catch_interrupt()
         try:
             while self.state.epoch < cfg.train.epochs:
@@ -297,6 +302,8 @@ class Trainer:
                     break
         finally:
             self.stop.restore()
+            if self.profiler is not None:
+                self.profiler.finish()
         self.finish(time.perf_counter() - started)
         self.end_of_run()
 
@@ -332,6 +339,8 @@ class Trainer:
     def after_step(self) -> None:
         """The run's cadence after each step: report, the ranks' stop vote, save."""
         s, t = self.state, self.cfg.train
+        if self.profiler is not None:
+            self.profiler.after_step(s.global_step)
         if self.report_due():
             self.report_steps()
         save = self.save_due()

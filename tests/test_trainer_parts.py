@@ -64,6 +64,7 @@ def make(overrides: list[str], steps_per_epoch: int = 16, **engine) -> Trainer:
     t.clock = EpochClock(t.state)
     t.stop = StopRequest(())
     t.steps_per_epoch = steps_per_epoch
+    t.profiler = None
     t.engine = FakeEngine(**engine)
     t.tracker = FakeTracker()
     t.run_dir = "runs/test"
