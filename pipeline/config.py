@@ -60,6 +60,12 @@ class DataConfig:
         ("mnist", "fashion_mnist", "kmnist"),
     )
     download: bool = _opt(True, "download missing files from data.mirrors")
+    val_size: int = _opt(
+        0,
+        "training images held out as the validation set that selects the model and early "
+        "stopping judges (0: none; the test set then does both, as labelled)",
+        rule=NON_NEGATIVE,
+    )
     mirrors: str = _opt(
         "",
         "comma-separated base URLs to download from, tried in order (empty: the dataset's public "
@@ -164,6 +170,23 @@ class TrainConfig:
     stop_check_every: int = _opt(
         10, "steps between the ranks' check for a stop signal", rule=POSITIVE
     )
+    test_every_epoch: bool = _opt(
+        False,
+        "with a validation split, also evaluate the test set every epoch (logged as "
+        "test_*_this_epoch, never used for selection); it is always evaluated once at the end",
+    )
+    early_stop_patience: int = _opt(
+        0,
+        "stop after this many epochs without an improvement of the selection metric "
+        "(checkpoint.select) by more than early_stop_min_delta (0: off)",
+        rule=NON_NEGATIVE,
+    )
+    early_stop_min_delta: float = _opt(
+        0.0,
+        "the least change of the selection metric that counts as an improvement, in its units "
+        "(a fraction for accuracy)",
+        rule=NON_NEGATIVE,
+    )
 
 
 @dataclass
@@ -181,6 +204,15 @@ class CheckpointConfig:
         1, "save every this many epochs (the last epoch is always saved)", rule=POSITIVE
     )
     keep: int = _opt(3, "number of checkpoints kept in the run directory", rule=POSITIVE)
+    keep_best: bool = _opt(
+        True, "also keep the checkpoint of the selected epoch as best.pt (never rotated away)"
+    )
+    select: str = _opt(
+        "val_accuracy",
+        "the metric that selects the best epoch (without a validation split: its test-set "
+        "counterpart, labelled so)",
+        ("val_accuracy", "val_loss"),
+    )
 
 
 @dataclass
