@@ -265,7 +265,8 @@ def test_predict_reads_digits_saved_as_a_user_would(real_run, mnist_root, tmp_pa
     paths = save_as_a_user_would(images, tmp_path)
     proc = run_module("pipeline.predict", [str(real_run), *map(str, paths)])
     assert_ok(proc)
-    lines = proc.stdout.splitlines()
+    using, *lines = proc.stdout.splitlines()
+    assert using.startswith(f"using {real_run / 'best.pt'} ")
     assert len(lines) == 100
     predicted = {}
     for line in lines:
