@@ -2,15 +2,14 @@
 
 Every key lives in a small dataclass with a default, a help text and, where it has one, a set of
 allowed values or a range. `load_config` merges a YAML file and command-line overrides, rejects
-unknown keys, converts and checks every value, and raises `ConfigError` with one line that names
-the key and what is allowed. `help_text` renders all keys for `--help`.
+unknown keys, converts and checks every value (`pipeline.config_values`), and raises
+`ConfigError` with one line that names the key and what is allowed. `help_text` renders all
+keys for `--help`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from pipeline import config_files
+from pipeline.config_values import check, convert, unknown_key
 from pipeline.errors import ConfigError
 
 
@@ -263,81 +263,6 @@ def _sections() -> dict[str, type]:
     return {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 
-_BOOLS = {
-    "true": True,
-    "yes": True,
-    "on": True,
-    "1": True,
-    "false": False,
-    "no": False,
-    "off": False,
-    "0": False,
-}
-
-
-def _parse_cli_scalar(text: str) -> Any:
-    """A command-line value as bool, int or float where it reads as one (1e-3 included)."""
-    if text.lower() in _BOOLS and not text.isdigit():
-        return _BOOLS[text.lower()]
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _convert(key: str, f: dataclasses.Field, value: Any) -> Any:
-    """Convert one raw value to the field's type, or raise ConfigError naming the key."""
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
-    bad = ConfigError(f"config key {key}: {value!r} is not a valid {kind}")
-    if kind == "str":
-        if value is None or isinstance(value, (dict, list)):
-            raise bad
-        if "true" in (f.metadata["choices"] or ()):  # a switch with a third setting (auto)
-            on = value if isinstance(value, bool) else _BOOLS.get(str(value).lower())
-            if on is not None:
-                return "true" if on else "false"  # also YAML's `key: off`, and `key=no`
-        return str(value)
-    if isinstance(value, str):
-        # Command-line values arrive as text, and YAML reads 1e-3 (no dot) as text too.
-        value = _parse_cli_scalar(value.strip())
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key {key}: {value!r} is not a valid bool; use true or false")
-    if isinstance(value, bool):
-        raise bad
-    if kind == "int":
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if kind == "float":
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            return float(value)
-        raise bad
-    raise AssertionError(f"unhandled config type {kind}")
-
-
-def _check(key: str, f: dataclasses.Field, value: Any) -> None:
-    choices, rule = f.metadata["choices"], f.metadata["rule"]
-    if choices and value not in choices:
-        allowed = ", ".join(str(c) for c in choices)
-        raise ConfigError(f"config key {key}: {value!r} is not allowed; choose one of: {allowed}")
-    if rule and not rule.check(value):
-        raise ConfigError(f"config key {key}: {value!r} is out of range; it must be {rule.text}")
-
-
-def _unknown(key: str, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]}? " if close else ""
-    return ConfigError(
-        f"unknown config key {key}; {hint}known keys in this place: {', '.join(known)} (see --help)"
-    )
-
-
 def _build(raw: dict[str, dict[str, Any]], known_only: bool = False) -> Config:
     """The typed config of `raw`, every value converted and checked; with `known_only`, keys
     and sections this version does not have are left out instead of refused."""
@@ -349,9 +274,9 @@ def _build(raw: dict[str, dict[str, Any]], known_only: bool = False) -> Config:
             if key not in fields:
                 if known_only:
                     continue
-                raise _unknown(f"{name}.{key}", [f"{name}.{k}" for k in fields])
-            values[key] = _convert(f"{name}.{key}", fields[key], value)
-            _check(f"{name}.{key}", fields[key], values[key])
+                raise unknown_key(f"{name}.{key}", [f"{name}.{k}" for k in fields])
+            values[key] = convert(f"{name}.{key}", fields[key], value)
+            check(f"{name}.{key}", fields[key], values[key])
         sections[name] = cls(**values)
     return Config(**sections)
 
@@ -395,7 +320,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         path = config_files.resolve(path)
         for section, values in _read_yaml(path).items():
             if section not in _sections():
-                raise _unknown(str(section), list(_sections()))
+                raise unknown_key(str(section), list(_sections()))
             if not isinstance(values, dict):
                 raise ConfigError(
                     f"config file {path}: section {section} must be a mapping of keys to values"
@@ -410,7 +335,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
                 "(for example optim.lr=0.05)"
             )
         if section not in _sections():
-            raise _unknown(key, list(_sections()))
+            raise unknown_key(key, list(_sections()))
         raw.setdefault(section, {})[name] = value
     return _build(raw)
 
