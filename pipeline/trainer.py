@@ -11,7 +11,8 @@ The loop is small named steps: `train_epoch` runs `step` and then `after_step`, 
 the run (report every train.log_every steps, save by steps and by the clock, the ranks' stop
 vote), each in a method of its own; the epoch's train time has one owner, `EpochClock`.
 `end_epoch` evaluates (the validation split, or the test set without one) and judges the epoch;
-the best one is saved as best.pt, and `finish` tests the model the run ends with, once.
+the best one is saved as best.pt, and `finish` tests the model the run ends with, once
+(`pipeline.final_test`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pipeline.errors import (
     NonFiniteLossError,
     Stopped,
 )
+from pipeline.final_test import final_test
 from pipeline.model import LeNet
 from pipeline.run_data import RunData
 from pipeline.run_facts import header, meta
@@ -384,29 +386,9 @@ class Trainer:
         return improved
 
     def final_test(self) -> dict:
-        """The test set's numbers of the model the run ends with, and which it is: best.pt where
-        kept (without a split, the numbers its epoch logged), else the last model."""
-        sel, last, evals = self.selection, self.last_eval, self.evals
-        if self.cfg.checkpoint.keep_best and sel.best_epoch is not None:
-            epoch, step, scores = sel.best_epoch, sel.best_step, sel.best_scores
-            if evals.has_val:
-                # The weights of best.pt itself, as evaluate reads them (rank 0 reads the file).
-                _, best = checkpoint.load_on_main(self.ctx, lambda: self.run_dir / checkpoint.BEST)
-                epoch, step = best["best"]["epoch"], best["best"]["step"]
-                self.engine.model.load_state_dict(best["model"])
-                scores = evals.test(self.engine)
-            of = f"{checkpoint.BEST} (epoch {epoch})"
-        else:
-            epoch, step = last["epoch"], last["step"]
-            scores = evals.test(self.engine) if evals.has_val else last
-            of = f"the last model (epoch {epoch}, step {step})"
-        return {
-            "test_accuracy": scores["test_accuracy"],
-            "test_loss": scores["test_loss"],
-            "test_of": of,
-            "test_epoch": epoch,
-            "test_step": step,
-        }
+        """The one test of the run, of the model it ends with (`pipeline.final_test`)."""
+        parts = (self.engine, self.evals, self.selection, self.last_eval)
+        return final_test(self.ctx, self.run_dir, *parts, self.cfg.checkpoint.keep_best)
 
     def stop_reason(self) -> str:
         if self.selection.stopped:

@@ -227,21 +227,23 @@ def test_a_partial_epoch_is_logged_but_judged_once_whole(agreed):
     assert (t.selection.best_epoch, t.selection.best_value) == (2, 0.55)
 
 
-def test_the_final_test_is_of_best_pt_with_a_split(agreed, monkeypatch):
+def test_the_final_test_is_of_best_pt_with_a_split(agreed, monkeypatch, tmp_path, capsys):
     best = {"model": {"weight": torch.full((1, 1), 3.0), "bias": torch.zeros(1)}}
     best["best"] = {"epoch": 2, "step": 8}
     read = []
 
-    def load_on_main(ctx, locate):
-        read.append(locate())
-        return locate(), best
+    def load_on_main(ctx, locate):  # rank 0 reads the file it locates; here: best's state
+        path = locate()
+        read.append(path)
+        return (path, best) if path is not None else (None, None)
 
     monkeypatch.setattr(trainer_module.checkpoint, "load_on_main", load_on_main)
-    t = make([0.5, 0.7, 0.6])
+    t = make([0.5, 0.7, 0.6], "train.epochs=3")
+    t.run_dir = tmp_path
+    (tmp_path / "best.pt").write_bytes(b"")  # what exists decides; the fake gives the state
     del t.final_test
-    t.cfg.train.epochs = 3
     t.run()
-    assert [str(p) for p in read] == ["runs/test/best.pt"]
+    assert read == [tmp_path / "best.pt"]
     assert t.engine.model.weight.item() == 3.0  # best.pt's weights were tested
     s = t.tracker.summary
     assert (s["test_accuracy"], s["test_of"], s["test_epoch"], s["test_step"]) == (
@@ -251,6 +253,14 @@ def test_the_final_test_is_of_best_pt_with_a_split(agreed, monkeypatch):
         8,
     )
     assert t.evals.tests == 1  # the test set once, at the end
+    # A best.pt gone missing (a resume that turned checkpoint.keep_best on late): the last
+    # model is tested, with a warning.
+    t = make([0.5, 0.7, 0.6], "train.epochs=3")
+    t.run_dir = tmp_path / "other"
+    del t.final_test
+    t.run()
+    assert t.tracker.summary["test_of"] == "the last model (epoch 3, step 12)"
+    assert "best.pt is missing: the test is of the last model" in capsys.readouterr().err
 
 
 def test_without_best_pt_the_last_model_is_tested(agreed):
