@@ -74,11 +74,18 @@ def summarize(run: RunRecords) -> dict[str, Any]:
     finished = run.summary is not None and run.summary.get("global_step", -1) >= last_step
     metric = summary.get("selection_metric") or _metric(epochs)
     selected, value = summary.get("selected_epoch"), summary.get("selected_value")
-    if not finished and epochs:  # the best epoch so far, as training judged it
-        last = epochs[-1]
-        selected = last.get("best_epoch", max(epochs, key=lambda r: r.get(metric, 0))["epoch"])
-        chosen = [r for r in epochs if r["epoch"] == selected]
-        value = chosen[0].get(metric) if chosen else None
+    test = {k: summary.get(k) if finished else None for k in ("test_accuracy", "test_loss")}
+    test["test_of"] = summary.get("test_of") if finished else None
+    if (not finished or "selected_epoch" not in summary) and epochs:
+        # Still running, or a run of a version before selection: the best epoch by the records
+        # (the first of the best: a tie does not improve).
+        first_best = max(epochs, key=lambda r: r.get(metric, 0))["epoch"]
+        selected = epochs[-1].get("best_epoch", first_best)
+        chosen = next(r for r in epochs if r["epoch"] == selected)
+        value = chosen.get(metric)
+        if finished and metric == "test_accuracy":  # that epoch's test is the selected model's
+            test = {k: chosen.get(k) for k in ("test_accuracy", "test_loss")}
+            test["test_of"] = f"epoch {selected}"
     return {
         "epochs": epochs[-1]["epoch"] if epochs else 0,
         "global_step": last_step,
@@ -88,9 +95,7 @@ def summarize(run: RunRecords) -> dict[str, Any]:
         "selection_split": metric.partition("_")[0],
         "selected_epoch": selected,
         "selected_value": value,
-        "test_accuracy": summary.get("test_accuracy") if finished else None,
-        "test_loss": summary.get("test_loss") if finished else None,
-        "test_of": summary.get("test_of") if finished else None,
+        **test,
         "last_epoch": epochs[-1] if epochs else None,
         # Over all epochs' training time: total images / total seconds.
         "mean_images_per_s": images / total_time if total_time > 0 else None,
