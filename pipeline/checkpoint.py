@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config, to_dict
+from pipeline.data.split import same_split
 from pipeline.dist import DistContext, broadcast_object, gather_to_main
 from pipeline.errors import CheckpointError, PeerFailed, describe
 from pipeline.files import write_atomic
@@ -40,12 +41,24 @@ _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 # Keys that must match between a checkpoint and the run resuming it: they change the model,
 # the optimizer's state or the sequence of global batches. The world size and train.grad_accum
 # may change: the global batch at every step is the same set of samples for any split of it.
+# The held-out images (data.val_size), the selection metric and early stopping change which
+# model the run ends with.
 MUST_MATCH = {
     "model": None,  # every key of the section
     "optim": None,
-    "train": ("batch_size", "loss", "seed", "precision", "epochs"),
-    "data": ("dataset",),
+    "train": (
+        "batch_size",
+        "loss",
+        "seed",
+        "precision",
+        "epochs",
+        "early_stop_patience",
+        "early_stop_min_delta",
+    ),
+    "data": ("dataset", "val_size"),
+    "checkpoint": ("select",),
 }
+BEST = "best.pt"  # the checkpoint of the selected epoch, beside the rotating ones
 
 
 def checkpoint_name(step: int) -> str:
@@ -109,6 +122,14 @@ def save(run_dir: Path, step: int, state: dict, keep: int) -> Path:
     write_atomic(path, encode(state))
     for old in list_checkpoints(run_dir)[keep:]:
         old.unlink(missing_ok=True)
+    return path
+
+
+def save_best(run_dir: Path, state: dict, best: dict) -> Path:
+    """Write `state` as RUN_DIR/best.pt, with `best` (epoch, step, metric, value) recorded in
+    it. Rank 0 only. Not a ckpt-*.pt name: rotation never removes it."""
+    path = run_dir / BEST
+    write_atomic(path, encode({**state, "best": best}))
     return path
 
 
@@ -192,13 +213,19 @@ def newest_valid(run_dir: Path) -> Path | None:
 
 
 def check_compatible(
-    saved: dict, current: dict, world_size: int, steps_per_epoch: int, path: Path
+    saved: dict,
+    current: dict,
+    world_size: int,
+    steps_per_epoch: int,
+    path: Path,
+    split: dict | None = None,
 ) -> None:
     """Raise CheckpointError naming the first setting that differs in a way resume cannot bear.
 
     Another world size is fine where it gives the same optimizer steps per epoch (it does
     unless the training set does not split evenly); checkpoints written before that was
-    recorded resume on their own world size only.
+    recorded resume on their own world size only. `split` (this run's
+    `pipeline.data.split.Split.record()`) must hold out the images the checkpoint's did.
     """
     old, defaults = saved["config"], to_dict(Config())
     for section, keys in MUST_MATCH.items():
@@ -212,6 +239,12 @@ def check_compatible(
                     f"{section}.{key}={b!r}; resume with the same value or start a new run "
                     "(another train.run_dir)"
                 )
+    if split is not None and not same_split(saved.get("split"), split):
+        raise CheckpointError(
+            f"checkpoint {path} was trained with other validation images held out (its "
+            f"split.json digest differs from this run's, data.val_size={split['val_size']}); "
+            "resume with the data it was trained on or start a new run (another train.run_dir)"
+        )
     old_world, old_steps = saved.get("world_size"), saved.get("steps_per_epoch")
     if old_steps is None and old_world != world_size:
         raise CheckpointError(
@@ -295,14 +328,20 @@ def git_revision() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def save_all_ranks(ctx: DistContext, run_dir: Path, step: int, state: dict, keep: int) -> None:
-    """Collective: gather every rank's RNG state to rank 0, which writes the checkpoint."""
+def save_all_ranks(
+    ctx: DistContext, run_dir: Path, step: int, state: dict, keep: int, best: dict | None = None
+) -> None:
+    """Collective: gather every rank's RNG state to rank 0, which writes the checkpoint; with
+    `best` (see `save_best`) it writes best.pt instead, and rotates nothing."""
     buf = io.BytesIO()
     torch.save(state["rng"], buf)  # plain bytes travel safely through the object collectives
     blobs = gather_to_main(ctx, buf.getvalue())
     if blobs is not None:
         rngs = [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
-        save(run_dir, step, {**state, "rng": rngs}, keep)
+        if best is not None:
+            save_best(run_dir, {**state, "rng": rngs}, best)
+        else:
+            save(run_dir, step, {**state, "rng": rngs}, keep)
 
 
 def load_on_main(

@@ -2,15 +2,14 @@
 
 Every key lives in a small dataclass with a default, a help text and, where it has one, a set of
 allowed values or a range. `load_config` merges a YAML file and command-line overrides, rejects
-unknown keys, converts and checks every value, and raises `ConfigError` with one line that names
-the key and what is allowed. `help_text` renders all keys for `--help`.
+unknown keys, converts and checks every value (`pipeline.config_values`), and raises
+`ConfigError` with one line that names the key and what is allowed. `help_text` renders all
+keys for `--help`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from pipeline import config_files
+from pipeline.config_values import check, convert, unknown_key
 from pipeline.errors import ConfigError
 
 
@@ -60,6 +60,12 @@ class DataConfig:
         ("mnist", "fashion_mnist", "kmnist"),
     )
     download: bool = _opt(True, "download missing files from data.mirrors")
+    val_size: int = _opt(
+        0,
+        "training images held out as the validation set that selects the model and early "
+        "stopping judges (0: none; the test set then does both, as labelled)",
+        rule=NON_NEGATIVE,
+    )
     mirrors: str = _opt(
         "",
         "comma-separated base URLs to download from, tried in order (empty: the dataset's public "
@@ -164,6 +170,23 @@ class TrainConfig:
     stop_check_every: int = _opt(
         10, "steps between the ranks' check for a stop signal", rule=POSITIVE
     )
+    test_every_epoch: bool = _opt(
+        False,
+        "with a validation split, also evaluate the test set every epoch (logged as "
+        "test_*_this_epoch, never used for selection); it is always evaluated once at the end",
+    )
+    early_stop_patience: int = _opt(
+        0,
+        "stop after this many epochs without an improvement of the selection metric "
+        "(checkpoint.select) by more than early_stop_min_delta (0: off)",
+        rule=NON_NEGATIVE,
+    )
+    early_stop_min_delta: float = _opt(
+        0.0,
+        "the least change of the selection metric that counts as an improvement, in its units "
+        "(a fraction for accuracy)",
+        rule=NON_NEGATIVE,
+    )
     profile: str = _opt(
         "",
         "A:B: torch.profiler over the optimizer steps A+1..B (step A warms it up); a trace for "
@@ -207,6 +230,15 @@ class CheckpointConfig:
         1, "save every this many epochs (the last epoch is always saved)", rule=POSITIVE
     )
     keep: int = _opt(3, "number of checkpoints kept in the run directory", rule=POSITIVE)
+    keep_best: bool = _opt(
+        True, "also keep the checkpoint of the selected epoch as best.pt (never rotated away)"
+    )
+    select: str = _opt(
+        "val_accuracy",
+        "the metric that selects the best epoch (without a validation split: its test-set "
+        "counterpart, labelled so)",
+        ("val_accuracy", "val_loss"),
+    )
 
 
 @dataclass
@@ -265,81 +297,6 @@ def _sections() -> dict[str, type]:
     return {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 
-_BOOLS = {
-    "true": True,
-    "yes": True,
-    "on": True,
-    "1": True,
-    "false": False,
-    "no": False,
-    "off": False,
-    "0": False,
-}
-
-
-def _parse_cli_scalar(text: str) -> Any:
-    """A command-line value as bool, int or float where it reads as one (1e-3 included)."""
-    if text.lower() in _BOOLS and not text.isdigit():
-        return _BOOLS[text.lower()]
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _convert(key: str, f: dataclasses.Field, value: Any) -> Any:
-    """Convert one raw value to the field's type, or raise ConfigError naming the key."""
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
-    bad = ConfigError(f"config key {key}: {value!r} is not a valid {kind}")
-    if kind == "str":
-        if value is None or isinstance(value, (dict, list)):
-            raise bad
-        if "true" in (f.metadata["choices"] or ()):  # a switch with a third setting (auto)
-            on = value if isinstance(value, bool) else _BOOLS.get(str(value).lower())
-            if on is not None:
-                return "true" if on else "false"  # also YAML's `key: off`, and `key=no`
-        return str(value)
-    if isinstance(value, str):
-        # Command-line values arrive as text, and YAML reads 1e-3 (no dot) as text too.
-        value = _parse_cli_scalar(value.strip())
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key {key}: {value!r} is not a valid bool; use true or false")
-    if isinstance(value, bool):
-        raise bad
-    if kind == "int":
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if kind == "float":
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            return float(value)
-        raise bad
-    raise AssertionError(f"unhandled config type {kind}")
-
-
-def _check(key: str, f: dataclasses.Field, value: Any) -> None:
-    choices, rule = f.metadata["choices"], f.metadata["rule"]
-    if choices and value not in choices:
-        allowed = ", ".join(str(c) for c in choices)
-        raise ConfigError(f"config key {key}: {value!r} is not allowed; choose one of: {allowed}")
-    if rule and not rule.check(value):
-        raise ConfigError(f"config key {key}: {value!r} is out of range; it must be {rule.text}")
-
-
-def _unknown(key: str, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]}? " if close else ""
-    return ConfigError(
-        f"unknown config key {key}; {hint}known keys in this place: {', '.join(known)} (see --help)"
-    )
-
-
 def _build(raw: dict[str, dict[str, Any]], known_only: bool = False) -> Config:
     """The typed config of `raw`, every value converted and checked; with `known_only`, keys
     and sections this version does not have are left out instead of refused."""
@@ -351,9 +308,9 @@ def _build(raw: dict[str, dict[str, Any]], known_only: bool = False) -> Config:
             if key not in fields:
                 if known_only:
                     continue
-                raise _unknown(f"{name}.{key}", [f"{name}.{k}" for k in fields])
-            values[key] = _convert(f"{name}.{key}", fields[key], value)
-            _check(f"{name}.{key}", fields[key], values[key])
+                raise unknown_key(f"{name}.{key}", [f"{name}.{k}" for k in fields])
+            values[key] = convert(f"{name}.{key}", fields[key], value)
+            check(f"{name}.{key}", fields[key], values[key])
         sections[name] = cls(**values)
     return Config(**sections)
 
@@ -397,7 +354,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         path = config_files.resolve(path)
         for section, values in _read_yaml(path).items():
             if section not in _sections():
-                raise _unknown(str(section), list(_sections()))
+                raise unknown_key(str(section), list(_sections()))
             if not isinstance(values, dict):
                 raise ConfigError(
                     f"config file {path}: section {section} must be a mapping of keys to values"
@@ -412,7 +369,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
                 "(for example optim.lr=0.05)"
             )
         if section not in _sections():
-            raise _unknown(key, list(_sections()))
+            raise unknown_key(key, list(_sections()))
         raw.setdefault(section, {})[name] = value
     return _build(raw)
 

@@ -19,7 +19,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "mistakes of a trained model. Runs as one process or under torchrun.",
     )
     parser.add_argument(
-        "target", type=Path, help="a run directory (its newest valid checkpoint) or a checkpoint"
+        "target",
+        type=Path,
+        help="a run directory (its best.pt: the checkpoint of the epoch training selected; "
+        "else its newest valid checkpoint) or a checkpoint file",
+    )
+    parser.add_argument(
+        "--last",
+        action="store_true",
+        help="with a run directory: its newest checkpoint, not best.pt",
     )
     parser.add_argument(
         "--data-root",
@@ -51,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             ctx = dist.detect()
             dist.init(ctx, DistConfig(device=args.device))
-            evaluation.run(ctx, args.target, args.data_root, args.out, args.mistakes, args.tracking)
+            evaluation.run(
+                ctx, args.target, args.data_root, args.out, args.mistakes, args.tracking, args.last
+            )
             return 0
         finally:
             dist.shutdown()

@@ -16,7 +16,15 @@ def main(argv: list[str] | None = None) -> int:
         "Write a trained model to a file that loads and runs without this project.",
     )
     parser.add_argument(
-        "target", type=Path, help="a run directory (its newest valid checkpoint) or a checkpoint"
+        "target",
+        type=Path,
+        help="a run directory (its best.pt: the checkpoint of the epoch training selected; "
+        "else its newest valid checkpoint) or a checkpoint file",
+    )
+    parser.add_argument(
+        "--last",
+        action="store_true",
+        help="with a run directory: its newest checkpoint, not best.pt",
     )
     parser.add_argument("--format", required=True, choices=tuple(SUFFIXES), help="file format")
     parser.add_argument(
@@ -25,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        export(args.target, args.format, args.out)
+        export(args.target, args.format, args.out, args.last)
         return 0
 
     return cli.run(body, verbose=cli.verbosity(args))

@@ -20,7 +20,15 @@ def main(argv: list[str] | None = None) -> int:
         "background or a light one on dark, any size.",
     )
     parser.add_argument(
-        "target", type=Path, help="a run directory (its newest valid checkpoint) or a checkpoint"
+        "target",
+        type=Path,
+        help="a run directory (its best.pt: the checkpoint of the epoch training selected; "
+        "else its newest valid checkpoint) or a checkpoint file",
+    )
+    parser.add_argument(
+        "--last",
+        action="store_true",
+        help="with a run directory: its newest checkpoint, not best.pt",
     )
     parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="digit images")
     parser.add_argument("--top", type=int, default=3, help="classes shown per image (default 3)")
@@ -34,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         import_pil()  # before the checkpoint: a missing Pillow is one line, at once
         x = prepare(args.images)
-        _, _, _, model = loading.load(args.target)
+        _, _, _, model = loading.load(args.target, args.last)
         with torch.no_grad():
             probabilities = model(x).softmax(1)
         p, classes = probabilities.topk(args.top, dim=1)

@@ -46,9 +46,7 @@ class StepProfiler:
         )
         self.prof = torch.profiler.profile(
             activities=activities,
-            schedule=torch.profiler.schedule(
-                wait=0, warmup=warmup, active=last - first, repeat=1
-            ),
+            schedule=torch.profiler.schedule(wait=0, warmup=warmup, active=last - first, repeat=1),
             on_trace_ready=self._ready,
         )
         self.running = self.done = False

@@ -2,10 +2,12 @@
 
 Fields, filled in before the run starts (str.format syntax):
 - `{config}`: the config's name (`cpu` for `--config configs/cpu.yaml`; `default` without one);
-- `{changes}`: the command line's overrides of settings that change what is trained (those a
-  resume insists on: model.*, optim.*, train.batch_size, loss, seed, precision, epochs,
-  data.dataset), where they differ from the config, as `,key=value` in key order (empty when
-  there are none), e.g. `,optim.lr=0.1,train.seed=1`;
+- `{changes}`: the command line's overrides of settings that change what is trained or which
+  model the run ends with (those a resume insists on, `checkpoint.MUST_MATCH`: model.*,
+  optim.*, train.batch_size, loss, seed, precision, epochs, early_stop_patience,
+  early_stop_min_delta, data.dataset, val_size, checkpoint.select), where they differ from the
+  config, as `,key=value` in key order (empty when there are none), e.g.
+  `,optim.lr=0.1,train.seed=1`;
 - `{seed}`: train.seed;
 - `{slurm_job}`, `{slurm_array_task}`: SLURM_JOB_ID and SLURM_ARRAY_TASK_ID (empty outside
   SLURM);

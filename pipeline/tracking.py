@@ -3,9 +3,9 @@ files, Weights & Biases. (Messages about the run go through `logging`.)
 
 Only the main rank gets a `Tracker`; every other rank gets a `NullTracker` whose methods do
 nothing, so the training loop calls the tracker unconditionally and never checks its rank, and a
-job opens exactly one W&B run whatever its world size. The local files (config.yaml,
-metrics.jsonl, steps.jsonl, summary.json) are always written; W&B comes on top of them, and a
-W&B failure is one warning line after which training goes on without it.
+job opens exactly one W&B run whatever its world size. The local files (config.yaml, split.json,
+metrics.jsonl, steps.jsonl, summary.json) are always written; W&B comes on top of them, and a W&B
+failure is one warning line after which training goes on without it.
 """
 
 from __future__ import annotations
@@ -146,15 +146,19 @@ class Tracker:
         epochs_done: int,
         overrides: str = "",
         print_config: bool = False,
+        split: dict | None = None,
     ) -> None:
         """Show the overrides line (every setting with `print_config`) and save the resolved
-        config; on resume, drop records past the checkpoint; start W&B if asked for."""
+        config and the validation split (`split`, see `pipeline.data.split`); on resume, drop
+        records past the checkpoint; start W&B if asked for."""
         config_yaml = to_yaml(cfg)
         if overrides:
             log.info(overrides)
         if print_config:
             log.info("resolved config:\n  " + config_yaml.rstrip().replace("\n", "\n  "))
         write_atomic(self.run_dir / "config.yaml", config_yaml)
+        if split is not None:
+            write_atomic(self.run_dir / "split.json", json.dumps(split, indent=2) + "\n")
         # On resume, the records past the checkpoint are dropped: they are trained again.
         rewrite_jsonl(
             self.run_dir / "metrics.jsonl", lambda r: resumed and r["epoch"] <= epochs_done
@@ -260,28 +264,26 @@ class Tracker:
         if self.progress is not None:
             self.progress.close()
             self.progress = None
-        self._print(
-            f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}  "
-            f"test loss {record['test_loss']:.4f}  "
-            f"test acc {record['test_accuracy'] * 100:.2f}%  "
-            f"time {record['epoch_time_s']:.1f}s  "
-            f"epoch average {record['images_per_s']:,.0f} img/s"
-        )
+        self._print(epoch_line(record))
         append_jsonl(self.run_dir / "metrics.jsonl", record)
         if self.tensorboard is not None:
             self.tensorboard.log_epoch(record)
         if self.wandb is not None:
-            skip = ("step", "test_count", "dataset")  # the dataset is in the run's config
+            skip = ("step", "test_count", "val_count", "dataset")  # the dataset: in the config
             row = {f"epoch/{k}": v for k, v in record.items() if k not in skip}
             self._to_wandb("logging epoch metrics", self.wandb.log, row, step=record["step"])
 
-    def finish(self, summary: dict) -> None:
-        """Write summary.json; give W&B the summary and the final checkpoint, then close it."""
+    def finish(self, summary: dict, line: str = "") -> None:
+        """Write summary.json and print the run's last `line`; give W&B the summary and the
+        selected checkpoint (best.pt, else the newest), then close it."""
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if line:
+            self._print(line)
         if self.wandb is not None:
             self._to_wandb("writing the summary", self.wandb.summary, summary)
         if self.wandb is not None and self.artifact:
-            found = checkpoint.list_checkpoints(self.run_dir)
+            best = self.run_dir / checkpoint.BEST
+            found = [best] if best.is_file() else checkpoint.list_checkpoints(self.run_dir)
             if found:
                 self._to_wandb(
                     "logging the checkpoint artifact", self.wandb.log_checkpoint, found[0], summary
@@ -328,11 +330,31 @@ class NullTracker(Tracker):
     def log_epoch(self, record: dict) -> None:
         pass
 
-    def finish(self, summary: dict) -> None:
+    def finish(self, summary: dict, line: str = "") -> None:
         pass
 
     def close(self, exit_code: int = 0) -> None:
         pass
+
+
+def epoch_line(record: dict) -> str:
+    """The console line of an epoch: train loss; the validation split's loss and accuracy (or
+    without a split the test set's), marked where the epoch is the best so far; with
+    train.test_every_epoch the test set's too; time and throughput."""
+    split = "val" if "val_loss" in record else "test"
+    mark = " (best so far)" if record.get("best_epoch") == record["epoch"] else ""
+    parts = [
+        f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}",
+        f"{split} loss {record[f'{split}_loss']:.4f}",
+        f"{split} acc {record[f'{split}_accuracy'] * 100:.2f}%{mark}",
+    ]
+    if "test_accuracy_this_epoch" in record:
+        parts.append(f"test acc this epoch {record['test_accuracy_this_epoch'] * 100:.2f}%")
+    parts += [
+        f"time {record['epoch_time_s']:.1f}s",
+        f"epoch average {record['images_per_s']:,.0f} img/s",
+    ]
+    return "  ".join(parts)
 
 
 def wandb_status(t: TrackingConfig) -> str:

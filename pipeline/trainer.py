@@ -1,104 +1,50 @@
-"""The training run: build its parts, resume, train epochs, evaluate, save, report.
+"""The training run: build its parts, resume, train epochs, evaluate, select, save, report.
 
-A `Trainer` wires the parts of a run: the device-resident data of this rank, the `Engine`
-(model, optimizer, schedule, scaler), the `TrainState` (where the run is) and the tracker. The
-engine and the state each give `state_dict()` / `load_state_dict()`; a checkpoint is what
-`Trainer.state_dict()` gathers from them, with the RNG states and the facts a resume checks.
+A `Trainer` wires the parts of a run: the device-resident data of this rank (`RunData`: the
+training batches, and the validation and test images), the `Engine` (model, optimizer,
+schedule, scaler), the `TrainState` (where the run is), the `Selection` (the best epoch so far,
+early stopping) and the tracker. The engine, the state and the selection each give
+`state_dict()` / `load_state_dict()`; a checkpoint is what `Trainer.state_dict()` gathers from
+them, with the RNG states and the facts a resume checks.
 
 The loop is small named steps: `train_epoch` runs `step` and then `after_step`, the cadence of
 the run (report every train.log_every steps, save by steps and by the clock, the ranks' stop
 vote), each in a method of its own; the epoch's train time has one owner, `EpochClock`.
+`end_epoch` evaluates (the validation split, or the test set without one) and judges the epoch;
+the best one is saved as best.pt, and `finish` tests the model the run ends with, once
+(`pipeline.final_test`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
-import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pipeline import __version__, checkpoint, dist, run_lock
+from pipeline import checkpoint, dist, run_lock
 from pipeline.config import Config, to_dict
 from pipeline.cpu_memory import reuse_freed_memory
-from pipeline.data.device import TrainBatches, eval_indices, load_splits, steps_per_epoch, to_device
+from pipeline.data.device import load_splits
 from pipeline.engine import Engine
 from pipeline.errors import (
     EXIT_INTERRUPTED,
     EXIT_PREEMPTED,
-    ConfigError,
     NonFiniteLossError,
     Stopped,
 )
+from pipeline.final_test import final_test
 from pipeline.model import LeNet
 from pipeline.profiling import make as make_profiler
+from pipeline.run_data import RunData
+from pipeline.run_facts import header, meta
+from pipeline.selection import Selection, closing_line
 from pipeline.stop_signals import StopRequest
 from pipeline.tracking import make_tracker, wandb_status
+from pipeline.train_state import EpochClock, TrainState
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainState:
-    """Where the run is. The epoch totals are global over ranks, and carried in checkpoints so
-    that an epoch interrupted and resumed reports the same numbers as one that was not."""
-
-    epoch: int = 0  # epochs finished
-    step_in_epoch: int = 0  # optimizer steps done in the current epoch
-    global_step: int = 0
-    epoch_loss_sum: float = 0.0
-    epoch_micro_steps: int = 0
-    epoch_time: float = 0.0  # train seconds of the current epoch so far
-    best_accuracy: float = 0.0
-
-    def state_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, state[f.name])
-
-    def next_epoch(self) -> None:
-        self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        self.epoch_loss_sum, self.epoch_micro_steps, self.epoch_time = 0.0, 0, 0.0
-
-
-class EpochClock:
-    """The train time of the current epoch, kept in `state.epoch_time`: it runs while steps
-    run, and is paused around what is not training (saving, evaluating), so that a checkpoint
-    holds the epoch's train time so far and a resumed epoch reports the whole epoch's speed."""
-
-    def __init__(self, state: TrainState):
-        self.state = state
-        self.since: float | None = None
-
-    def start(self) -> None:
-        self.since = time.perf_counter()
-
-    def pause(self) -> None:
-        if self.since is not None:
-            self.state.epoch_time += time.perf_counter() - self.since
-            self.since = None
-
-
-def header(ctx: dist.DistContext, run_dir: Path, notes: list[str], dataset: str, wandb: str) -> str:
-    """The first line of a run: versions, hardware (with `notes` on CPU), world, dataset, W&B
-    and run directory."""
-    if ctx.device.type == "cuda":
-        device = f"{torch.cuda.get_device_name(ctx.device)} x{ctx.world_size}"
-    else:
-        threads = torch.get_num_threads()
-        cpu = [f"{threads} thread{'s' if threads != 1 else ''} per rank", f"{os.cpu_count()} cores"]
-        device = f"cpu ({', '.join(cpu + notes)})"
-    return (
-        f"lenet-ddp {__version__} | torch {torch.__version__} | python "
-        f"{platform.python_version()} | {device} | world {ctx.world_size} ({ctx.launcher}, "
-        f"{ctx.backend}) | data {dataset} | {wandb} | run dir {run_dir}"
-    )
 
 
 class Trainer:
@@ -119,6 +65,7 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.tracker = make_tracker(ctx, self.run_dir)
         self.state = TrainState()
+        self.selection = Selection.from_config(cfg)
         self.clock = EpochClock(self.state)
         self.last_eval: dict | None = None
         self.resumed = False  # whether build() loaded a checkpoint
@@ -143,7 +90,7 @@ class Trainer:
             dist.on_main(
                 ctx,
                 lambda: checkpoint.check_compatible(
-                    saved, to_dict(cfg), ctx.world_size, self.steps_per_epoch, path
+                    saved, to_dict(cfg), ctx.world_size, self.steps_per_epoch, path, self.split
                 ),
             )
         torch.manual_seed(cfg.train.seed)
@@ -160,26 +107,10 @@ class Trainer:
         self.resumed = saved is not None
 
     def build_data(self, raw: dict[str, torch.Tensor]) -> None:
-        """This rank's training batches and test images, on its device."""
-        cfg, ctx = self.cfg, self.ctx
-        micro = cfg.train.batch_size // (ctx.world_size * cfg.train.grad_accum)
-        self.steps_per_epoch = steps_per_epoch(
-            len(raw["train_labels"]), micro, ctx.world_size, cfg.train.grad_accum
-        )
-        if self.steps_per_epoch == 0:
-            dist.raise_on_main(
-                ctx,
-                ConfigError(
-                    f"config key train.batch_size: {cfg.train.batch_size} is larger than the "
-                    f"training set ({len(raw['train_labels'])} images); lower it"
-                ),
-            )
-        data = to_device(raw, ctx.device)
-        test = eval_indices(len(data.test_y), ctx.rank, ctx.world_size).to(ctx.device)
-        self.test_x, self.test_y = data.test_x[test], data.test_y[test]
-        self.batches = TrainBatches(
-            data.train_x, data.train_y, micro, ctx.rank, ctx.world_size, cfg.train.seed
-        )
+        """This rank's training batches and evaluation sets, on its device (`RunData`)."""
+        data = RunData.build(raw, self.cfg, self.ctx)
+        self.batches, self.evals, self.split = data.batches, data.evals, data.split
+        self.steps_per_epoch = data.steps_per_epoch
 
     def announce_resume(self, path: Path, saved_world: int) -> None:
         s, t, world = self.state, self.cfg.train, self.ctx.world_size
@@ -199,27 +130,14 @@ class Trainer:
         run_lock.release(self.lock)
         self.lock = None
 
-    def meta(self) -> dict:
-        """Facts about the job that go with the config into the tracker."""
-        ctx = self.ctx
-        return {
-            "world_size": ctx.world_size,
-            "backend": ctx.backend,
-            "device": str(ctx.device),
-            "launcher": ctx.launcher,
-            "torch_version": str(torch.__version__),
-            "git_revision": self.git_revision,
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "steps_per_epoch": self.steps_per_epoch,
-            "dataset": self.cfg.data.dataset,
-        }
-
     def state_dict(self) -> dict:
         """What a checkpoint holds: the parts' states, this rank's RNG states, and the facts a
         resume checks."""
         return {
             **self.engine.state_dict(),
             **self.state.state_dict(),
+            "selection": self.selection.state_dict(),
+            "split": self.split,
             "rng": checkpoint.rng_state(self.ctx.device),
             "config": to_dict(self.cfg),
             "world_size": self.ctx.world_size,
@@ -232,6 +150,8 @@ class Trainer:
     def load_state_dict(self, saved: dict) -> None:
         self.engine.load_state_dict(saved)
         self.state.load_state_dict(saved)
+        if "selection" in saved:  # checkpoints of earlier versions had none
+            self.selection.load_state_dict(saved["selection"])
         # The epoch's micro-steps are counted over all ranks; on another split of the global
         # batch, count the steps already done in the new unit (the mean loss is unchanged).
         old_split = saved["world_size"] * saved["config"]["train"]["grad_accum"]
@@ -256,10 +176,19 @@ class Trainer:
         )
         self.saved_at = time.monotonic()
 
+    def save_best(self) -> None:
+        """best.pt: the checkpoint of the epoch just selected (a collective)."""
+        sel = self.selection
+        best = {"epoch": sel.best_epoch, "step": sel.best_step, "metric": sel.metric}
+        best["value"] = sel.best_value
+        checkpoint.save_all_ranks(
+            self.ctx, self.run_dir, self.state.global_step, self.state_dict(), 0, best
+        )
+
     # -- the run ------------------------------------------------------------------------------
     def finished(self) -> bool:
         t, s = self.cfg.train, self.state
-        return s.epoch >= t.epochs or self.at_max_steps()
+        return s.epoch >= t.epochs or self.at_max_steps() or self.selection.stopped
 
     def at_max_steps(self) -> bool:
         max_steps = self.cfg.train.max_steps
@@ -270,14 +199,17 @@ class Trainer:
         self.build()
         cfg = self.cfg
         if self.finished():
+            early = f", stopped early after epoch {self.state.epoch}"
             log.info(
                 f"nothing to do: the run in {self.run_dir} already finished (global step "
-                f"{self.state.global_step}); use another train.run_dir for a new run"
+                f"{self.state.global_step}{early if self.selection.stopped else ''}); use "
+                "another train.run_dir for a new run"
             )
             return
         self.tracker.start(
             cfg,
-            self.meta(),
+            meta(self.ctx, cfg.data.dataset, self.steps_per_epoch, self.git_revision),
+            split=self.split,
             resumed=self.resumed,
             global_step=self.state.global_step,
             epochs_done=self.state.epoch,
@@ -292,10 +224,15 @@ class Trainer:
         try:
             while self.state.epoch < cfg.train.epochs:
                 full = self.train_epoch()
-                self.end_epoch()
+                improved = self.end_epoch()
                 last = not full or self.state.epoch + 1 == cfg.train.epochs
+                last = last or self.selection.stopped
                 if full:
                     self.state.next_epoch()
+                # best.pt first: a checkpoint that names an epoch as the best is never on disk
+                # before the best.pt of that epoch.
+                if improved and cfg.checkpoint.keep_best:
+                    self.save_best()
                 if last or self.state.epoch % cfg.checkpoint.every_epochs == 0:
                     self.save()
                 if last:
@@ -431,39 +368,59 @@ class Trainer:
             }
         )
 
-    def end_epoch(self) -> None:
-        """Evaluate on the whole test set (every image once over the ranks) and log the epoch."""
+    def end_epoch(self) -> bool:
+        """Evaluate and log the epoch, and judge it for selection and early stopping (every
+        rank agrees on the verdict); whether it is the best epoch so far."""
         cfg, s = self.cfg, self.state
-        result = self.engine.evaluate(self.test_x, self.test_y, cfg.train.eval_batch_size)
         per_micro_step = cfg.train.batch_size // cfg.train.grad_accum // self.ctx.world_size
         images = s.epoch_micro_steps * per_micro_step  # micro-steps are counted over all ranks
         record = {
             "epoch": s.epoch + 1,
             "step": s.global_step,
             "train_loss": s.epoch_loss_sum / max(1, s.epoch_micro_steps),
-            **result,
+            **self.evals.epoch(self.engine),
             "epoch_time_s": s.epoch_time,
             "images_per_s": images / max(s.epoch_time, 1e-9),
             "lr": self.engine.lr,
             "dataset": cfg.data.dataset,
         }
-        s.best_accuracy = max(s.best_accuracy, result["test_accuracy"])
+        improved = False
+        whole = s.step_in_epoch == self.steps_per_epoch  # not cut short by train.max_steps
+        if whole and self.selection.due(record["epoch"]):
+            improved, stop = dist.any_rank(self.ctx, *self.selection.propose(record))
+            self.selection.accept(record, improved, stop)
+        record["best_epoch"] = self.selection.best_epoch
         self.last_eval = record
         self.tracker.log_epoch(record)
+        return improved
+
+    def final_test(self) -> dict:
+        """The one test of the run, of the model it ends with (`pipeline.final_test`)."""
+        parts = (self.engine, self.evals, self.selection, self.last_eval)
+        return final_test(self.ctx, self.run_dir, *parts, self.cfg.checkpoint.keep_best)
+
+    def stop_reason(self) -> str:
+        if self.selection.stopped:
+            return "early_stop"
+        return "epochs" if self.state.epoch >= self.cfg.train.epochs else "max_steps"
 
     def finish(self, train_time_s: float) -> None:
-        """The run's summary: summary.json, and W&B's."""
-        self.tracker.finish(
-            {
-                "dataset": self.cfg.data.dataset,
-                "final_accuracy": self.last_eval["test_accuracy"],
-                "best_accuracy": self.state.best_accuracy,
-                "epochs": self.last_eval["epoch"],
-                "global_step": self.state.global_step,
-                "train_time_s": train_time_s,
-                "first_step_s": self.engine.first_step_s,
-            }
-        )
+        """Test the model the run ends with; the run's summary (summary.json, and W&B's) and
+        its last line."""
+        t = self.cfg.train
+        summary = {
+            "dataset": self.cfg.data.dataset,
+            "epochs": self.last_eval["epoch"],
+            "global_step": self.state.global_step,
+            "stop_reason": self.stop_reason(),
+            "val_size": self.cfg.data.val_size,
+            **self.selection.summary(),
+            **self.final_test(),
+            "train_time_s": train_time_s,
+            "first_step_s": self.engine.first_step_s,
+        }
+        line = closing_line(summary, t.early_stop_patience, t.early_stop_min_delta)
+        self.tracker.finish(summary, line)
 
     def end_of_run(self) -> None:
         """Every rank ends here together. A rank lost after its last collective would otherwise

@@ -78,7 +78,7 @@ def test_bad_yaml_file_errors(tmp_path):
     bad.write_text("trainer:\n  epochs: 1\n")
     with pytest.raises(ConfigError, match="unknown config key trainer"):
         load_config(bad, [])
-    with pytest.raises(ConfigError, match="cannot read config file"):
+    with pytest.raises(ConfigError, match="missing.yaml not found; pass the path of a YAML file"):
         load_config(tmp_path / "missing.yaml", [])
 
 

@@ -15,6 +15,7 @@ def test_two_ranks_one_epoch_reach_97_percent(mnist_root, tmp_path):
             f"train.run_dir={run_dir}",
             "train.epochs=1",
             "tracking.mode=disabled",
+            "data.val_size=0",
         ],
         nproc=2,
     )

@@ -146,6 +146,7 @@ def _mnist_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
         f"train.run_dir={run_dir}",
         "tracking.mode=disabled",
         "data.download=false",
+        "data.val_size=0",
         *extra,
     ]
 

@@ -57,7 +57,8 @@ def test_cpu_sh_trains_one_process_with_overrides(tiny_mnist, tmp_path):
     run_dir = tmp_path / "run"
     proc = launch(
         "cpu.sh",
-        ["train.epochs=1", f"data.root={tiny_mnist}", *TINY_ARGS[1:], f"train.run_dir={run_dir}"],
+        ["train.epochs=1", f"data.root={tiny_mnist}", *TINY_ARGS[1:], f"train.run_dir={run_dir}"]
+        + ["data.val_size=0"],
     )
     assert_ok(proc)
     assert "world 1 (single, gloo)" in proc.stdout
@@ -76,6 +77,7 @@ def test_cpu_sh_trains_two_ranks_with_config_among_the_overrides(tiny_mnist, tmp
         f"data.root={tiny_mnist}",
         *TINY_ARGS[1:],
         f"train.run_dir={run_dir}",
+        "data.val_size=0",
     ]
     proc = launch("cpu.sh", args, nproc=2)
     assert_ok(proc)
@@ -90,7 +92,7 @@ def test_single_node_sh_trains_with_overrides(tiny_mnist, tmp_path):
     # Without GPUs it starts one process, on CPU; with GPUs, one process keeps the test small.
     nproc = 1 if torch.cuda.is_available() else None
     run_dir = tmp_path / "run"
-    args = [f"data.root={tiny_mnist}", *TINY_ARGS, f"train.run_dir={run_dir}"]
+    args = [f"data.root={tiny_mnist}", *TINY_ARGS, f"train.run_dir={run_dir}", "data.val_size=0"]
     proc = launch("single_node.sh", args, nproc=nproc)
     assert_ok(proc)
     assert "world 1 (single, " in proc.stdout

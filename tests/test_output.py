@@ -74,6 +74,7 @@ def three_runs(tiny_mnist, tmp_path_factory):
         *[a for a in TINY_ARGS if not a.startswith("tracking.")],
         f"data.root={tiny_mnist}",
         f"train.run_dir={tmp / 'run'}",
+        "data.val_size=0",
     ]
     first = run_pipeline([*args, "train.max_steps=4"], env=env)
     assert_ok(first)

@@ -134,6 +134,7 @@ class Cluster:
             f"train.max_steps={STEPS}",
             "train.log_every=10",
             "tracking.mode=disabled",
+            "data.val_size=0",
         ]
         out = subprocess.run(
             ["sbatch", "--parsable", f"--chdir={workdir}", *sizes, f"slurm/{script}"]

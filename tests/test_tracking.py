@@ -348,8 +348,8 @@ def test_two_rank_job_writes_one_offline_run_with_config_and_metrics(offline_job
     (epoch,) = after["metrics"]
     assert run.history[8]["epoch/test_accuracy"] == epoch["test_accuracy"]
     assert run.history[8]["epoch/epoch"] == 1
-    assert run.summary["best_accuracy"] == after["summary"]["best_accuracy"]
-    assert run.summary["final_accuracy"] == after["summary"]["final_accuracy"]
+    assert run.summary["selected_value"] == after["summary"]["selected_value"]
+    assert run.summary["test_accuracy"] == after["summary"]["test_accuracy"]
 
 
 def test_resumed_job_continues_the_same_run(offline_job):
@@ -398,7 +398,7 @@ def test_missing_wandb_leaves_training_unaffected(tiny_mnist, tmp_path):
     off, missing = (
         json.loads((tmp_path / d / "summary.json").read_text()) for d in ("off", "missing")
     )
-    assert off["final_accuracy"] == missing["final_accuracy"]
+    assert off["test_accuracy"] == missing["test_accuracy"]
 
 
 def test_null_tracker_does_nothing_for_every_method_and_refuses_unknown_ones():

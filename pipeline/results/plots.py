@@ -1,4 +1,6 @@
-"""The plots of `python -m pipeline.report`: loss, test accuracy and throughput of a run, as PNG
+"""The plots of `python -m pipeline.report`: loss (train, and per epoch validation and test where
+logged), accuracy (per epoch on the validation split and the test set where logged, the
+selected epoch, and the test accuracy of the selected model) and throughput of a run, as PNG
 files; and the one way the project imports matplotlib (the `report` extra), drawing to files
 only, imported when a plot is drawn, never when a module is."""
 
@@ -40,6 +42,25 @@ def _epoch_lines(ax, run: RunRecords) -> None:
         ax.axvline(r["step"], color="0.8", linestyle=":", linewidth=1, zorder=0)
 
 
+# Per-epoch curves: (record key, label, marker); a key a run did not log is left out.
+LOSSES = (
+    ("train_loss", "train loss (epoch)", "o"),
+    ("val_loss", "val loss (epoch)", "s"),
+    ("test_loss", "test loss (epoch)", "^"),
+    ("test_loss_this_epoch", "test loss (epoch)", "^"),
+)
+ACCURACIES = (
+    ("val_accuracy", "val accuracy", "o-"),
+    ("test_accuracy", "test accuracy", "s-"),
+    ("test_accuracy_this_epoch", "test accuracy (each epoch's model)", "s--"),
+)
+
+
+def _series(epochs: list[dict], key: str, by: str = "step") -> tuple[list, list]:
+    logged = [r for r in epochs if key in r]
+    return [r[by] for r in logged], [r[key] for r in logged]
+
+
 def plot(run: RunRecords, out: Path) -> list[Path]:
     """Write the PNG plots into `out`; returns the files written."""
     plt = pyplot("the report")
@@ -62,11 +83,12 @@ def plot(run: RunRecords, out: Path) -> list[Path]:
                 label="train loss (per logging interval)",
                 linewidth=1.2,
             )
-        if run.epochs:
-            x = [r["step"] for r in run.epochs]
-            ax.plot(x, [r["train_loss"] for r in run.epochs], "o", label="train loss (epoch)")
-            ax.plot(x, [r["test_loss"] for r in run.epochs], "s", label="test loss (epoch)")
-        values = [r["loss"] for r in run.steps] + [r["test_loss"] for r in run.epochs]
+        values = [r["loss"] for r in run.steps]
+        for key, label, marker in LOSSES:
+            x, y = _series(run.epochs, key)
+            if y:
+                ax.plot(x, y, marker, label=label)
+                values += y
         if values and min(values) > 0 and max(values) / min(values) > 20:
             ax.set_yscale("log")
         _epoch_lines(ax, run)
@@ -77,21 +99,30 @@ def plot(run: RunRecords, out: Path) -> list[Path]:
 
     if run.epochs:
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        epochs = [r["epoch"] for r in run.epochs]
-        accuracy = [r["test_accuracy"] * 100 for r in run.epochs]
-        ax.plot(epochs, accuracy, "o-", label="test accuracy")
-        best = max(range(len(accuracy)), key=accuracy.__getitem__)
-        ax.annotate(
-            f"best {accuracy[best]:.2f}%",
-            (epochs[best], accuracy[best]),
-            textcoords="offset points",
-            xytext=(0, -16),
-            ha="right" if best == len(accuracy) - 1 and best > 0 else "center",
-        )
-        ax.set_xticks(epochs)
-        ax.set_ylim(max(0.0, min(accuracy) - 2), 100.5)
-        ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"Test accuracy - {title}")
+        s = summarize(run)
+        shown = []
+        for key, label, marker in ACCURACIES:
+            x, y = _series(run.epochs, key, by="epoch")
+            if y:
+                ax.plot(x, [v * 100 for v in y], marker, label=label)
+                shown += [v * 100 for v in y]
+        picked, metric = s["selected_epoch"], s["selection_metric"]
+        if picked is not None:
+            ax.axvline(picked, color="0.6", linestyle="--", linewidth=1, zorder=0)
+            label = f"selected: epoch {picked} (by {metric})"
+            if s["test_accuracy"] is not None:
+                tested = s["test_accuracy"] * 100
+                ax.plot(
+                    [picked], [tested], "*", markersize=14, label=f"{label}: test {tested:.2f}%"
+                )
+                shown.append(tested)
+            else:
+                ax.plot([], [], "--", color="0.6", label=label)
+        ax.set_xticks([r["epoch"] for r in run.epochs])
+        ax.set_ylim(max(0.0, min(shown) - 2), 100.5)
+        ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"Accuracy - {title}")
         ax.grid(alpha=0.3)
+        ax.legend()
         save(fig, "accuracy.png")
 
     if run.steps:

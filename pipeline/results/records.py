@@ -58,22 +58,48 @@ def load_run(run_dir: Path) -> RunRecords:
     return run
 
 
+def _metric(epochs: list[dict]) -> str:
+    """The key of the epochs' selection-split accuracy: val_accuracy, or test_accuracy in a run
+    without a validation split."""
+    return "val_accuracy" if any("val_accuracy" in r for r in epochs) else "test_accuracy"
+
+
 def summarize(run: RunRecords) -> dict[str, Any]:
-    """The numbers of the text summary, from the records alone."""
-    epochs, steps = run.epochs, run.steps
+    """The numbers of the text summary: the selection and the test of the selected model from
+    summary.json once the run finished; before that, the best epoch so far from the records."""
+    epochs, steps, summary = run.epochs, run.steps, run.summary or {}
     last_step = max([r["step"] for r in epochs + steps], default=0)
     total_time = sum(r["epoch_time_s"] for r in epochs)
     images = sum(r["images_per_s"] * r["epoch_time_s"] for r in epochs)
     finished = run.summary is not None and run.summary.get("global_step", -1) >= last_step
+    metric = summary.get("selection_metric") or _metric(epochs)
+    selected, value = summary.get("selected_epoch"), summary.get("selected_value")
+    test = {k: summary.get(k) if finished else None for k in ("test_accuracy", "test_loss")}
+    test["test_of"] = summary.get("test_of") if finished else None
+    if (not finished or "selected_epoch" not in summary) and epochs:
+        # Still running, or a run of a version before selection: the best epoch by the records
+        # (the first of the best: a tie does not improve).
+        first_best = max(epochs, key=lambda r: r.get(metric, 0))["epoch"]
+        selected = epochs[-1].get("best_epoch", first_best)
+        chosen = next(r for r in epochs if r["epoch"] == selected)
+        value = chosen.get(metric)
+        if finished and metric == "test_accuracy":  # that epoch's test is the selected model's
+            test = {k: chosen.get(k) for k in ("test_accuracy", "test_loss")}
+            test["test_of"] = f"epoch {selected}"
     return {
         "epochs": epochs[-1]["epoch"] if epochs else 0,
         "global_step": last_step,
-        "best_accuracy": max((r["test_accuracy"] for r in epochs), default=None),
-        "final_accuracy": epochs[-1]["test_accuracy"] if epochs else None,
+        "finished": finished,
+        "stop_reason": summary.get("stop_reason") if finished else None,
+        "selection_metric": metric,
+        "selection_split": metric.partition("_")[0],
+        "selected_epoch": selected,
+        "selected_value": value,
+        **test,
+        "last_epoch": epochs[-1] if epochs else None,
         # Over all epochs' training time: total images / total seconds.
         "mean_images_per_s": images / total_time if total_time > 0 else None,
         "train_time_s": total_time,
-        "finished": finished,
     }
 
 
@@ -81,23 +107,55 @@ def _percent(value: float | None) -> str:
     return "n/a (no epoch finished yet)" if value is None else f"{value * 100:.2f}%"
 
 
+def _last_epoch(r: dict | None) -> str:
+    if r is None:
+        return "n/a (no epoch finished yet)"
+    split = "val" if "val_accuracy" in r else "test"
+    text = f"{split} accuracy {r[f'{split}_accuracy'] * 100:.2f}%, {split} loss "
+    text += f"{r[f'{split}_loss']:.4f}"
+    if "test_accuracy_this_epoch" in r:
+        text += f"; test accuracy this epoch {r['test_accuracy_this_epoch'] * 100:.2f}%"
+    return text
+
+
 def summary_text(run: RunRecords, s: dict[str, Any]) -> str:
     if s["finished"]:
         status = "finished"
+        if s["stop_reason"] == "early_stop":
+            status += f" (stopped early after epoch {s['epochs']})"
+        elif s["stop_reason"] == "max_steps":
+            status += " (at train.max_steps)"
     else:
         age = max(0.0, time.time() - run.last_write)
         status = (
             "not finished: still running, or stopped before the end "
             f"(last record written {age:.0f} s ago)"
         )
+    metric = s["selection_metric"]
+    if s["selected_epoch"] is None:
+        selected = "n/a (no epoch finished yet)"
+    else:
+        value = s["selected_value"]
+        shown = _percent(value) if metric.endswith("accuracy") else f"{value:.4f}"
+        selected = f"epoch {s['selected_epoch']} by {metric} ({shown})"
+        if s["selection_split"] == "test":
+            selected += ", on the test set: no validation split"
+        if not s["finished"]:
+            selected += " so far"
+    if s["test_accuracy"] is None:
+        tested = "n/a (the selected model is tested when the run ends)"
+    else:
+        tested = f"{_percent(s['test_accuracy'])} (test loss {s['test_loss']:.4f}, "
+        tested += f"of {s['test_of']})"
     throughput = "n/a" if s["mean_images_per_s"] is None else f"{s['mean_images_per_s']:,.0f}"
     return "\n".join(
         [
             f"run:              {run.run_dir}",
             f"status:           {status}",
             f"epochs:           {s['epochs']} (global step {s['global_step']})",
-            f"best accuracy:    {_percent(s['best_accuracy'])}",
-            f"final accuracy:   {_percent(s['final_accuracy'])}",
+            f"selected:         {selected}",
+            f"test accuracy:    {tested}",
+            f"last epoch:       {_last_epoch(s['last_epoch'])}",
             f"mean images/s:    {throughput}",
             f"train time:       {s['train_time_s']:.1f} s (sum of epoch times)",
         ]

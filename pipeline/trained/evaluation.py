@@ -87,11 +87,19 @@ def worst_mistakes(
 
 
 def reported_accuracy(run_dir: Path, step: int) -> float | None:
-    """The test accuracy training logged at global step `step` (metrics.jsonl), if any."""
+    """The test accuracy training logged for the model of global step `step`, if any: the
+    test of the model the run ended with (summary.json), or an epoch's (metrics.jsonl: without
+    a validation split, or with train.test_every_epoch)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        summary = None
+    if isinstance(summary, dict) and summary.get("test_step") == step:
+        return summary.get("test_accuracy")
     found = None
     for record in read_jsonl(run_dir / "metrics.jsonl"):
         if record.get("step") == step:
-            found = record.get("test_accuracy", found)
+            found = record.get("test_accuracy", record.get("test_accuracy_this_epoch", found))
     return found
 
 
@@ -160,11 +168,14 @@ def run(
     out: Path | None = None,
     mistakes: int = 24,
     tracking: str | None = None,
+    last: bool = False,
 ) -> None:
-    """Evaluate the checkpoint `target` names on its dataset's test set; rank 0 writes the
-    results into `out` (default: beside the checkpoint, eval/) and prints the summary."""
+    """Evaluate the checkpoint `target` names (a run directory: its best.pt, or with `last` its
+    newest checkpoint; see `loading.find_checkpoint`) on its dataset's test set; rank 0 writes
+    the results into `out` (default: beside the checkpoint, eval/) and prints the summary."""
     plt = pyplot_or_none()
-    path, state = checkpoint.load_on_main(ctx, lambda: loading.find_checkpoint(target))
+    path, state = checkpoint.load_on_main(ctx, lambda: loading.find_checkpoint(target, last))
+    log.info(loading.chosen(path, state, target, last))
     cfg = loading.config_of(state, path)
     model = loading.build_model(state, cfg, path)
     place_model(model, cfg, ctx.device)

@@ -116,9 +116,9 @@ def check(model: nn.Module, run: Callable | None, fmt: str) -> str:
     return f"loaded it back: the checkpoint's outputs (largest difference {worst:.2g})"
 
 
-def export(target: Path, fmt: str, out: Path | None) -> Path:
+def export(target: Path, fmt: str, out: Path | None, last: bool = False) -> Path:
     """Write the model of `target` (run directory or checkpoint) as `fmt` to `out`, checked."""
-    path, state, cfg, model = loading.load(target)
+    path, state, cfg, model = loading.load(target, last)
     variant = {"kernel_size": cfg.model.kernel_size, "fc1_width": cfg.model.fc1_width}
     out = out or path.parent / f"lenet-{state.get('global_step', 0)}{SUFFIXES[fmt]}"
     try:

@@ -1,10 +1,12 @@
 """A trained model from a run directory or a checkpoint file: where evaluate, export and predict
 start.
 
-`find_checkpoint` takes what a user passes (a run directory: its newest valid checkpoint; or a
-file), `config_of` reads the run's config from the checkpoint through the config's own
-conversion and checks (keys of other versions of the project are left out, missing ones get
-their defaults), and `build_model` gives the checkpoint's `LeNet` variant with its weights.
+`find_checkpoint` takes what a user passes: a run directory (its best.pt, the checkpoint of the
+epoch training selected, where it kept one; with `last`, or where there is none, its newest
+valid checkpoint) or a file; `chosen` is the line that says which one is used. `config_of`
+reads the run's config from the checkpoint through the config's own conversion and checks (keys
+of other versions of the project are left out, missing ones get their defaults), and
+`build_model` gives the checkpoint's `LeNet` variant with its weights.
 """
 
 from __future__ import annotations
@@ -16,13 +18,22 @@ from pipeline import checkpoint
 from pipeline.config import Config, from_dict
 from pipeline.errors import CheckpointError, ConfigError, describe
 from pipeline.model import LeNet
+from pipeline.selection import show
 
 log = logging.getLogger(__name__)
 
 
-def find_checkpoint(target: Path) -> Path:
-    """The checkpoint file `target` names: itself, or a run directory's newest valid one."""
+def find_checkpoint(target: Path, last: bool = False) -> Path:
+    """The checkpoint file `target` names: itself, or a run directory's best.pt (unless `last`,
+    or it has none, or it is damaged: then its newest valid checkpoint)."""
     if target.is_dir():
+        best = target / checkpoint.BEST
+        if not last and best.is_file():
+            try:
+                checkpoint.load(best)
+                return best
+            except CheckpointError as e:
+                log.warning(f"{e}; using the newest checkpoint instead")
         path = checkpoint.newest_valid(target)
         if path is None:
             raise CheckpointError(
@@ -35,6 +46,21 @@ def find_checkpoint(target: Path) -> Path:
             f"{target} does not exist; pass a run directory (train.run_dir) or a ckpt-*.pt file"
         )
     return target
+
+
+def chosen(path: Path, state: dict, target: Path, last: bool = False) -> str:
+    """The line that says which checkpoint a command uses, and why."""
+    where = f"{path} (epoch {state.get('epoch')}, global step {state.get('global_step')})"
+    best = state.get("best")
+    if path.name == checkpoint.BEST and isinstance(best, dict):
+        metric = str(best.get("metric"))
+        how = f"using {where}: the epoch selected by {metric} {show(metric, best.get('value'))}"
+        return how + ("; --last for the newest checkpoint" if target.is_dir() else "")
+    if not target.is_dir():
+        return f"using {where}"
+    if last:
+        return f"using {where}: the newest checkpoint (--last)"
+    return f"using {where}: the newest checkpoint ({target} has no usable {checkpoint.BEST})"
 
 
 def config_of(state: dict, path: Path) -> Config:
@@ -66,9 +92,11 @@ def build_model(state: dict, cfg: Config, path: Path) -> LeNet:
     return model.eval()
 
 
-def load(target: Path) -> tuple[Path, dict, Config, LeNet]:
-    """The checkpoint `target` names: its path, its state, its config and its model."""
-    path = find_checkpoint(target)
+def load(target: Path, last: bool = False) -> tuple[Path, dict, Config, LeNet]:
+    """The checkpoint `target` names (see `find_checkpoint`): its path, its state, its config
+    and its model; the line saying which it is is logged."""
+    path = find_checkpoint(target, last)
     state = checkpoint.load(path)
+    log.info(chosen(path, state, target, last))
     cfg = config_of(state, path)
     return path, state, cfg, build_model(state, cfg, path)

@@ -1,0 +1,273 @@
+"""Model selection and early stopping, in-process: `Selection` on its own, and the Trainer's epoch
+loop driven with fakes (no process group, no data) through scripted evaluations: which epoch is
+kept as best.pt, when the run stops and that every rank follows the agreed verdict, a resume
+that stops where an uninterrupted run does, partial epochs, the final test and summary.json's
+fields."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pipeline import trainer as trainer_module
+from pipeline.config import load_config
+from pipeline.dist import DistContext
+from pipeline.selection import Selection, closing_line
+from pipeline.stop_signals import StopRequest
+from pipeline.trainer import EpochClock, Trainer, TrainState
+
+
+def selection(*overrides: str) -> Selection:
+    return Selection.from_config(load_config(None, ["data.val_size=100", *overrides]))
+
+
+def judge(sel: Selection, values: list[float]) -> list[tuple[bool, bool]]:
+    verdicts = []
+    for epoch, value in enumerate(values, 1):
+        verdict = sel.propose({"epoch": epoch, "step": 10 * epoch, sel.metric: value})
+        sel.accept({"epoch": epoch, "step": 10 * epoch, sel.metric: value}, *verdict)
+        verdicts.append(verdict)
+    return verdicts
+
+
+def test_an_epoch_improves_by_more_than_min_delta_and_a_tie_does_not():
+    sel = selection()
+    assert sel.metric == "val_accuracy" and sel.split == "val"
+    assert [v[0] for v in judge(sel, [0.5, 0.7, 0.7, 0.69, 0.71])] == [1, 1, 0, 0, 1]
+    assert (sel.best_epoch, sel.best_value, sel.bad_epochs) == (5, 0.71, 0)
+    sel = selection("checkpoint.select=val_loss", "train.early_stop_min_delta=0.01")
+    assert [v[0] for v in judge(sel, [1.0, 0.995, 0.98, 0.975, 0.95])] == [1, 0, 1, 0, 1]
+
+
+def test_patience_stops_after_that_many_epochs_without_improvement():
+    sel = selection("train.early_stop_patience=2")
+    verdicts = judge(sel, [0.5, 0.7, 0.6, 0.65])
+    assert verdicts == [(True, False), (True, False), (False, False), (False, True)]
+    assert sel.stopped and sel.best_epoch == 2 and sel.bad_epochs == 2
+    off = selection()
+    assert not any(stop for _, stop in judge(off, [0.9] + [0.1] * 20)) and not off.stopped
+
+
+def test_without_a_split_the_test_set_selects_and_says_so():
+    sel = Selection.from_config(load_config(None, ["checkpoint.select=val_loss"]))
+    assert sel.metric == "test_loss" and sel.split == "test"
+    judge(sel, [0.4, 0.3])
+    summary = {
+        **sel.summary(),
+        "epochs": 2,
+        "global_step": 20,
+        "stop_reason": "epochs",
+        "test_accuracy": 0.9,
+        "test_loss": 0.3,
+        "test_of": "best.pt (epoch 2)",
+    }
+    line = closing_line(summary, 0, 0.0)
+    assert line == (
+        "finished 2 epoch(s); selected epoch 2 (test_loss 0.3000) on the test set: no validation "
+        "split (data.val_size=0); test accuracy of best.pt (epoch 2): 90.00% (test loss 0.3000)"
+    )
+
+
+# -- the Trainer's epoch loop, with fakes ------------------------------------------------------
+class FakeEngine:
+    def __init__(self):
+        self.first_step_s, self.micro, self.lr = None, 0, 0.1
+        self.model = torch.nn.Linear(1, 1)
+
+    def train_step(self, micro_batches) -> None:
+        self.micro += len(micro_batches)
+        self.first_step_s = self.first_step_s or 0.001
+
+    def read_loss(self) -> tuple[float, int]:
+        micro, self.micro = self.micro, 0
+        return 1.0 * micro, micro
+
+
+class FakeEvals:
+    """An epoch's evaluation gives the next scripted validation accuracy (and loss 1 - it)."""
+
+    has_val = True
+
+    def __init__(self, accuracies: list[float]):
+        self.accuracies, self.epochs, self.tests = list(accuracies), 0, 0
+
+    def epoch(self, engine) -> dict:
+        value = self.accuracies[self.epochs]
+        self.epochs += 1
+        return {"val_loss": 1 - value, "val_accuracy": value, "val_count": 100}
+
+    def test(self, engine) -> dict:
+        self.tests += 1
+        return {"test_loss": 0.25, "test_accuracy": 0.75, "test_count": 100}
+
+
+class FakeTracker:
+    def __init__(self):
+        self.epochs, self.run_id, self.summary, self.line = [], None, None, None
+
+    def log_step(self, record: dict) -> None:
+        pass
+
+    def log_epoch(self, record: dict) -> None:
+        self.epochs.append(record)
+
+    def start_epoch(self, *args) -> None:
+        pass
+
+    def start(self, *args, **kwargs) -> None:
+        pass
+
+    def finish(self, summary: dict, line: str = "") -> None:
+        self.summary, self.line = summary, line
+
+
+@pytest.fixture
+def agreed(monkeypatch):
+    """dist.any_rank without a process group: each call's flags are recorded, and answered
+    with `answer` where a test sets one (what the other ranks made of it), else as given."""
+    calls = SimpleNamespace(flags=[], answer=None)
+
+    def any_rank(ctx, *flags):
+        calls.flags.append(flags)
+        return calls.answer or flags
+
+    monkeypatch.setattr(trainer_module.dist, "any_rank", any_rank)
+    monkeypatch.setattr(trainer_module.dist, "barrier", lambda ctx: None)
+    return calls
+
+
+def make(accuracies: list[float], *overrides: str, steps_per_epoch: int = 4) -> Trainer:
+    """A Trainer whose parts are fakes; `saves` and `best_saves` hold the global steps of the
+    rotating and best.pt checkpoints it asked for."""
+    t = Trainer.__new__(Trainer)
+    # No stop vote (dist.any_rank too) within these short runs: `agreed` sees the verdicts only.
+    base = ["data.val_size=100", "train.epochs=10", "train.stop_check_every=1000"]
+    t.cfg = load_config(None, [*base, *overrides])
+    t.ctx, t.run_dir = DistContext(), Path("runs/test")
+    t.overrides, t.print_config, t.resumed = "", False, False
+    t.state, t.selection = TrainState(), Selection.from_config(t.cfg)
+    t.clock = EpochClock(t.state)
+    t.stop = StopRequest(())
+    t.steps_per_epoch, t.git_revision, t.split = steps_per_epoch, None, {}
+    t.engine, t.tracker, t.evals = FakeEngine(), FakeTracker(), FakeEvals(accuracies)
+    t.last_eval = None
+    t.pending, t.interval_started, t.saved_at = 0, time.perf_counter(), time.monotonic()
+    t.batches = SimpleNamespace(epoch=lambda epoch, start=0: iter([(None, None)] * 10_000))
+    t.saves, t.best_saves = [], []
+    t.build = lambda: None
+    t.save = lambda: t.saves.append(t.state.global_step)
+    t.save_best = lambda: t.best_saves.append(t.state.global_step)
+    t.final_test = lambda: {"test_accuracy": 0.75, "test_loss": 0.25, "test_of": "best.pt"}
+    return t
+
+
+def test_the_best_epoch_is_saved_as_best_pt_and_patience_ends_the_run(agreed):
+    t = make([0.5, 0.7, 0.6, 0.7, 0.9], "train.early_stop_patience=2", "checkpoint.keep=1")
+    t.run()
+    assert t.state.epoch == 4 and t.selection.stopped and t.finished()
+    assert t.best_saves == [4, 8]  # epochs 1 and 2, before their rotating checkpoints
+    assert t.saves == [4, 8, 12, 16]
+    assert len(agreed.flags) == 4  # one agreement per epoch, at its end
+    assert [r["best_epoch"] for r in t.tracker.epochs] == [1, 2, 2, 2]
+    s = t.tracker.summary
+    assert (s["stop_reason"], s["epochs"], s["selected_epoch"], s["selected_value"]) == (
+        "early_stop",
+        4,
+        2,
+        0.7,
+    )
+    assert all(not isinstance(v, (dict, list)) for v in s.values())  # flat, for tables
+    assert t.tracker.line.startswith(
+        "stopped early after epoch 4: val_accuracy did not improve by more than 0 for 2 "
+        "epoch(s); selected epoch 2 (val_accuracy 70.00%)"
+    )
+
+
+def test_every_rank_follows_the_agreed_verdict_not_its_own(agreed):
+    t = make([0.5, 0.7, 0.9, 0.95])
+    agreed.answer = (False, True)  # another rank saw no improvement and asked to stop
+    t.run()
+    assert agreed.flags == [(True, False)]  # this rank's own proposal
+    assert t.state.epoch == 1 and t.selection.stopped and t.best_saves == []
+    assert t.tracker.summary["stop_reason"] == "early_stop"
+
+
+def test_a_resumed_run_stops_at_the_epoch_an_uninterrupted_one_does(agreed):
+    accuracies = [0.5, 0.8, 0.7, 0.75, 0.79, 0.6, 0.9]
+    straight = make(accuracies, "train.early_stop_patience=3")
+    straight.run()
+    first = make(accuracies, "train.early_stop_patience=3", "train.max_steps=10")
+    first.run()  # ends 2 steps into epoch 3: epochs 1 and 2 judged, epoch 3 only logged
+    assert first.state.global_step == 10 and first.selection.judged == 2
+    resumed = make(accuracies[2:], "train.early_stop_patience=3")
+    resumed.state.load_state_dict(first.state.state_dict())
+    resumed.selection.load_state_dict(first.selection.state_dict())
+    resumed.run()
+    assert resumed.state.epoch == straight.state.epoch == 5
+    assert resumed.selection.state_dict() == straight.selection.state_dict()
+    assert resumed.tracker.summary["selected_epoch"] == straight.tracker.summary["selected_epoch"]
+
+
+def test_a_partial_epoch_is_logged_but_judged_once_whole(agreed):
+    t = make([0.5, 0.6, 0.55, 0.4], "train.max_steps=6", "train.epochs=3")
+    t.run()  # epoch 1, then 2 of epoch 2's 4 steps
+    assert [r["epoch"] for r in t.tracker.epochs] == [1, 2]
+    assert len(agreed.flags) == 1 and t.selection.judged == 1
+    assert t.tracker.summary["stop_reason"] == "max_steps"
+    t.cfg.train.max_steps = 0  # resumed without the limit: epoch 2 is finished, then judged
+    t.stop = StopRequest(())
+    t.run()
+    assert len(agreed.flags) == 3 and t.selection.judged == 3
+    # The whole epoch 2 (0.55) was judged, not its cut-short part (0.6).
+    assert (t.selection.best_epoch, t.selection.best_value) == (2, 0.55)
+
+
+def test_the_final_test_is_of_best_pt_with_a_split(agreed, monkeypatch, tmp_path, capsys):
+    best = {"model": {"weight": torch.full((1, 1), 3.0), "bias": torch.zeros(1)}}
+    best["best"] = {"epoch": 2, "step": 8}
+    read = []
+
+    def load_on_main(ctx, locate):  # rank 0 reads the file it locates; here: best's state
+        path = locate()
+        read.append(path)
+        return (path, best) if path is not None else (None, None)
+
+    monkeypatch.setattr(trainer_module.checkpoint, "load_on_main", load_on_main)
+    t = make([0.5, 0.7, 0.6], "train.epochs=3")
+    t.run_dir = tmp_path
+    (tmp_path / "best.pt").write_bytes(b"")  # what exists decides; the fake gives the state
+    del t.final_test
+    t.run()
+    assert read == [tmp_path / "best.pt"]
+    assert t.engine.model.weight.item() == 3.0  # best.pt's weights were tested
+    s = t.tracker.summary
+    assert (s["test_accuracy"], s["test_of"], s["test_epoch"], s["test_step"]) == (
+        0.75,
+        "best.pt (epoch 2)",
+        2,
+        8,
+    )
+    assert t.evals.tests == 1  # the test set once, at the end
+    # A best.pt gone missing (a resume that turned checkpoint.keep_best on late): the last
+    # model is tested, with a warning.
+    t = make([0.5, 0.7, 0.6], "train.epochs=3")
+    t.run_dir = tmp_path / "other"
+    del t.final_test
+    t.run()
+    assert t.tracker.summary["test_of"] == "the last model (epoch 3, step 12)"
+    assert "best.pt is missing: the test is of the last model" in capsys.readouterr().err
+
+
+def test_without_best_pt_the_last_model_is_tested(agreed):
+    t = make([0.5, 0.7, 0.6], "checkpoint.keep_best=false", "train.epochs=3")
+    del t.final_test
+    t.run()
+    assert t.best_saves == [] and t.evals.tests == 1
+    s = t.tracker.summary
+    assert s["test_of"] == "the last model (epoch 3, step 12)" and s["selected_epoch"] == 2
+    assert math.isclose(s["val_accuracy"], 0.7) and s["val_loss"] == pytest.approx(0.3)
