@@ -15,23 +15,38 @@ from pipeline.config import Config, to_dict
 from pipeline.results import compare
 
 
-def make_run(root, name: str, lr: float, seed: int, accuracies: list[float], finished=True):
+def make_run(
+    root, name: str, lr: float, seed: int, accuracies: list[float], finished=True, split=True
+):
     run_dir = root / name
     run_dir.mkdir(parents=True)
     cfg = to_dict(Config())
     cfg["optim"]["lr"], cfg["train"]["seed"] = lr, seed
     cfg["train"]["run_dir"] = str(run_dir)  # differs everywhere, never shown
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    which = "val" if split else "test"
     epochs = [
-        {"epoch": i + 1, "step": 10 * (i + 1), "train_loss": 1.0 / (i + 1), "test_loss": 0.5,
-         "test_accuracy": a, "epoch_time_s": 2.0, "images_per_s": 500.0}
+        {"epoch": i + 1, "step": 10 * (i + 1), "train_loss": 1.0 / (i + 1), f"{which}_loss": 0.5,
+         f"{which}_accuracy": a, "epoch_time_s": 2.0, "images_per_s": 500.0}
         for i, a in enumerate(accuracies)
     ]  # fmt: skip
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
     steps = [{"step": s, "loss": 2.0 / s} for s in (5, 10, 15, 20)]
     (run_dir / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
     if finished:
-        (run_dir / "summary.json").write_text(json.dumps({"train_time_s": 4.5}))
+        best = max(range(len(accuracies)), key=accuracies.__getitem__)
+        summary = {
+            "train_time_s": 4.5,
+            "global_step": 10 * len(accuracies),
+            "stop_reason": "epochs",
+            "selection_metric": f"{which}_accuracy",
+            "selected_epoch": best + 1,
+            "selected_value": accuracies[best],
+            "test_accuracy": accuracies[best] + 0.01,  # the selected model, tested once
+            "test_loss": 0.4,
+            "test_of": f"best.pt (epoch {best + 1})",
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
 
 
@@ -53,9 +68,16 @@ def test_a_row_per_run_with_the_settings_that_differ(sweep):
     keys = compare.differing(runs)
     assert keys == ["optim.lr", "train.seed"]  # not train.run_dir
     rows = {r["run"]: r for r in compare.rows(runs, keys)}
-    assert rows["a"]["final_test_accuracy"] == 0.95 and rows["a"]["best_test_accuracy"] == 0.95
-    assert rows["a"]["train_time_s"] == 4.5 and rows["a"]["images_per_s"] == 500.0
+    a = rows["a"]
+    assert (a["selection_metric"], a["selected_epoch"], a["selected_value"]) == (
+        "val_accuracy",
+        2,
+        0.95,
+    )
+    assert a["test_accuracy"] == pytest.approx(0.96)  # the selected model's test, not a best
+    assert a["train_time_s"] == 4.5 and a["images_per_s"] == 500.0
     assert rows["d"]["state"] == "unfinished (1 of 3 epochs)"
+    assert rows["d"]["selected_epoch"] == 1 and rows["d"]["test_accuracy"] is None
     assert rows["e"]["state"] == "broken (no config.yaml)" and rows["e"]["train_time_s"] is None
 
 
@@ -63,23 +85,31 @@ def test_runs_that_differ_by_seed_only_are_grouped(sweep):
     runs = [compare.read_run(p) for p in compare.find_runs([sweep])]
     (group,) = compare.seed_groups(runs, compare.differing(runs))  # c's partner is unfinished
     assert group["settings"] == "optim.lr=0.1" and group["seeds"] == 2
-    assert group["final_test_accuracy"] == pytest.approx(0.96)
-    assert group["final_test_accuracy_std"] == pytest.approx(0.01414, abs=1e-4)
+    assert group["selected_value"] == pytest.approx(0.96)  # val accuracy 0.95 and 0.97
+    assert group["selected_value_std"] == pytest.approx(0.01414, abs=1e-4)
+    assert group["test_accuracy"] == pytest.approx(0.97)
 
 
 def test_the_report_of_a_folder_writes_the_table_the_csv_and_the_plot(sweep, capsys):
     assert report.main([str(sweep)]) == 0
     out = capsys.readouterr().out
-    assert "| a | 0.1 | 0 | finished | 2 | 95.00% | 95.00% |" in out
-    assert "| optim.lr=0.1 | 2 | 96.00 ± 1.41% |" in out
+    assert "| a | 0.1 | 0 | finished | 2 | 2 (val_accuracy 95.00%) | 96.00% |" in out
+    assert "| optim.lr=0.1 | 2 | val_accuracy 96.00 ± 1.41% | 97.00 ± 1.41% |" in out
     assert "| e | - | - | broken (no config.yaml) |" in out
     folder = sweep / "comparison"
     assert (folder / "comparison.md").read_text() in out
     with open(folder / "comparison.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["run"] for r in table] == ["a", "b", "c", "d", "e"]
-    assert table[1]["final_test_accuracy"] == "0.97" and table[1]["optim.lr"] == "0.1"
+    assert table[1]["selected_value"] == "0.97" and table[1]["optim.lr"] == "0.1"
     assert (folder / "comparison.png").stat().st_size > 10_000
+
+
+def test_a_run_without_a_split_says_it_was_selected_on_the_test_set(tmp_path):
+    run = compare.read_run(make_run(tmp_path, "old", 0.1, 0, [0.90, 0.93], split=False))
+    (row,) = compare.rows([run], [])
+    assert row["selection_metric"] == "test_accuracy" and row["selected_epoch"] == 2
+    assert "2 (test_accuracy 93.00%) on test: no val split" in compare.markdown([run], [])
 
 
 def test_several_run_directories_and_a_missing_one(sweep, tmp_path, capsys):

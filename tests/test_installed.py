@@ -57,10 +57,11 @@ def test_an_installed_package_works_from_an_empty_directory(tiny_mnist, tmp_path
         assert shown.returncode == 0 and shown.stdout.startswith(f"usage: lenet-{name}"), name
     trained = subprocess.run(
         [str(bin_ / "lenet-train"), "--config", "cpu", "train.max_steps=20",
-         f"data.root={tiny_mnist}", "data.download=false", "train.batch_size=32"],
+         f"data.root={tiny_mnist}", "data.download=false", "train.batch_size=32",
+         "data.val_size=64"],
         cwd=empty, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
     assert "config: cpu = " in trained.stdout and "/pipeline/configs/cpu.yaml" in trained.stdout
-    run_dir = empty / "runs" / "cpu,train.batch_size=32"
+    run_dir = empty / "runs" / "cpu,data.val_size=64,train.batch_size=32"
     assert (run_dir / "summary.json").exists() and any(run_dir.glob("ckpt-*.pt"))

@@ -20,6 +20,7 @@ def sweep_file(tmp_path, tiny_mnist, lrs=(0.05, 0.1)) -> str:
         "base: cpu\n"
         "overrides: {train.epochs: 1, train.batch_size: 32, train.log_every: 4, "
         f"checkpoint.every_steps: 4, data.root: {tiny_mnist}, data.download: false, "
+        "data.val_size: 64, "
         "tracking.mode: disabled}\n"
         f"grid: {{optim.lr: [{', '.join(map(str, lrs))}]}}\n"
     )
@@ -58,6 +59,7 @@ def test_a_sweep_runs_its_points_resumes_one_and_skips_them_on_a_rerun(tiny_mnis
     args = [
         "--config", "cpu", "train.epochs=1", "train.batch_size=32", "train.log_every=4",
         "checkpoint.every_steps=4", f"data.root={tiny_mnist}", "data.download=false",
+        "data.val_size=64",
         "tracking.mode=disabled", "optim.lr=0.1",
     ]  # fmt: skip
     killed = subprocess.run(

@@ -2,10 +2,13 @@
 folder) prints and writes.
 
 One row per run: the settings that differ between the runs, its state (finished, or unfinished
-and how far it got, or broken and why), epochs, final and best accuracy, losses, training time
-and images/s. Runs that differ only by `train.seed` are also grouped: the mean and standard
-deviation over the seeds. The table is written as Markdown and CSV, and one PNG overlays every
-run's accuracy and train-loss curves, labelled by the settings that differ.
+and how far it got, or broken and why), epochs, the selected epoch and the metric it was
+selected by (val_accuracy on the validation split; test_accuracy, said so, in a run without
+one), the test accuracy of the selected model (once the run finished), the last train loss,
+training time and images/s. Runs that differ only by `train.seed` are also grouped: the mean and
+standard deviation over the seeds. The table is written as Markdown and CSV, and one PNG
+overlays every run's selection-split accuracy by epoch and train loss, labelled by the settings
+that differ.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import yaml
 from pipeline.errors import DataError
 from pipeline.files import read_jsonl, write_atomic
 from pipeline.results.plots import pyplot
+from pipeline.results.records import RunRecords, summarize
 
 # Settings that never tell runs apart for a reader: where files live, how it was logged.
 _IGNORED = ("train.run_dir", "train.resume", "data.root", "data.mirrors", "tracking.")
@@ -46,9 +50,11 @@ class Run:
     def final(self, key: str) -> float | None:
         return self.epochs[-1].get(key) if self.epochs else None
 
-    def best(self, key: str) -> float | None:
-        values = [r[key] for r in self.epochs if isinstance(r.get(key), (int, float))]
-        return max(values) if values else None
+    def selection(self) -> dict[str, Any]:
+        """The selected epoch, its metric and value, and the selected model's test (the
+        report's own reading: summary.json once finished, the records before)."""
+        records = RunRecords(self.path, self.epochs, self.steps, self.summary or None)
+        return summarize(records)
 
     def train_time(self) -> float:
         if "train_time_s" in self.summary:
@@ -150,13 +156,17 @@ def rows(runs: list[Run], keys: list[str]) -> list[dict[str, Any]]:
     out = []
     for r in runs:
         row: dict[str, Any] = {"run": r.path.name, **{k: r.settings.get(k) for k in keys}}
+        s = r.selection() if r.ok and r.epochs else {}
         row.update(
             state=r.state,
             epochs=r.epochs[-1]["epoch"] if r.epochs else 0,
-            final_test_accuracy=r.final("test_accuracy"),
-            best_test_accuracy=r.best("test_accuracy"),
+            stop_reason=s.get("stop_reason"),
+            selection_metric=s.get("selection_metric"),
+            selected_epoch=s.get("selected_epoch"),
+            selected_value=s.get("selected_value"),
+            test_accuracy=s.get("test_accuracy"),
+            test_loss=s.get("test_loss"),
             final_train_loss=r.final("train_loss"),
-            final_test_loss=r.final("test_loss"),
             train_time_s=r.train_time() if r.ok else None,
             images_per_s=r.images_per_s() if r.ok else None,
         )
@@ -178,27 +188,55 @@ def seed_groups(runs: list[Run], keys: list[str]) -> list[dict[str, Any]]:
         if len(members) < 2:
             continue
         row: dict[str, Any] = {"settings": name, "seeds": len(members)}
+        chosen = [m.selection() for m in members]
+        row["selection_metric"] = chosen[0]["selection_metric"]
         for key, values in (
-            ("final_test_accuracy", [m.final("test_accuracy") for m in members]),
-            ("best_test_accuracy", [m.best("test_accuracy") for m in members]),
+            ("selected_value", [c["selected_value"] for c in chosen]),
+            ("test_accuracy", [c["test_accuracy"] for c in chosen]),
             ("train_time_s", [m.train_time() for m in members]),
             ("images_per_s", [m.images_per_s() or 0.0 for m in members]),
         ):
+            if any(v is None for v in values):
+                row[key] = row[f"{key}_std"] = None
+                continue
             row[key] = statistics.fmean(values)
             row[f"{key}_std"] = statistics.stdev(values)
         out.append(row)
     return out
 
 
+def _metric_value(metric: str | None, value: float | None) -> str:
+    if value is None or metric is None:
+        return "-"
+    return _pct(value) if metric.endswith("accuracy") else f"{value:.4f}"
+
+
+def _selected(row: dict[str, Any]) -> str:
+    if row["selected_epoch"] is None:
+        return "-"
+    metric = row["selection_metric"]
+    shown = f"{row['selected_epoch']} ({metric} {_metric_value(metric, row['selected_value'])})"
+    return shown + (" on test: no val split" if metric.startswith("test") else "")
+
+
+def _mean_std(metric: str, mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    if metric.endswith("accuracy"):
+        return f"{mean * 100:.2f} ± {std * 100:.2f}%"
+    return f"{mean:.4f} ± {std:.4f}"
+
+
 def markdown(runs: list[Run], keys: list[str]) -> str:
-    head = ["run", *keys, "state", "epochs", "final test acc", "best test acc (over epochs)"]
-    head += ["train loss", "test loss", "train time s", "img/s"]
+    head = ["run", *keys, "state", "epochs", "selected epoch (metric)"]
+    head += ["test acc of the selected", "train loss", "train time s", "img/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows(runs, keys):
-        cells = [row["run"], *(_value(row[k]) for k in keys), row["state"], str(row["epochs"])]
-        cells += [_pct(row["final_test_accuracy"]), _pct(row["best_test_accuracy"])]
-        cells += [_num(row["final_train_loss"], ".4f"), _num(row["final_test_loss"], ".4f")]
-        cells += [_num(row["train_time_s"], ".1f"), _num(row["images_per_s"], ",.0f")]
+        state = row["state"] + (" (early stop)" if row["stop_reason"] == "early_stop" else "")
+        cells = [row["run"], *(_value(row[k]) for k in keys), state, str(row["epochs"])]
+        cells += [_selected(row), _pct(row["test_accuracy"])]
+        cells += [_num(row["final_train_loss"], ".4f"), _num(row["train_time_s"], ".1f")]
+        cells += [_num(row["images_per_s"], ",.0f")]
         lines.append("| " + " | ".join(cells) + " |")
     groups = seed_groups(runs, keys)
     if groups:
@@ -206,15 +244,18 @@ def markdown(runs: list[Run], keys: list[str]) -> str:
             "",
             "Over seeds (runs that differ only by train.seed; mean ± standard deviation):",
             "",
-            "| settings | seeds | final test acc | best test acc (over epochs) | train time s |"
+            "| settings | seeds | selection metric | test acc of the selected | train time s |"
             " img/s |",
             "|---|---|---|---|---|---|",
         ]
         for g in groups:
+            metric = g["selection_metric"]
             cells = [g["settings"], str(g["seeds"])]
-            for key in ("final_test_accuracy", "best_test_accuracy"):
-                cells.append(f"{g[key] * 100:.2f} ± {g[key + '_std'] * 100:.2f}%")
-            cells.append(f"{g['train_time_s']:.1f} ± {g['train_time_s_std']:.1f}")
+            cells.append(
+                f"{metric} {_mean_std(metric, g['selected_value'], g['selected_value_std'])}"
+            )
+            cells.append(_mean_std("accuracy", g["test_accuracy"], g["test_accuracy_std"]))
+            cells.append(_mean_std("time", g["train_time_s"], g["train_time_s_std"]))
             cells.append(f"{g['images_per_s']:,.0f} ± {g['images_per_s_std']:,.0f}")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -230,25 +271,29 @@ def csv_text(runs: list[Run], keys: list[str]) -> str:
 
 
 def plot(runs: list[Run], keys: list[str], path: Path, title: str) -> Path:
-    """Test accuracy by epoch and train loss by step, every run overlaid, labelled by `keys`."""
+    """Each run's selection-split accuracy by epoch (val_accuracy; test_accuracy in a run
+    without a split) and train loss by step, overlaid, labelled by `keys`."""
     plt = pyplot("the comparison's plot")
     from matplotlib.ticker import MaxNLocator
 
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(13, 5))
+    splits = set()
     for i, r in enumerate(x for x in runs if x.ok and (x.epochs or x.steps)):
         color, name = f"C{i % 10}", label(r, keys)
-        if r.epochs:
-            acc.plot(
-                [e["epoch"] for e in r.epochs],
-                [e["test_accuracy"] * 100 for e in r.epochs],
-                "o-",
-                color=color,
-                label=name,
-            )
+        key = "val_accuracy" if any("val_accuracy" in e for e in r.epochs) else "test_accuracy"
+        points = [(e["epoch"], e[key] * 100) for e in r.epochs if key in e]
+        if points:
+            splits.add(key.partition("_")[0])
+            acc.plot(*zip(*points, strict=True), "o-", color=color, label=name)
         if r.steps:
             loss.plot([s["step"] for s in r.steps], [s["loss"] for s in r.steps], color=color,
                       linewidth=1, label=name)  # fmt: skip
-    acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy by epoch")
+    which = " / ".join(sorted(splits)) or "val"
+    acc.set(
+        xlabel="epoch",
+        ylabel=f"{which} accuracy (%)",
+        title=f"{which.capitalize()} accuracy by epoch",
+    )
     acc.xaxis.set_major_locator(MaxNLocator(integer=True))
     loss.set(
         xlabel="optimizer step", ylabel="train loss", title="Train loss (per logging interval)"

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.files import read_jsonl
 from pipeline.sweeps.spec import Point, Sweep
 
 
@@ -59,15 +58,16 @@ def _last_error(log: Path) -> str:
 
 
 def _result(point: Point) -> str:
-    epochs = read_jsonl(point.run_dir / "metrics.jsonl")
-    if not epochs:
-        return ""
+    """The point's selection and its test, from its summary.json."""
     try:
-        summary = json.loads((point.run_dir / "summary.json").read_text())
+        s = json.loads((point.run_dir / "summary.json").read_text())
     except (OSError, ValueError):
-        summary = {}
-    accuracy = summary.get("final_accuracy", epochs[-1].get("test_accuracy"))
-    return f": test accuracy {accuracy * 100:.2f}%" if accuracy is not None else ""
+        return ""
+    metric, value, test = s.get("selection_metric"), s.get("selected_value"), s.get("test_accuracy")
+    if metric is None or value is None or test is None:
+        return ""
+    shown = f"{value * 100:.2f}%" if metric.endswith("accuracy") else f"{value:.4f}"
+    return f": {metric} {shown} (epoch {s.get('selected_epoch')}), test accuracy {test * 100:.2f}%"
 
 
 def run(
