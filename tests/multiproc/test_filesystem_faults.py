@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,15 @@ import pytest
 from pipeline import checkpoint
 from pipeline.errors import EXIT_RUN_DIR
 
-from helpers import REPO, TINY_ARGS, background_training, run_pipeline, wait_for_steps
+from helpers import (
+    REPO,
+    TINY_ARGS,
+    background_training,
+    child_env,
+    require,
+    run_pipeline,
+    wait_for_steps,
+)
 
 
 def _args(root, run_dir, *extra):
@@ -47,7 +54,7 @@ def small_disk(tmp_path):
             text=True,
         )
         if proc.returncode != 0:
-            pytest.skip(f"mounting a small tmpfs was refused here ({proc.stderr.strip()})")
+            require(f"mounting a small tmpfs was refused here ({proc.stderr.strip()})")
         mounted.append(where)
         return where
 
@@ -85,27 +92,38 @@ def test_the_run_directory_removed_during_the_run(tiny_mnist, tmp_path):
     assert "No such file or directory" in line and str(run_dir) in line
 
 
-def test_a_run_directory_the_user_cannot_write(tiny_mnist):
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # root writes anywhere: run as the unprivileged user nobody
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv to become an unprivileged user")
-        as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    top = Path(tempfile.mkdtemp(prefix="lenet-ro-"))
-    try:
-        top.chmod(0o755)
-        shutil.copytree(tiny_mnist, top / "data")
-        home = top / "home"
-        home.mkdir(mode=0o777)
-        home.chmod(0o777)  # the unprivileged user's cache of the decoded data
-        run_dir = top / "locked"
-        run_dir.mkdir(mode=0o555)
-        env = {**os.environ, "HOME": str(home), "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": ""}
-        env["WANDB_MODE"] = "disabled"
-        cmd = [*as_user, sys.executable, "-m", "pipeline.train"]
-        cmd += _args(top / "data", run_dir / "run", "train.fused_conv=false")
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        line = _one_error_line(proc)
-        assert "Permission denied" in line and str(run_dir / "run") in line
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
+# Root writes anywhere through two capabilities: CAP_DAC_OVERRIDE (past write permission) and
+# CAP_DAC_READ_SEARCH (past read and search permission). A process of root's without them meets
+# permission bits as any user does, and still reads the checkout, the interpreter and its
+# packages, all of which root owns, wherever they live (an unprivileged user such as nobody
+# cannot read a checkout inside a directory only its owner may enter).
+WITHOUT_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+
+
+def as_a_user_who_cannot_write() -> list[str]:
+    """The command prefix that runs a process as a user held to permission bits: none for a
+    user, WITHOUT_OVERRIDE for root; `require`s what that needs."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        require(
+            "running as root: setpriv (util-linux) is needed to drop root's permission override"
+        )
+    probe = subprocess.run([*WITHOUT_OVERRIDE, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        require(f"dropping root's permission override was refused here: {probe.stderr.strip()}")
+    return WITHOUT_OVERRIDE
+
+
+def test_a_run_directory_the_user_cannot_write(tiny_mnist, tmp_path):
+    as_user = as_a_user_who_cannot_write()
+    run_dir = tmp_path / "locked"
+    run_dir.mkdir(mode=0o555)
+    run_dir.chmod(0o555)  # whatever the umask
+    cmd = [*as_user, sys.executable, "-m", "pipeline.train"]
+    cmd += _args(tiny_mnist, run_dir / "run", "train.fused_conv=false")
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300
+    )
+    line = _one_error_line(proc)
+    assert "Permission denied" in line and str(run_dir / "run") in line
