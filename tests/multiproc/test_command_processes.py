@@ -9,9 +9,25 @@ import sys
 
 import pytest
 
-from pipeline import __version__
+from pipeline import __version__, checkpoint
+from pipeline.config import Config, to_dict
+from pipeline.model import LeNet
 
 from helpers import REPO, child_env
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run directory with a checkpoint of an untrained LeNet, and its metrics."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    state = {"model": LeNet().state_dict(), "config": to_dict(Config()), "global_step": 1}
+    checkpoint.save(run_dir, 1, state, keep=3)
+    (run_dir / "steps.jsonl").write_text(
+        '{"step": 1, "epoch": 1, "loss": 2.3, "lr": 0.1, '
+        + '"images_per_s": 100.0, "step_in_epoch": 1}\n'
+    )
+    return run_dir
 
 
 @pytest.mark.parametrize("name", ["train", "evaluate", "export", "predict", "report", "bench"])
