@@ -22,6 +22,22 @@ from helpers import (  # noqa: F401 - REPO ... run_pipeline: for the tests still
 )
 
 UNIT = TESTS / "unit"
+TIERS = (UNIT, TESTS / "multiproc", TESTS / "integration")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test is in a tier: CI runs the tiers' folders, and a test file beside them would
+    never run there."""
+    outside = sorted({str(i.path.relative_to(REPO)) for i in items if not _in_a_tier(i.path)})
+    if outside:
+        raise pytest.UsageError(
+            f"{', '.join(outside)}: in no tier; move each into tests/unit, tests/multiproc or "
+            "tests/integration (docs/tests.md says which)"
+        )
+
+
+def _in_a_tier(path: Path) -> bool:
+    return any(path.is_relative_to(tier) for tier in TIERS)
 
 
 @pytest.fixture(autouse=True)
