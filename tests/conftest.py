@@ -1,24 +1,43 @@
-"""Shared test fixtures: tiny IDX datasets, the real MNIST, and launching real training runs."""
+"""The fixtures of every tier (tests/unit, tests/multiproc, tests/integration; docs/tests.md):
+the commands' logging, a tiny IDX dataset, the real MNIST, and the unit tier's rule of torch's
+conv ops. What the tests share besides fixtures is in helpers.py."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from pipeline import logs
-from pipeline.data.catalog import FILES
-from pipeline.data.idx import write_idx
+from pipeline import kernels, logs
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import (  # noqa: F401 - REPO ... run_pipeline: for the tests still importing conftest
+    REPO,
+    TESTS,
+    TINY_ARGS,
+    assert_ok,
+    require,
+    require_real_mnist,
+    run_pipeline,
+    write_tiny_mnist,
+)
+
+UNIT = TESTS / "unit"
+TIERS = (UNIT, TESTS / "multiproc", TESTS / "integration")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test is in a tier: CI runs the tiers' folders, and a test file beside them would
+    never run there."""
+    outside = sorted({str(i.path.relative_to(REPO)) for i in items if not _in_a_tier(i.path)})
+    if outside:
+        raise pytest.UsageError(
+            f"{', '.join(outside)}: in no tier; move each into tests/unit, tests/multiproc or "
+            "tests/integration (docs/tests.md says which)"
+        )
+
+
+def _in_a_tier(path: Path) -> bool:
+    return any(path.is_relative_to(tier) for tier in TIERS)
 
 
 @pytest.fixture(autouse=True)
@@ -28,200 +47,30 @@ def project_logging():
     logs.setup()
 
 
-def require(reason: str) -> None:
-    """A prerequisite is missing: skip with `reason` for a user; fail with it in CI (CI=true),
-    where every prerequisite must be present and no test may pass by skipping."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason} (CI=true: this test must run, not skip)", pytrace=False)
-    pytest.skip(reason)
+@pytest.fixture(autouse=True)
+def unit_tests_use_torchs_conv_ops(request, monkeypatch):
+    """The unit tier never builds the fused conv kernels: that compiles C++, and the tier needs
+    no compiler (tests/integration/test_kernels.py tests them). A unit test whose model would
+    load them (`train.fused_conv` true, or auto where the CPU picks them) fails, saying so."""
+    if not request.path.is_relative_to(UNIT):
+        return
 
+    def load(info=None):
+        raise AssertionError(
+            "a unit test would build the fused conv kernels (C++): give its run "
+            "train.fused_conv=false, or put the test in tests/integration"
+        )
 
-def real_mnist_root() -> Path:
-    # Absolute: batch jobs and launched processes run from other directories.
-    return Path(os.environ.get("MNIST_ROOT", REPO.parent / "shared" / "data")).resolve()
+    monkeypatch.setattr(kernels, "load", load)
 
 
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
-    """The full MNIST (MNIST_ROOT, default ../shared/data); tests using it skip where absent
-    (and fail in CI)."""
-    root = real_mnist_root()
-    if not (root / "MNIST" / "raw").is_dir():
-        require(
-            f"real MNIST not found at {root}/MNIST/raw; set MNIST_ROOT to a directory "
-            "holding MNIST/raw"
-        )
-    return root
-
-
-def write_tiny_mnist(
-    root: Path, n_train: int = 512, n_test: int = 128, seed: int = 0, folder: str = "MNIST"
-) -> Path:
-    """A small random dataset in MNIST's IDX layout under `root`/`folder`/raw (FashionMNIST,
-    KMNIST: the folders of the other data.dataset values)."""
-    rng = np.random.default_rng(seed)
-    raw = root / folder / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("test", n_test)):
-        labels = rng.integers(0, 10, n, dtype=np.uint8)
-        # Learnable: each class lights up its own band of rows, plus noise.
-        images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
-        for i, label in enumerate(labels):
-            images[i, 2 * label + 4 : 2 * label + 7, 4:24] = 250
-        write_idx(raw / FILES[(split, "images")], images)
-        write_idx(raw / FILES[(split, "labels")], labels)
-    return root
+    """The full MNIST ($MNIST_ROOT, else data/ of the checkout, else ../shared/data); tests
+    using it skip where it is not found (and fail in CI)."""
+    return require_real_mnist()
 
 
 @pytest.fixture(scope="session")
 def tiny_mnist(tmp_path_factory) -> Path:
     return write_tiny_mnist(tmp_path_factory.mktemp("tiny-mnist"))
-
-
-def child_env(extra: dict | None = None) -> dict:
-    """The environment of a process a test starts: this one's, unbuffered output, one thread
-    per process, W&B off unless `extra` or the caller's environment says otherwise."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(extra or {})}
-    env.setdefault("WANDB_MODE", "disabled")
-    return env
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def train_entry(args: list[str], faults: list[str] | None = None) -> list[str]:
-    """What runs the training command: `-m pipeline.train ARGS`, or with `faults` (options of
-    tests/faulty_train.py, e.g. ["--fail-rank", "1", "--fail-step", "13"]) that script."""
-    if faults is None:
-        return ["-m", "pipeline.train", *args]
-    return [str(REPO / "tests" / "faulty_train.py"), *faults, "--", *args]
-
-
-def launch_cmd(nproc: int, args: list[str], faults: list[str] | None = None) -> list[str]:
-    """`python -m pipeline.train ARGS`, under torchrun (standalone, free port) when nproc > 1."""
-    if nproc == 1:
-        return [sys.executable, *train_entry(args, faults)]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        *train_entry(args, faults),
-    ]
-
-
-def run_pipeline(
-    args: list[str],
-    nproc: int = 1,
-    env: dict | None = None,
-    timeout: float = 600,
-    extra_launcher_args: list[str] = (),
-    faults: list[str] | None = None,
-) -> subprocess.CompletedProcess:
-    """Run the real entry point in fresh processes (with `faults`, see `train_entry`); returns
-    the finished process (text output)."""
-    cmd = launch_cmd(nproc, args, faults)
-    if extra_launcher_args:
-        cmd = cmd[:3] + list(extra_launcher_args) + cmd[3:]
-    return subprocess.run(
-        cmd, cwd=REPO, env=child_env(env), capture_output=True, text=True, timeout=timeout
-    )
-
-
-TINY_ARGS = [
-    "train.epochs=1",
-    "train.batch_size=32",
-    "train.eval_batch_size=64",
-    "train.log_every=4",
-    "tracking.mode=disabled",
-    "data.download=false",
-]
-
-
-def final_model(run_dir: Path) -> dict:
-    """The model state of the newest checkpoint in `run_dir`."""
-    from pipeline import checkpoint
-
-    found = checkpoint.list_checkpoints(Path(run_dir))
-    assert found, f"no checkpoint in {run_dir}"
-    return checkpoint.load(found[0])["model"]
-
-
-def assert_ok(proc: subprocess.CompletedProcess) -> None:
-    output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{output}"
-
-
-def tiny_run(root, run_dir, nproc=1, batch=1024, extra=(), env=None) -> dict:
-    """8 steps (2 epochs of 4) at global batch `batch` on `root`'s 4096 images; the final model
-    in float32."""
-    args = [
-        *TINY_ARGS,
-        f"data.root={root}",
-        f"train.run_dir={run_dir}",
-        "train.epochs=2",
-        f"train.batch_size={batch}",
-        "optim.lr=0.1",
-        *extra,
-    ]
-    assert_ok(run_pipeline(args, nproc=nproc, env=env))
-    return {k: v.float() for k, v in final_model(run_dir).items()}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSON-lines file (metrics.jsonl, steps.jsonl), in order."""
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def max_diff(a: dict, b: dict) -> float:
-    """The largest elementwise difference between two state dicts."""
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-@contextlib.contextmanager
-def background_training(
-    args: list[str], log: Path, env: dict | None = None, faults: list[str] | None = None, **popen
-):
-    """`python -m pipeline.train ARGS` running in the background, its output (stdout and
-    stderr) in the file `log`; killed on leaving the block if it is still running."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            launch_cmd(1, args, faults),
-            cwd=REPO,
-            env=child_env(env),
-            stdout=out,
-            stderr=out,
-            **popen,
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
-def wait_for_steps(run_dir: Path, proc: subprocess.Popen, log: Path, timeout: float = 180):
-    """Wait until the run in `run_dir` has logged a step; fail with its output if it ends or
-    takes longer than `timeout` seconds."""
-    steps, deadline = run_dir / "steps.jsonl", time.monotonic() + timeout
-    while not (steps.exists() and steps.stat().st_size):
-        assert proc.poll() is None, f"training ended early:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no step after {timeout} s:\n{log.read_text()[-3000:]}"
-        time.sleep(0.05)
-
-
-def run_bench(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m pipeline.bench ARGS` from the repository root (text output)."""
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.bench", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )

@@ -1,0 +1,65 @@
+"""torch.compile on real gloo ranks: compiled DDP (the model, or the whole step) on two ranks
+still averages gradients, ending where one rank eager does; and fp16 on CPU is refused with one
+line. (torch.compile on CPU compiles C++: a compiler is needed, as CI installs.)"""
+
+import pytest
+import torch
+
+from pipeline.errors import EXIT_CONFIG
+
+from helpers import TINY_ARGS, max_diff, run_pipeline, tiny_run, write_tiny_mnist
+
+BATCH = 512  # configs/fast_cpu.yaml's; both modes compile graphs of it, the second reuses some
+
+
+@pytest.fixture(scope="module")
+def inductor_env(tmp_path_factory):
+    """One compile cache for this module: identical graphs are compiled once."""
+    return {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path_factory.mktemp("inductor"))}
+
+
+@pytest.fixture(scope="module")
+def tiny_4096(tmp_path_factory):
+    return write_tiny_mnist(tmp_path_factory.mktemp("tiny-4096"), n_train=4096)
+
+
+@pytest.fixture(scope="module")
+def eager_references(tiny_4096, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eager")
+    full = tiny_run(tiny_4096, tmp / "full", nproc=1, batch=2 * BATCH)
+    # What a rank would end with if the all-reduce were lost: its own half batch.
+    half = tiny_run(tiny_4096, tmp / "half", nproc=1, batch=BATCH)
+    return full, half
+
+
+@pytest.mark.parametrize("mode", ["model", "step"])
+def test_compiled_ddp_on_two_ranks_matches_one_rank_eager(
+    tiny_4096, tmp_path, mode, eager_references, inductor_env
+):
+    full, half = eager_references
+    two = tiny_run(
+        tiny_4096,
+        tmp_path,
+        nproc=2,
+        batch=2 * BATCH,
+        extra=[f"train.compile={mode}"],
+        env=inductor_env,
+    )
+    # Compiled kernels round differently from eager ones, far less than a missing all-reduce.
+    assert max_diff(full, half) > 1e-3
+    for k in full:
+        torch.testing.assert_close(two[k], full[k], rtol=1e-4, atol=2e-5, msg=k)
+
+
+def test_fp16_on_cpu_is_a_one_line_config_error(tiny_mnist, tmp_path):
+    args = [
+        *TINY_ARGS,
+        f"data.root={tiny_mnist}",
+        f"train.run_dir={tmp_path / 'run'}",
+        "train.precision=fp16",
+        "dist.device=cpu",
+    ]
+    proc = run_pipeline(args)
+    assert proc.returncode == EXIT_CONFIG, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.precision" in lines[0] and "bf16" in lines[0], lines

@@ -1,0 +1,205 @@
+"""Exact resume and surviving faults, on real processes (gloo on CPU)."""
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import checkpoint
+from pipeline.errors import EXIT_DISTRIBUTED, EXIT_NONFINITE, EXIT_PREEMPTED
+
+from helpers import REPO, TINY_ARGS, assert_ok, child_env, final_model, free_port, run_pipeline
+
+
+def _args(tiny_mnist, run_dir, *extra):
+    return [
+        *TINY_ARGS,
+        f"data.root={tiny_mnist}",
+        f"train.run_dir={run_dir}",
+        "train.epochs=2",
+        "optim.schedule=cosine",
+        "optim.warmup_epochs=0.5",
+        "checkpoint.every_steps=5",
+        *extra,
+    ]
+
+
+def _assert_same(a_dir, b_dir):
+    a, b = final_model(a_dir), final_model(b_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_stop_and_resume_is_bitwise_identical(tiny_mnist, tmp_path, nproc):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert_ok(run_pipeline(_args(tiny_mnist, straight), nproc=nproc))
+    # Stop mid-epoch 1 at step 11 (one after a periodic checkpoint), then run to the end.
+    assert_ok(run_pipeline(_args(tiny_mnist, resumed, "train.max_steps=11"), nproc=nproc))
+    proc = run_pipeline(_args(tiny_mnist, resumed), nproc=nproc)
+    assert_ok(proc)
+    assert "resumed from" in proc.stdout and "global step 11" in proc.stdout
+    _assert_same(straight, resumed)
+    # Same seed and world size, same run: the uninterrupted run is reproducible too.
+    again = tmp_path / "again"
+    assert_ok(run_pipeline(_args(tiny_mnist, again), nproc=nproc))
+    _assert_same(straight, again)
+
+
+def test_rank_killed_under_torchrun_restarts_and_resumes(tiny_mnist, tmp_path):
+    straight, faulty = tmp_path / "straight", tmp_path / "faulty"
+    assert_ok(run_pipeline(_args(tiny_mnist, straight), nproc=2))
+    proc = run_pipeline(
+        _args(tiny_mnist, faulty),
+        nproc=2,
+        extra_launcher_args=["--max-restarts=1"],
+        timeout=240,
+        faults=["--fail-rank", "1", "--fail-step", "13"],
+    )
+    assert_ok(proc)
+    assert "fault: rank 1 exits at step 13" in proc.stderr
+    assert f"resumed from {faulty / checkpoint.checkpoint_name(10)}" in proc.stdout
+    _assert_same(straight, faulty)
+
+
+@contextmanager
+def _ranks(args, logs: Path, world=2) -> Iterator[list[subprocess.Popen]]:
+    """Start `world` training processes the way srun or torchrun's workers see the world.
+
+    Rank r writes to `logs`/rank<r>.out and .err: files, not pipes, which nobody would read
+    while the ranks run (a full pipe blocks its writer). Ranks still running when the block
+    ends, by an assertion or a timeout, are killed.
+    """
+    logs.mkdir(parents=True, exist_ok=True)
+    port = str(free_port())
+    procs = []
+    try:
+        for rank in range(world):
+            procs.append(_start_rank(args, rank, world, port, logs))
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # SIGKILL ends a stopped (SIGSTOP) process too
+            p.wait()
+
+
+def _start_rank(args, rank: int, world: int, port: str, logs: Path) -> subprocess.Popen:
+    env = child_env(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+    )
+    # The child keeps its own copies of the descriptors; ours are closed on leaving the block.
+    with open(logs / f"rank{rank}.out", "w") as out, open(logs / f"rank{rank}.err", "w") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.train", *args],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=err,
+        )
+
+
+def _output(logs: Path, rank: int, stream: str = "out") -> str:
+    return (logs / f"rank{rank}.{stream}").read_text()
+
+
+def _shown(logs: Path) -> str:
+    """Every rank's output files (their ends), for assertion messages."""
+    return "".join(
+        f"\n--- {path}:\n{path.read_text()[-3000:]}" for path in sorted(logs.glob("rank*"))
+    )
+
+
+def _wait_for_training(run_dir, procs, logs: Path, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = run_dir / "steps.jsonl"
+        if steps.exists() and steps.read_text().count("\n") >= 2:
+            return
+        if any(p.poll() is not None for p in procs):
+            pytest.fail("training ended before the signal" + _shown(logs))
+        time.sleep(0.05)
+    pytest.fail("training did not start" + _shown(logs))
+
+
+def test_sigterm_saves_exits_with_the_documented_code_and_rerun_completes(tiny_mnist, tmp_path):
+    run_dir, straight = tmp_path / "run", tmp_path / "straight"
+    args = _args(tiny_mnist, run_dir, "train.epochs=40", "checkpoint.every_steps=0")
+    stopped, rerun, uninterrupted = (
+        tmp_path / f"logs-{n}" for n in ("stopped", "rerun", "straight")
+    )
+    with _ranks(args, stopped) as procs:
+        _wait_for_training(run_dir, procs, stopped)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
+    assert codes == [EXIT_PREEMPTED] * 2, _shown(stopped)
+    stop = "stop requested (SIGTERM): saved a checkpoint at step"
+    assert stop in _output(stopped, 0), _shown(stopped)
+    saved = checkpoint.load(checkpoint.list_checkpoints(run_dir)[0])
+    assert 0 < saved["global_step"] < 40 * 16
+    with _ranks(args, rerun) as procs:
+        codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0, 0], _shown(rerun)
+    assert f"global step {saved['global_step']})" in _output(rerun, 0), _shown(rerun)
+    straight_args = _args(tiny_mnist, straight, "train.epochs=40", "checkpoint.every_steps=0")
+    with _ranks(straight_args, uninterrupted) as procs:
+        codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0, 0], _shown(uninterrupted)
+    _assert_same(straight, run_dir)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_mnist, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_pipeline(
+        _args(
+            tiny_mnist,
+            run_dir,
+            "optim.lr=1e6",
+            "optim.schedule=none",
+            "optim.warmup_epochs=0",
+            "checkpoint.every_steps=1",
+        )
+    )
+    assert proc.returncode == EXIT_NONFINITE, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "non-finite at or after step" in errors[0], proc.stderr
+    found = checkpoint.list_checkpoints(run_dir)
+    assert found, "the checkpoints written before the loss diverged are kept"
+    for path in found:
+        state = checkpoint.load(path)["model"]
+        assert all(torch.isfinite(t).all() for t in state.values()), path
+    step = int(errors[0].split("at or after step ")[1].split()[0])
+    assert checkpoint.load(found[0])["global_step"] < step
+
+
+def test_a_hanging_peer_ends_the_job_after_the_collective_timeout(tiny_mnist, tmp_path):
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    args = _args(
+        tiny_mnist, run_dir, "train.epochs=200", "dist.timeout_s=5", "checkpoint.every_steps=0"
+    )
+    with _ranks(args, logs) as procs:  # leaving it kills the stopped rank 1
+        _wait_for_training(run_dir, procs, logs)
+        procs[1].send_signal(signal.SIGSTOP)  # rank 1 hangs
+        started = time.monotonic()
+        code = procs[0].wait(timeout=120)
+        waited = time.monotonic() - started
+    assert code == EXIT_DISTRIBUTED, _shown(logs)
+    assert waited < 60, _shown(logs)
+    err = _output(logs, 0, "err")
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "rank 0" in errors[0], _shown(logs)

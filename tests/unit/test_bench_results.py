@@ -1,0 +1,44 @@
+"""The benchmark's arithmetic (pipeline/benchmark/results.py): seeds averaged, time to an
+accuracy read on their mean, the speedup as the median of per-round ratios. (The benchmark run
+on the real MNIST: tests/integration/test_bench.py.)"""
+
+import pytest
+
+from pipeline.benchmark.results import aggregate, summarize
+
+
+def _run(seed, accuracy, ends, images_per_s):
+    return {
+        "name": "case",
+        "seed": seed,
+        "accuracy": accuracy,
+        "epoch_s": [ends[0], *(b - a for a, b in zip(ends[:-1], ends[1:], strict=False))],
+        "epoch_end_s": ends,
+        "images_per_s": images_per_s,
+        **dict.fromkeys(("train_s", "first_step_s", "warmup_s", "wall_s", "other_load"), 1.0),
+    }
+
+
+def test_seeds_average_accuracy_and_time_to_accuracy_is_read_on_the_mean():
+    # Seed 0 reaches 99% after epoch 2, seed 1 only after epoch 3: their mean after epoch 3.
+    r = aggregate(
+        [
+            _run(0, [0.980, 0.991, 0.992], [1.0, 2.0, 3.0], 100.0),
+            _run(1, [0.970, 0.985, 0.990], [1.2, 2.4, 3.6], 300.0),
+        ]
+    )
+    assert r["seeds"] == [0, 1]
+    assert r["accuracy"] == pytest.approx([0.975, 0.988, 0.991])
+    assert r["time_to"]["99%"] == pytest.approx((3.0 + 3.6) / 2)  # median of two
+    assert r["time_to"]["98%"] == pytest.approx((2.0 + 2.4) / 2)
+    assert r["images_per_s"] == 200.0
+
+
+def test_speedup_is_the_median_of_the_per_round_ratios():
+    base = aggregate([_run(0, [0.9], [1.0], v) for v in (100.0, 50.0, 100.0)])
+    ours = aggregate([_run(0, [0.9], [1.0], v) for v in (300.0, 200.0, 250.0)])
+    base.update(kind="baseline", config="c", world=1, name="b")
+    ours.update(kind="pipeline", config="c", world=1, name="p")
+    summarize([base, ours])
+    assert ours["speedup_runs"] == [3.0, 4.0, 2.5]
+    assert ours["speedup"] == 3.0  # not 250 / 100: the slow second round cancels out

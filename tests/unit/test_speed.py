@@ -1,0 +1,74 @@
+"""Speed options keep training right, in this process: fp16 is refused on CPU, the fp16 gradient
+scaler unscales before clipping and skips overflows, and the tensor shards are
+DistributedSampler's. Compiled DDP on real ranks: tests/multiproc/test_compiled_ddp.py; the
+accuracy of bf16 and torch.compile on the real MNIST: tests/integration/test_speed_accuracy.py."""
+
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from pipeline import engine as engine_module
+from pipeline.config import load_config
+from pipeline.data.device import shard_indices
+from pipeline.dist import DistContext
+from pipeline.engine import Engine
+from pipeline.errors import ConfigError
+from pipeline.model import LeNet
+
+
+def _engine(monkeypatch, *overrides):
+    overrides = ["optim.schedule=none", "optim.lr=0.1", "train.fused_conv=false", *overrides]
+    cfg = load_config(None, overrides)
+    if cfg.train.precision == "fp16":
+        # fp16 is for CUDA only; its scaler logic runs the same on CPU, so test it here.
+        monkeypatch.setattr(engine_module, "check_precision", lambda *_: None)
+    torch.manual_seed(0)
+    return Engine(LeNet(), cfg, DistContext(), steps_per_epoch=10, total_steps=10)
+
+
+def test_engine_refuses_fp16_on_cpu():
+    cfg = load_config(None, ["train.precision=fp16"])
+    with pytest.raises(ConfigError, match="train.precision"):
+        Engine(LeNet(), cfg, DistContext(), steps_per_epoch=10, total_steps=10)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(16, 1, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))]
+
+
+def _params(e):
+    return torch.cat([p.detach().flatten() for p in e.model.parameters()])
+
+
+def test_fp16_scaler_clips_the_unscaled_gradients(monkeypatch):
+    clip = 0.01  # far below the gradient norm of a fresh LeNet, so clipping acts
+    e = _engine(monkeypatch, "train.precision=fp16", f"optim.clip_grad_norm={clip}")
+    before = _params(e)
+    e.train_step(_batch())
+    # First SGD step: momentum buffer = gradient, so the update is lr x the clipped gradient.
+    # Clipping the scaled gradient would leave an update 65536 times smaller.
+    moved = (_params(e) - before).norm().item()
+    assert moved == pytest.approx(0.1 * clip, rel=1e-3)
+
+
+def test_fp16_scaler_skips_a_step_whose_gradients_overflow(monkeypatch):
+    e = _engine(monkeypatch, "train.precision=fp16")
+    e.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # fp16 gradients overflow
+    before = _params(e)
+    e.train_step(_batch())
+    assert torch.equal(_params(e), before)  # skipped
+    assert e.scaler.get_scale() == 2.0**39  # and the scale backed off
+    assert e.finite_steps.item() == 1  # the loss itself was finite: no error for the trainer
+    e.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    e.train_step(_batch())
+    assert not torch.equal(_params(e), before)  # a normal step updates
+
+
+@pytest.mark.parametrize("n, world", [(60000, 2), (1000, 3), (10, 4), (3, 8)])
+def test_tensor_shards_are_the_distributed_samplers(n, world):
+    for epoch in (0, 5):
+        for rank in range(world):
+            sampler = DistributedSampler(range(n), world, rank, shuffle=True, seed=7)
+            sampler.set_epoch(epoch)
+            assert torch.equal(shard_indices(n, rank, world, 7, epoch), torch.tensor(list(sampler)))

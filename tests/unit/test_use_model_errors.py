@@ -1,0 +1,137 @@
+"""evaluate, export and predict on bad input, in this process: a missing path, a file that is
+not a checkpoint, a damaged checkpoint, a bad image, a missing onnx package; each ends in one
+line and a non-zero exit. A run directory whose newest checkpoint is damaged falls back to the
+previous. (Missing Pillow and matplotlib, in fresh processes:
+tests/multiproc/test_use_model_missing_packages.py.)"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import sys
+
+import pytest
+import torch
+
+from pipeline import checkpoint, evaluate, export, predict
+from pipeline.config import Config, to_dict
+from pipeline.errors import EXIT_CHECKPOINT, EXIT_DATA
+from pipeline.model import LeNet
+
+from helpers import REPO, require
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run directory with two checkpoints of an untrained LeNet (no data needed)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for step in (1, 2):
+        torch.manual_seed(step)
+        state = {"model": LeNet().state_dict(), "config": to_dict(Config()), "global_step": step}
+        checkpoint.save(run_dir, step, state, keep=3)
+    return run_dir
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+COMMANDS = {
+    "evaluate": lambda target: evaluate.main([str(target), "--tracking", "disabled"]),
+    "export": lambda target: export.main([str(target), "--format", "state_dict"]),
+    "predict": lambda target: predict.main([str(target), str(REPO / "docs/images/digit.png")]),
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_bad_checkpoint_path_is_one_line(command, run_dir, tmp_path, capsys):
+    run = COMMANDS[command]
+    assert run(tmp_path / "nothing-here") == EXIT_CHECKPOINT
+    assert "does not exist" in one_error_line(capsys)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run(empty) == EXIT_CHECKPOINT
+    assert "holds no checkpoint" in one_error_line(capsys)
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    assert run(text) == EXIT_CHECKPOINT
+    assert "not a checkpoint of this pipeline" in one_error_line(capsys)
+
+    plain = tmp_path / "weights.pt"
+    torch.save(LeNet().state_dict(), plain)
+    assert run(plain) == EXIT_CHECKPOINT
+    assert "not a checkpoint of this pipeline" in one_error_line(capsys)
+
+    damaged = run_dir / checkpoint.checkpoint_name(2)
+    blob = bytearray(damaged.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    damaged.write_bytes(bytes(blob))
+    assert run(damaged) == EXIT_CHECKPOINT
+    line = one_error_line(capsys)
+    assert "ckpt-000000002.pt is truncated or corrupt" in line
+
+
+def test_a_run_directory_with_a_damaged_newest_checkpoint_falls_back(run_dir, tmp_path, capsys):
+    newest = run_dir / checkpoint.checkpoint_name(2)
+    newest.write_bytes(newest.read_bytes()[:-50])
+    out = tmp_path / "m.pt"
+    assert export.main([str(run_dir), "--format", "state_dict", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "ckpt-000000002.pt is truncated or corrupt" in captured.err
+    assert f"exported {run_dir / checkpoint.checkpoint_name(1)}" in captured.out
+    expected = checkpoint.load(run_dir / checkpoint.checkpoint_name(1))["model"]
+    saved = torch.load(out, weights_only=True)
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
+def test_a_checkpoint_of_the_earlier_format_is_used(run_dir, tmp_path, capsys):
+    state = checkpoint.load(run_dir / checkpoint.checkpoint_name(1))
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    old = tmp_path / "old.pt"
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    old.write_bytes(checkpoint.LEGACY_MAGIC + digest + b"\n" + payload)
+    out = tmp_path / "m.pt"
+    assert export.main([str(old), "--format", "state_dict", "--out", str(out)]) == 0
+    saved = torch.load(out, weights_only=True)
+    assert all(torch.equal(saved[k], state["model"][k]) for k in state["model"])
+
+
+def test_bad_images_are_one_line(run_dir, tmp_path, capsys):
+    if importlib.util.find_spec("PIL") is None:
+        require("predict needs Pillow: pip install -e .[predict]")
+    from PIL import Image
+
+    def run(image) -> int:
+        return predict.main([str(run_dir), str(image)])
+
+    assert run(tmp_path / "missing.png") == EXIT_DATA
+    assert "image" in (line := one_error_line(capsys)) and "does not exist" in line
+    not_image = tmp_path / "digit.png"
+    not_image.write_text("not an image")
+    assert run(not_image) == EXIT_DATA
+    assert "cannot be read" in one_error_line(capsys)
+    blank = tmp_path / "blank.png"
+    Image.new("L", (40, 40), 255).save(blank)
+    assert run(blank) == EXIT_DATA
+    assert "shows no digit" in one_error_line(capsys)
+    cut = tmp_path / "cut.png"
+    Image.new("L", (40, 40), 0).save(cut)
+    cut.write_bytes(cut.read_bytes()[:40])
+    assert run(cut) == EXIT_DATA
+    assert "cannot be read" in one_error_line(capsys)
+
+
+def test_onnx_without_the_onnx_package_is_one_line(run_dir, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert export.main([str(run_dir), "--format", "onnx"]) != 0
+    assert "pip install onnx onnxscript" in one_error_line(capsys)
+    assert not list(run_dir.glob("*.onnx"))

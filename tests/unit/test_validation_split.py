@@ -1,0 +1,100 @@
+"""The validation split (data.val_size), in-process and in single real processes: which images are
+held out, that the sampler never trains on them on any world size, what split.json and the
+checkpoints record, and the one-line refusals (a split too large, a resume with another split)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import checkpoint, run_dirs
+from pipeline.config import Config, load_config, to_dict
+from pipeline.data.device import shard_indices, steps_per_epoch
+from pipeline.data.split import SPLIT_SEED, check_size, digest, same_split, split
+from pipeline.errors import CheckpointError
+
+
+def test_the_split_is_seeded_by_a_constant_sorted_and_disjoint():
+    a, b = split(60_000, 5_000), split(60_000, 5_000)
+    assert torch.equal(a.val, b.val) and a.seed == SPLIT_SEED
+    assert len(a.val) == 5_000 and len(a.train) == 55_000
+    assert torch.equal(torch.sort(torch.cat([a.train, a.val])).values, torch.arange(60_000))
+    assert bool((a.val[1:] > a.val[:-1]).all()) and bool((a.train[1:] > a.train[:-1]).all())
+    # Not the first or last images: a seeded random choice over the whole training set.
+    assert a.val.min() < 100 and a.val.max() > 59_900
+    assert not torch.equal(split(60_000, 5_000, seed=1).val, a.val)
+    none = split(512, 0)
+    assert len(none.val) == 0 and torch.equal(none.train, torch.arange(512))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_the_sampler_trains_on_every_kept_image_and_never_a_held_out_one(world):
+    """The sampler shards the kept images as DistributedSampler does: the union over ranks of an
+    epoch's shards, mapped back to training-set indices, is the kept set (with DistributedSampler's
+    wrap-around padding where it does not split evenly) and never meets the held-out images."""
+    n, val_size, seed = 1_000, 150, 7
+    s = split(n, val_size)
+    kept = len(s.train)
+    for epoch in range(3):
+        trained = torch.cat(
+            [s.train[shard_indices(kept, r, world, seed, epoch)] for r in range(world)]
+        )
+        assert set(trained.tolist()) == set(s.train.tolist())
+        assert not set(trained.tolist()) & set(s.val.tolist())
+        assert len(trained) == -(-kept // world) * world  # padded to a multiple of the world
+
+
+def test_the_split_does_not_depend_on_the_world_size_or_the_seed():
+    cfgs = [load_config(None, ["data.val_size=64", f"train.seed={seed}"]) for seed in (0, 1)]
+    records = [split(512, c.data.val_size).record() for c in cfgs]
+    assert records[0] == records[1]
+    assert records[0] == {
+        "val_size": 64,
+        "train_size": 448,
+        "seed": SPLIT_SEED,
+        "val_digest": digest(split(512, 64).val),
+    }
+    # The steps per epoch follow the kept images, the same for any world that splits the batch.
+    assert {steps_per_epoch(448, 32 // w, w, 1) for w in (1, 2, 4)} == {14}
+
+
+def test_a_split_that_leaves_less_than_a_global_batch_is_refused():
+    assert check_size(60_000, 5_000, 64) is None
+    assert check_size(512, 480, 32) is None
+    problem = check_size(512, 500, 32)
+    assert problem == (
+        "config key data.val_size: 500 leaves 12 of the 512 training images to train on, fewer "
+        "than one global batch (train.batch_size=32); use at most 480"
+    )
+
+
+def test_a_resume_refuses_another_split_in_one_line(tmp_path):
+    saved = {"config": to_dict(load_config(None, ["data.val_size=64"])), "world_size": 1}
+    saved["steps_per_epoch"], saved["split"] = 14, split(512, 64).record()
+    current = to_dict(load_config(None, ["data.val_size=64"]))
+    ckpt = tmp_path / "ckpt-000000001.pt"
+    checkpoint.check_compatible(saved, current, 1, 14, ckpt, split(512, 64).record())
+    other = split(512, 64, seed=SPLIT_SEED + 1).record()  # the same size, other images
+    with pytest.raises(CheckpointError, match="other validation images held out") as refused:
+        checkpoint.check_compatible(saved, current, 1, 14, ckpt, other)
+    assert "\n" not in str(refused.value)
+    bigger = to_dict(load_config(None, ["data.val_size=32"]))
+    with pytest.raises(CheckpointError, match="data.val_size=64, this run has data.val_size=32"):
+        checkpoint.check_compatible(saved, bigger, 1, 14, ckpt, split(512, 32).record())
+    # A checkpoint from before splits held nothing out.
+    assert same_split(None, split(512, 0).record()) and not same_split(None, other)
+
+
+def test_the_split_and_selection_settings_name_the_run_directory():
+    for key in (
+        "data.val_size",
+        "checkpoint.select",
+        "train.early_stop_patience",
+        "train.early_stop_min_delta",
+    ):
+        assert run_dirs.changes_training(key), key
+    for key in ("checkpoint.keep_best", "train.test_every_epoch"):
+        assert not run_dirs.changes_training(key), key
+    base = Config()
+    cfg = load_config(None, ["data.val_size=5000"])
+    assert run_dirs.changes(cfg, base, ["data.val_size=5000"]) == ",data.val_size=5000"
