@@ -5,7 +5,7 @@
 #
 # Runs in this working tree with python3 from PATH (a CUDA build of torch installed; nothing is
 # installed or downloaded, W&B is off) and writes everything into RESULTS_DIR:
-#   pytest.log          python -m pytest -q tests/test_cuda.py, without its quick-benchmark test
+#   pytest.log          python -m pytest -q tests/integration/test_cuda.py, without its quick-benchmark test
 #                       (the benchmark parts below run the same code, in full)
 #   train.log, train/   a plain configs/fast_gpu.yaml run, cold compile cache: its first step
 #                       (compilation), epochs, accuracy, CUDA graphs recorded and skipped
@@ -119,7 +119,7 @@ def tail(name, n):
 for name, outcome, _, _ in parts:
     if outcome != "ok" and name != "pytest":
         lines += ["", f"{name}: {outcome}; the end of {name}.log:", "", "```", *tail(name, 8), "```"]
-lines += ["", "## tests/test_cuda.py", "", "```", *tail("pytest", 30), "```"]
+lines += ["", "## tests/integration/test_cuda.py", "", "```", *tail("pytest", 30), "```"]
 lines += ["", "## configs/fast_gpu.yaml, one plain run", ""]
 train_log = tail("train", 100000)
 lines += [f"- {x}" for x in train_log if x.startswith(("first step", "lenet-ddp", "error"))]
@@ -153,7 +153,7 @@ PYTEST_S="${PYTEST_S:-150}" TRAIN_S="${TRAIN_S:-60}"
 BENCH_FAST_S="${BENCH_FAST_S:-150}" BENCH_LENET_S="${BENCH_LENET_S:-50}"
 
 run_part pytest "$PYTEST_S" env -u CI "$PYTHON" -m pytest -q -p no:cacheprovider --durations=0 \
-  tests/test_cuda.py --deselect tests/test_cuda.py::test_quick_benchmark_on_cuda
+  tests/integration/test_cuda.py --deselect tests/integration/test_cuda.py::test_quick_benchmark_on_cuda
 
 # A cold compile cache, as a first run of the recipe sees it; inductor's CUDA-graph log on.
 cache=$(mktemp -d)

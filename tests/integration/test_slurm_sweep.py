@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 from test_slurm import Job, cluster  # noqa: F401 - the session's test cluster
 
@@ -18,7 +17,6 @@ from pipeline.sweeps import spec
 
 from helpers import REPO, final_model, read_jsonl
 
-pytestmark = pytest.mark.slow
 STEPS = 200
 
 
