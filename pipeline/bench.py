@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     kernel_s, kernel_problem = None, None
     if device == "cpu":  # built (or loaded from the cache) once here, before any case runs
         started = time.perf_counter()
-        kernel_problem = kernels.load(print)
+        kernel_problem = kernels.load()
         kernel_s = time.perf_counter() - started
         if kernel_problem:
             print(f"warning: the fused conv kernels are not available: {kernel_problem}")

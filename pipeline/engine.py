@@ -174,14 +174,15 @@ class Engine:
         # NHWC convolutions: oneDNN (CPU) and cuDNN run them without reordering the tensors on
         # every call; the values are those of the plain layout, up to rounding.
         model.to(memory_format=torch.channels_last)
-        self.fused_conv = False
-        if self.device.type == "cpu" and kernels.wanted(cfg.train.fused_conv):
-            problem = kernels.load(info)
-            if problem is None:
-                model.conv_pool_relu = kernels.conv_pool_relu
-                self.fused_conv = True
-            else:
-                warn(f"the fused conv kernels are not available, using torch's ops: {problem}")
+        # The conv path, and why (for the run's header): train.fused_conv, or which is faster.
+        micro_batch = cfg.train.batch_size // (ctx.world_size * cfg.train.grad_accum)
+        self.fused_conv, self.conv_path = kernels.choose(
+            cfg.train.fused_conv, micro_batch, cfg.model.kernel_size, self.precision, self.device
+        )
+        if self.fused_conv:
+            model.conv_pool_relu = kernels.conv_pool_relu
+        elif kernels.UNAVAILABLE in self.conv_path:
+            warn(self.conv_path)
         # A world of one trains the plain model: DDP would all-reduce every gradient bucket with
         # no peer, a cost on each step for nothing.
         self.ddp = model

@@ -36,7 +36,7 @@ def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> tuple[
     """The model laid out and run as training's engine ran it; the precision to evaluate in."""
     model.to(device, memory_format=torch.channels_last)
     if device.type == "cpu" and kernels.wanted(cfg.train.fused_conv):
-        problem = kernels.load(lambda _: None)
+        problem = kernels.load()
         if problem is None:
             model.conv_pool_relu = kernels.conv_pool_relu
         else:
