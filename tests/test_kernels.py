@@ -60,24 +60,25 @@ def built():
     assert problem is None, problem
 
 
-def stage(name: str, k: int, n: int, integer: bool = False):
-    """A channels-last conv of LeNet's stage `name`, an input batch and an output gradient."""
+def stage(name: str, k: int, n: int, integer: bool = False, hw: tuple[int, int] | None = None):
+    """A channels-last conv of LeNet's stage `name`, an input batch (of LeNet's size at that
+    stage, or `hw`) and an output gradient."""
     cin, cout = (1, 6) if name == "conv1" else (6, 16)
     conv = nn.Conv2d(cin, cout, k).to(memory_format=torch.channels_last)
-    side = SIDE[(name, k)]
-    pooled = (side - k + 1) // 2
+    h, w = hw or (SIDE[(name, k)],) * 2
+    pooled = ((h - k + 1) // 2, (w - k + 1) // 2)
     if integer:
         # Small integers: every sum is exact, so ties (equal window values) are exact too,
         # and a kernel must pick the same winner as max_pool2d for the gradients to agree.
         with torch.no_grad():
             conv.weight.copy_(torch.randint(-2, 3, conv.weight.shape))
             conv.bias.copy_(torch.randint(-2, 3, conv.bias.shape))
-        x = torch.randint(-1, 2, (n, cin, side, side)).float()
-        x[:, :, : side // 4] = 1.0  # constant rows: whole windows of ties
-        grad = torch.randint(-3, 4, (n, cout, pooled, pooled)).float()
+        x = torch.randint(-1, 2, (n, cin, h, w)).float()
+        x[:, :, : h // 4] = 1.0  # constant rows: whole windows of ties
+        grad = torch.randint(-3, 4, (n, cout, *pooled)).float()
     else:
-        x = torch.randn(n, cin, side, side)
-        grad = torch.randn(n, cout, pooled, pooled)
+        x = torch.randn(n, cin, h, w)
+        grad = torch.randn(n, cout, *pooled)
     x = x.contiguous(memory_format=torch.channels_last)
     return conv, x.requires_grad_(name == "conv2"), grad  # conv2's input needs its gradient
 
@@ -112,6 +113,19 @@ def test_integer_data_gives_torchs_exact_values_and_gradients(variant, name, k):
         assert y.is_contiguous(memory_format=torch.channels_last)  # what conv2 reads
     # In the weight's own layout: DDP's gradient buckets expect it.
     assert gw.stride() == conv.weight.stride()
+
+
+@pytest.mark.parametrize(
+    "name, k, hw", [("conv1", 5, (29, 31)), ("conv1", 3, (20, 17)), ("conv2", 5, (13, 11))]
+)
+def test_other_input_sizes_give_torchs_exact_values_and_gradients(variant, name, k, hw):
+    # Odd sides (the last row and column outside any pooling window), narrow ones (fewer
+    # pooled columns than a vector has lanes), non-square ones.
+    torch.manual_seed(k)
+    conv, x, grad = stage(name, k, 5, integer=True, hw=hw)
+    assert kernels._kernel(conv, x) is not None
+    for got, want in zip(*both(conv, x, grad, variant), strict=True):
+        assert (got is None and want is None) or torch.equal(got, want)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

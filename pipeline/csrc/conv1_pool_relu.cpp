@@ -37,13 +37,20 @@ constexpr int RW = 24 + L;    // floats per deinterleaved input row (zero padded
 // vectors and a weight within the register budget.
 constexpr int G = 4 * C + 3 <= R ? C : C / 2;
 
-// The image's even and odd columns as two rows of RW floats each, zero padded: conv outputs
-// at even and at odd columns then read contiguous vectors, and the 2x2 pool is lane-wise.
+// The image's even and odd columns as two rows of RW floats each: conv outputs at even and at
+// odd columns then read contiguous vectors, and the 2x2 pool is lane-wise. The rows' padding
+// (zeros, for the loads past the image) is zeroed once, with the buffers: every image of a
+// call writes the same columns.
 inline void deinterleave(const float* x, int H, int W, float* xe, float* xo) {
-  std::memset(xe, 0, sizeof(float) * H * RW);
-  std::memset(xo, 0, sizeof(float) * H * RW);
-  for (int r = 0; r < H; ++r)
-    for (int j = 0; j < W; ++j) (j % 2 ? xo : xe)[r * RW + j / 2] = x[r * W + j];
+  for (int r = 0; r < H; ++r) {
+    const float* xr = x + r * W;
+    float *er = xe + r * RW, *orow = xo + r * RW;
+    for (int j = 0; j < W / 2; ++j) {
+      er[j] = xr[2 * j];
+      orow[j] = xr[2 * j + 1];
+    }
+    if (W % 2) er[W / 2] = xr[W - 1];
+  }
 }
 
 // Inputs of the conv outputs at even (se) and odd (so) columns for kernel column kw.
@@ -132,7 +139,7 @@ struct Kernel {
       }
     for (int c = 0; c < C; ++c) {
       for (int kh = 0; kh < K; ++kh) {
-        vf acc[K] = {};
+        vf acc[2][K] = {};  // from the even and the odd columns: two chains of FMAs
         for (int i2 = 0; i2 < Hp; ++i2)
           for (int cb = 0; cb < nb; ++cb) {
             const vf* Gc = G_ + ((c * Hp + i2) * nb + cb) * 4;
@@ -142,17 +149,18 @@ struct Kernel {
               bstep<0>(re, ro, Gc[2 * r], Gc[2 * r + 1], acc);
             }
           }
-        for (int kw = 0; kw < K; ++kw) A[(c * K + kh) * K + kw] += acc[kw];
+        for (int kw = 0; kw < K; ++kw) A[(c * K + kh) * K + kw] += acc[0][kw] + acc[1][kw];
       }
     }
   }
 
   template <int KW>
-  static inline void bstep(const float* re, const float* ro, vf GE, vf GO, vf* acc) {
+  static inline void bstep(const float* re, const float* ro, vf GE, vf GO, vf (*acc)[K]) {
     if constexpr (KW < K) {
       vf se, so;
       sources<KW>(re, ro, se, so);
-      acc[KW] += GE * se + GO * so;
+      acc[0][KW] += GE * se;
+      acc[1][KW] += GO * so;
       bstep<KW + 1>(re, ro, GE, GO, acc);
     }
   }
@@ -183,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor> forward_k(const at::Tensor& x, const at::Tens
   float* yp = y.data_ptr<float>();
   uint8_t* cp = code.data_ptr<uint8_t>();
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<float> xe(H * RW), xo(H * RW);
+    std::vector<float> xe(H * RW, 0.f), xo(H * RW, 0.f);  // zero padded
     for (int64_t n = n0; n < n1; ++n)
       Kernel<K>::forward(xp + n * H * W, H, W, wp, bp, xe.data(), xo.data(),
                             yp + n * Hp * Wp * C, cp + n * Hp * Wp * C);
@@ -204,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor> backward_k(const at::Tensor& gy, const at::Te
   const int64_t T = std::min<int64_t>(at::get_num_threads(), N);
   std::vector<vf> part(T * C * K * K, vf{}), partb(T * C, vf{});
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> xe(H * RW), xo(H * RW);
+    std::vector<float> xe(H * RW, 0.f), xo(H * RW, 0.f);  // zero padded
     std::vector<vf> G(C * Hp * cdiv(Wp, L) * 4);
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t n = t * N / T; n < (t + 1) * N / T; ++n)

@@ -90,45 +90,74 @@ struct Conv2 {
 
   // gx (zeroed, padded) += input gradient; GW [CO][K][SV*L] += weight gradient (per kh row
   // segment); GB += bias gradient. Wk[(o*K + kh)*SV*L + e] = w[o, c, kh, kw], e = kw*CI + c.
+  // at, gs [Hp*Wp]: scratch for the positions a channel's gradient flows to, and how much.
   static void backward(const float* x, int H, int W, const float* gy, const uint8_t* code,
-                       const float* Wk, float* gx, float* GW, float* GB) {
+                       const float* Wk, float* gx, float* GW, float* GB, int* at, float* gs) {
     const int Hp = (H - K + 1) / 2, Wp = (W - K + 1) / 2, rs = W * CI;
-    // One output channel (and KB of its kernel rows) at a time: the weight rows and their
-    // gradient stay in registers while every pooled position of the image adds to them.
     for (int o = 0; o < CO; ++o) {
       float gb = 0.f;
-      for (int k0 = 0; k0 < K; k0 += KB) {
-        vf gw[KB][SV], wk[KB][SV];
-        float* GWo = GW + (o * K + k0) * SV * L;
-        const float* Wko = Wk + (o * K + k0) * SV * L;
-        for (int kh = 0; kh < KB; ++kh)
-          for (int s = 0; s < SV; ++s) {
-            gw[kh][s] = load(GWo + kh * SV * L + s * L);
-            wk[kh][s] = load(Wko + kh * SV * L + s * L);
-          }
-        for (int i2 = 0; i2 < Hp; ++i2) {
+      if constexpr (KB == K) {
+        // All the channel's kernel rows in registers: one walk over the pooled positions.
+        Rows rows(GW, Wk, o, 0);
+        for (int i2 = 0; i2 < Hp; ++i2)
           for (int j2 = 0; j2 < Wp; ++j2) {
             const int q = code[(i2 * Wp + j2) * CO + o];
             if (q > 3) continue;  // relu's gradient is zero here
             const float g = gy[(o * Hp + i2) * Wp + j2];
-            if (k0 == 0) gb += g;
-            const int off = (2 * i2 + (q >> 1) + k0) * rs + (2 * j2 + (q & 1)) * CI;
-            for (int kh = 0; kh < KB; ++kh) {
-              const float* xr = x + off + kh * rs;
-              float* gxr = gx + off + kh * rs;
-              for (int s = 0; s < SV; ++s) {
-                gw[kh][s] += g * load(xr + s * L);
-                store(gxr + s * L, load(gxr + s * L) + g * wk[kh][s]);
-              }
-            }
+            gb += g;
+            rows.flow(x, gx, (2 * i2 + (q >> 1)) * rs + (2 * j2 + (q & 1)) * CI, rs, g);
           }
+        rows.save(GW, o, 0);
+      } else {
+        // KB rows a pass: the positions the gradient survives ReLU at are listed once, without
+        // branches (whether ReLU cut is data: a branch on it mispredicts), for every pass.
+        int n = 0;
+        for (int i2 = 0; i2 < Hp; ++i2)
+          for (int j2 = 0; j2 < Wp; ++j2) {
+            const int q = code[(i2 * Wp + j2) * CO + o];
+            const float g = gy[(o * Hp + i2) * Wp + j2];
+            at[n] = (2 * i2 + (q >> 1)) * rs + (2 * j2 + (q & 1)) * CI;
+            gs[n] = g;
+            gb += q <= 3 ? g : 0.f;
+            n += q <= 3;
+          }
+        for (int k0 = 0; k0 < K; k0 += KB) {
+          Rows rows(GW, Wk, o, k0);
+          for (int i = 0; i < n; ++i) rows.flow(x, gx, at[i] + k0 * rs, rs, gs[i]);
+          rows.save(GW, o, k0);
         }
-        for (int kh = 0; kh < KB; ++kh)
-          for (int s = 0; s < SV; ++s) store(GWo + kh * SV * L + s * L, gw[kh][s]);
       }
       GB[o] += gb;
     }
   }
+
+  // KB kernel rows of one output channel, from row k0: weights and weight gradient in
+  // registers.
+  struct Rows {
+    vf gw[KB][SV], wk[KB][SV];
+    Rows(const float* GW, const float* Wk, int o, int k0) {
+      for (int kh = 0; kh < KB; ++kh)
+        for (int s = 0; s < SV; ++s) {
+          gw[kh][s] = load(GW + ((o * K + k0 + kh) * SV + s) * L);
+          wk[kh][s] = load(Wk + ((o * K + k0 + kh) * SV + s) * L);
+        }
+    }
+    // The gradient g of the conv output whose patch (these rows of it) starts at x + off.
+    inline void flow(const float* x, float* gx, int off, int rs, float g) {
+      for (int kh = 0; kh < KB; ++kh) {
+        const float* xr = x + off + kh * rs;
+        float* gxr = gx + off + kh * rs;
+        for (int s = 0; s < SV; ++s) {
+          gw[kh][s] += g * load(xr + s * L);
+          store(gxr + s * L, load(gxr + s * L) + g * wk[kh][s]);
+        }
+      }
+    }
+    void save(float* GW, int o, int k0) const {
+      for (int kh = 0; kh < KB; ++kh)
+        for (int s = 0; s < SV; ++s) store(GW + ((o * K + k0 + kh) * SV + s) * L, gw[kh][s]);
+    }
+  };
 };
 
 template <int K>
@@ -181,13 +210,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_k(const at::Tensor& gy,
   const int64_t gws = CO * K * SV * L;
   std::vector<float> part(T * gws, 0.f), partb(T * CO, 0.f);
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> xl(img + PAD, 0.f), gl(img + PAD);
+    std::vector<float> xl(img + PAD, 0.f), gl(img + PAD), gs(Hp * Wp);
+    std::vector<int> at(Hp * Wp);
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t n = t * N / T; n < (t + 1) * N / T; ++n) {
         std::memcpy(xl.data(), xp + n * img, sizeof(float) * img);
         std::fill(gl.begin(), gl.end(), 0.f);
         Conv2<K>::backward(xl.data(), H, W, gp + n * CO * Hp * Wp, cp + n * Hp * Wp * CO,
-                           Wk.data(), gl.data(), part.data() + t * gws, partb.data() + t * CO);
+                           Wk.data(), gl.data(), part.data() + t * gws, partb.data() + t * CO,
+                           at.data(), gs.data());
         std::memcpy(gxp + n * img, gl.data(), sizeof(float) * img);
       }
   });
