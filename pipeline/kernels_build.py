@@ -279,7 +279,9 @@ def exclusive(directory: Path) -> Iterator[None]:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        log.info("waiting for another process to build the fused conv kernels in %s", directory)
+        log.info(
+            "waiting for another process building or timing the fused conv kernels in %s", directory
+        )
         lock.acquire()
     try:
         # torch's own lock file: a build killed mid-way leaves it behind, and every later
