@@ -111,21 +111,21 @@ def _cpu_name() -> str:
 def speedup(variant: str, batch: int, kernel_size: int = 5, precision: str = "fp32") -> float:
     """How many times faster a LeNet forward and backward at `batch` runs on the kernels of
     `variant` (loaded) than on torch's ops, on this CPU at this thread count: measured once,
-    then read from the build directory (for this build of the kernels)."""
-    key = json.dumps(
-        [kernels_build.library_key(variant), _cpu_name(), os.cpu_count(), torch.get_num_threads()]
-        + [batch, kernel_size, precision]
-    )
+    then read from the build directory (for as long as that build of the kernels stands)."""
+    cpu = [_cpu_name(), os.cpu_count(), torch.get_num_threads()]
+    key = json.dumps([*cpu, batch, kernel_size, precision])
+    build = kernels_build.library_key(variant)
     directory = build_dir(variant)
     directory.mkdir(parents=True, exist_ok=True)
     with kernels_build.exclusive(directory):  # ranks starting together: one measures, alone
         known = kernels_build.read_json(directory / _SPEED)
-        if key in known:
-            return known[key]["speedup"]
+        timings = known.get("timings", {}) if known.get("build") == build else {}
+        if key in timings:
+            return timings[key]["speedup"]
         seconds = _time_paths(variant, batch, kernel_size, precision)
         ratio = seconds["torch"] / seconds["fused"]
-        record = {"speedup": ratio, "seconds_per_pass": seconds, "date": time.strftime("%F %T")}
-        write_atomic(directory / _SPEED, json.dumps({**known, key: record}, indent=1))
+        timings[key] = {"speedup": ratio, "seconds": seconds, "date": time.strftime("%F %T")}
+        write_atomic(directory / _SPEED, json.dumps({"build": build, "timings": timings}, indent=1))
     log.info(
         "timed LeNet's conv paths at batch %d: the fused conv kernels (%s) run at %.2fx "
         "torch's ops' speed (remembered in %s)",
