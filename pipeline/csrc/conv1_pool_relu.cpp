@@ -14,7 +14,8 @@
 // two 8-lane ones); the four window positions of G channels accumulate together, 4G vectors,
 // all six channels where 32 registers hold them (AVX-512), three at a time in 16 (AVX2).
 //
-// Built by pipeline/kernels.py with torch.utils.cpp_extension; registered as torch.ops.LENET_NS.*.
+// Built by pipeline/kernels_build.py with torch.utils.cpp_extension, once per variant (vec.h);
+// registered as torch.ops.LENET_NS.*.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

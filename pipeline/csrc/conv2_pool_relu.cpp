@@ -11,7 +11,8 @@
 // gradient; torch instead fills the full 10x10 gradient and runs a dense backward over it.
 // Values are torch's up to the order of float additions.
 //
-// Built by pipeline/kernels.py with torch.utils.cpp_extension; registered as torch.ops.LENET_NS.*.
+// Built by pipeline/kernels_build.py with torch.utils.cpp_extension, once per variant (vec.h);
+// registered as torch.ops.LENET_NS.*.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

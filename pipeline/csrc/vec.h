@@ -1,7 +1,8 @@
 // Vector helpers shared by the fused conv -> max-pool -> ReLU kernels.
 //
-// GCC/Clang vector extensions, as wide as the instruction set the build is for: pipeline/kernels.py
-// compiles one library per variant, each with its ISA flags and these macros:
+// GCC/Clang vector extensions, as wide as the instruction set the build is for:
+// pipeline/kernels_build.py compiles one library per variant, each with its ISA flags and
+// these macros:
 //   LENET_LANES  float lanes of one register: 16 (AVX-512), 8 (AVX2), 4 (portable: SSE, NEON)
 //   LENET_REGS   vector registers the kernels' blocking may keep live: 32 (AVX-512), 16 (AVX2)
 //   LENET_NS     the torch.ops namespace the variant registers its ops in (lenet_avx2, ...)
