@@ -77,24 +77,25 @@ def check_precision(precision: str, device: torch.device) -> None:
         )
 
 
-def place_model(model: nn.Module, cfg: Config, device: torch.device) -> tuple[bool, str]:
+def place_model(
+    model: nn.Module, cfg: Config, device: torch.device, batch: int
+) -> tuple[bool, str]:
     """Put `model` on `device` as training runs it: channels-last, and on CPU the fused conv
-    kernels where `train.fused_conv` asks for them and they can be loaded. Training, evaluation
-    and the benchmark all prepare their model here. Returns whether the kernels run, and the
-    conv path in words (for the run's header)."""
+    kernels where `train.fused_conv` asks for them (`auto`: where they are faster here, see
+    `kernels.choose`; `batch` is the images of one forward pass on this rank). Training,
+    evaluation and the benchmark all prepare their model here. Returns whether the kernels run,
+    and the conv path with its reason, in words (for the run's header)."""
     # NHWC convolutions: oneDNN (CPU) and cuDNN run them without reordering the tensors on
     # every call; the values are those of the plain layout, up to rounding.
     model.to(device, memory_format=torch.channels_last)
-    if device.type != "cpu":
-        return False, ""
-    if not kernels.wanted(cfg.train.fused_conv):
-        return False, "torch's conv ops"
-    problem = kernels.load(log.info)
-    if problem is not None:
-        log.warning(f"the fused conv kernels are not available, using torch's ops: {problem}")
-        return False, "torch's conv ops"
-    model.conv_pool_relu = kernels.conv_pool_relu
-    return True, "fused conv kernels"
+    fused, why = kernels.choose(
+        cfg.train.fused_conv, batch, cfg.model.kernel_size, cfg.train.precision, device
+    )
+    if fused:
+        model.conv_pool_relu = kernels.conv_pool_relu
+    elif kernels.UNAVAILABLE in why:
+        log.warning(why)
+    return fused, why
 
 
 def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -221,7 +222,8 @@ class Engine:
             )
             if problem:
                 log.warning(problem)
-        self.fused_conv, self.conv_path = place_model(model, cfg, self.device)
+        micro_batch = cfg.train.batch_size // (ctx.world_size * cfg.train.grad_accum)
+        self.fused_conv, self.conv_path = place_model(model, cfg, self.device, micro_batch)
         # A world of one trains the plain model: DDP would all-reduce every gradient bucket with
         # no peer, a cost on each step for nothing.
         self.ddp = model

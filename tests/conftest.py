@@ -10,16 +10,7 @@ import pytest
 
 from pipeline import kernels, logs
 
-from helpers import (  # noqa: F401 - REPO ... run_pipeline: for the tests still importing conftest
-    REPO,
-    TESTS,
-    TINY_ARGS,
-    assert_ok,
-    require,
-    require_real_mnist,
-    run_pipeline,
-    write_tiny_mnist,
-)
+from helpers import REPO, TESTS, require_real_mnist, write_tiny_mnist
 
 UNIT = TESTS / "unit"
 TIERS = (UNIT, TESTS / "multiproc", TESTS / "integration")
@@ -51,11 +42,11 @@ def project_logging():
 def unit_tests_use_torchs_conv_ops(request, monkeypatch):
     """The unit tier never builds the fused conv kernels: that compiles C++, and the tier needs
     no compiler (tests/integration/test_kernels.py tests them). A unit test whose model would
-    load them (`train.fused_conv` true, or auto where the CPU picks them) fails, saying so."""
+    load them (`train.fused_conv` true or auto) fails, saying so."""
     if not request.path.is_relative_to(UNIT):
         return
 
-    def load(info=None):
+    def load(variant=None):
         raise AssertionError(
             "a unit test would build the fused conv kernels (C++): give its run "
             "train.fused_conv=false, or put the test in tests/integration"

@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import kernels
+
 THRESHOLDS = ("98%", "99%")  # test accuracies whose train time is reported
+# x86 vector instruction sets by the /proc/cpuinfo flags they need, widest first.
+_ISAS = (
+    ("AVX512", {"avx512f", "avx512bw", "avx512vl", "avx512dq"}),
+    ("AVX2", {"avx2", "fma"}),
+)
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -72,6 +79,7 @@ def machine(device: str) -> dict:
     info = {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        **instruction_sets(),
         "torch": str(torch.__version__),
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -81,6 +89,22 @@ def machine(device: str) -> dict:
         info.update(gpu=f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}")
         info.update(cuda=torch.version.cuda)
     return info
+
+
+def instruction_sets() -> dict:
+    """The CPU's widest vector instruction set (by /proc/cpuinfo, where there is one), the one
+    torch runs (ATEN_CPU_CAPABILITY can hold it lower) and the fused kernels' build for it."""
+    cpu_isa = "unknown"
+    if Path("/proc/cpuinfo").is_file():
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = set(next((x for x in lines if x.startswith("flags")), "").split())
+        cpu_isa = next((isa for isa, need in _ISAS if need <= flags), "DEFAULT")
+    return {
+        "cpu_isa": cpu_isa,
+        "torch_isa": torch.backends.cpu.get_cpu_capability(),
+        "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),
+        "kernels_variant": kernels.cpu_variant(),
+    }
 
 
 def fmt_s(v: float | None, fmt: str = ".1f") -> str:
@@ -144,13 +168,29 @@ def _kernel_note(result: dict) -> list[str]:
     ]
 
 
+def _isa_note(m: dict) -> str:
+    if "torch_isa" not in m:
+        return ""
+    held = m.get("aten_cpu_capability")
+    held = f", held there by ATEN_CPU_CAPABILITY={held}" if held else ""
+    return (
+        f"Instruction set: the CPU's {m['cpu_isa']}, torch's {m['torch_isa']}{held}; the fused "
+        f"kernels' {m['kernels_variant']} build. "
+    )
+
+
+def _conv(r: dict) -> str:
+    variant = r.get("kernels_variant")
+    return r.get("conv", "-") + (f" ({variant})" if variant else "")
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
         f"# Benchmark: {m.get('gpu') or m['cpu']}, {m['cores']} CPU cores",
         "",
         f"Command: `{result['command']}` ({result['date']}); torch {m['torch']}, "
-        f"python {m['python']}, numpy {m['numpy']}, {m['platform']}. "
+        f"python {m['python']}, numpy {m['numpy']}, {m['platform']}. {_isa_note(m)}"
         f"Each case ran {_rounds(result)} in fresh processes; timings are medians"
         f"{_accuracy_note(result)}.",
         "",
@@ -182,7 +222,7 @@ def markdown(result: dict) -> str:
         accs = " ".join(f"{a:.2%}" for a in r["accuracy"])
         lines.append(
             f"| {r['name']} | {r['world']} x {r['threads']} | {r['batch_size']} | "
-            f"{r['precision']} | {r['compile']} | {r.get('conv', '-')} | "
+            f"{r['precision']} | {r['compile']} | {_conv(r)} | "
             f"{r['images_per_s']:,.0f} | "
             f"{_x_runs(r)} | {ep[0]:.1f} / {fmt_s(rest)} | {r['first_step_s']:.2f} | "
             f"{r['warmup_s']:.2f} | {fmt_s(r['time_to']['98%'])} | {fmt_s(r['time_to']['99%'])} | "

@@ -100,7 +100,7 @@ def cases(device: str, n_gpus: int, quick: bool, say: Callable[[str], None] = pr
             Case("pipeline cpu.yaml bf16 w1", "pipeline", cpu, 1, ["train.precision=bf16"]),
             Case("pipeline cpu.yaml compile w1", "pipeline", cpu, 1, ["train.compile=model"]),
             # The default config on torch's ops only, and on the fused conv kernels only
-            # (train.fused_conv=auto picks one of the two by the CPU's vector instructions).
+            # (train.fused_conv=auto takes the faster of the two here, timed once per machine).
             Case("pipeline cpu.yaml torch-ops w1", "pipeline", cpu, 1, ["train.fused_conv=false"]),
             Case("pipeline cpu.yaml fused w1", "pipeline", cpu, 1, ["train.fused_conv=true"]),
             Case("baseline fast_cpu.yaml w1", "baseline", fast, 1),
@@ -192,6 +192,7 @@ def _measure(ctx: DistContext, case: Case, cfg: Config, max_steps: int, out: str
     record.update(
         seed=cfg.train.seed,
         threads=torch.get_num_threads(),
+        torch_isa=torch.backends.cpu.get_cpu_capability(),  # what this case's torch ops ran
         steps=clock.steps,
         images=images,
         train_s=clock.train_s,
@@ -292,7 +293,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
     kernel_s, kernel_problem = None, None
     if device == "cpu":  # built (or loaded from the cache) once here, before any case runs
         started = time.perf_counter()
-        kernel_problem = kernels.load(log.info)
+        kernel_problem = kernels.load()
         kernel_s = time.perf_counter() - started
         if kernel_problem:
             log.warning(f"the fused conv kernels are not available: {kernel_problem}")

@@ -14,6 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from pipeline import kernels
 from pipeline.config import Config
 from pipeline.cpu_memory import reuse_freed_memory
 from pipeline.data.device import MEAN, STD, TrainBatches
@@ -96,7 +97,12 @@ def pipeline_trainer(cfg, ctx, data, raw, model, micro, workers):
         return engine.evaluate(x, y, cfg.train.eval_batch_size)["test_accuracy"]
 
     # What the trainer does at each logging interval: one read-back of the loss.
-    return epoch_steps, engine.read_loss, evaluate, {"conv": conv_impl(engine.fused_conv)}
+    record = {
+        "conv": conv_impl(engine.fused_conv),
+        "kernels_variant": kernels.cpu_variant() if engine.fused_conv else None,
+        "conv_path": engine.conv_path,
+    }
+    return epoch_steps, engine.read_loss, evaluate, record
 
 
 def baseline_trainer(cfg, ctx, data, raw, model, micro, workers):

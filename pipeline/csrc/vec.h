@@ -1,16 +1,33 @@
 // Vector helpers shared by the fused conv -> max-pool -> ReLU kernels.
 //
-// GCC/Clang vector extensions: 16 float lanes, compiled to AVX-512, AVX2 or SSE instructions
-// by the flags pipeline/kernels.py picks for the CPU.
+// GCC/Clang vector extensions, as wide as the instruction set the build is for:
+// pipeline/kernels_build.py compiles one library per variant, each with its ISA flags and
+// these macros:
+//   LENET_LANES  float lanes of one register: 16 (AVX-512), 8 (AVX2), 4 (portable: SSE, NEON)
+//   LENET_REGS   vector registers the kernels' blocking may keep live: 32 (AVX-512), 16 (AVX2)
+//   LENET_NS     the torch.ops namespace the variant registers its ops in (lenet_avx2, ...)
+// Everything here has internal linkage: variants loaded into one process never share a symbol.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 #include <limits>
 
-namespace lenet {
+#ifndef LENET_LANES
+#define LENET_LANES 4
+#endif
+#ifndef LENET_REGS
+#define LENET_REGS 16
+#endif
+#ifndef LENET_NS
+#define LENET_NS lenet_portable
+#endif
 
-constexpr int L = 16;  // lanes
+namespace lenet {
+namespace {
+
+constexpr int L = LENET_LANES;  // lanes
+constexpr int R = LENET_REGS;   // register budget
 typedef float vf __attribute__((vector_size(L * 4)));
 typedef int32_t vi __attribute__((vector_size(L * 4)));
 
@@ -21,6 +38,8 @@ inline vf load(const float* p) {
 }
 
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+constexpr int cdiv(int a, int b) { return (a + b - 1) / b; }
 
 // relu(max of the 2x2 window) lane by lane, from the window's four values in row-major order,
 // by max_pool2d's rule (the first maximum wins; NaN wins) and relu's (NaN stays NaN). code is
@@ -38,4 +57,5 @@ inline void pool_relu(vf v0, vf v1, vf v2, vf v3, vf& out, vi& code) {
   code = (out > 0) ? k : (vi{} + 4);
 }
 
+}  // namespace
 }  // namespace lenet

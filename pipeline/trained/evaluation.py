@@ -178,7 +178,8 @@ def run(
     log.info(loading.chosen(path, state, target, last))
     cfg = loading.config_of(state, path)
     model = loading.build_model(state, cfg, path)
-    place_model(model, cfg, ctx.device)
+    micro_batch = cfg.train.batch_size // (ctx.world_size * cfg.train.grad_accum)
+    place_model(model, cfg, ctx.device, micro_batch)  # the conv path training would take here
     precision = cfg.train.precision
     if precision == "fp16" and ctx.device.type != "cuda":
         log.warning("the checkpoint trained in fp16, which needs CUDA; evaluating in fp32")

@@ -1,10 +1,12 @@
-"""The fused conv -> max-pool -> ReLU CPU kernels give torch's values and gradients: exactly
-where float sums are exact (integer data, full of ties), to rounding elsewhere; NaN spreads as
-in torch; they fall back to torch's ops where they do not apply; a machine that cannot build
-them trains with torch's ops after one warning, and does not try again at the next start
-unless the compiler or the sources changed; a compiler without OpenMP builds them for one
-thread; a build says when it is done."""
+"""The fused conv -> max-pool -> ReLU CPU kernels give torch's values and gradients, in every
+instruction-set build this CPU runs: exactly where float sums are exact (integer data, full of
+ties), to rounding elsewhere; NaN spreads as in torch; they fall back to torch's ops where they
+do not apply; `auto` trains on whichever path is faster here, timed once and remembered; a
+machine that cannot build them trains with torch's ops after one warning, and does not try
+again at the next start unless the compiler or the sources changed; a compiler without OpenMP
+builds them for one thread; a build says when it is done."""
 
+import functools
 import json
 import os
 import re
@@ -16,10 +18,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline import kernels
+from pipeline import kernels, kernels_build
+from pipeline.config import load_config
+from pipeline.dist import DistContext
+from pipeline.engine import Engine
 from pipeline.model import LeNet, conv_pool_relu
 
-from conftest import REPO, TINY_ARGS, assert_ok, require, run_pipeline
+from helpers import REPO, TINY_ARGS, assert_ok, require, run_pipeline
 
 # (stage, kernel size): LeNet's input side at that stage (conv2 reads conv1's pooled output).
 STAGES = [("conv1", 5), ("conv1", 3), ("conv2", 5), ("conv2", 3)]
@@ -27,46 +32,61 @@ SIDE = {("conv1", 5): 32, ("conv1", 3): 32, ("conv2", 5): 14, ("conv2", 3): 15}
 BUILT = re.compile(r"built the fused conv kernels in \d+\.\d s")
 
 
-@pytest.fixture(scope="module")
-def built():
-    """The kernels, built here or loaded from torch's extension cache; where no compiler is,
-    tests using them skip (and fail in CI)."""
+@pytest.fixture(scope="module", params=list(kernels.VARIANTS))
+def variant(request):
+    """Each build of the kernels this CPU runs, built here or loaded from torch's extension
+    cache; where no compiler is, tests using them skip (and fail in CI)."""
+    name = request.param
+    if not kernels.runs_here(name):
+        pytest.skip(
+            f"this CPU lacks {kernels.VARIANTS[name].label} (torch's capability here: "
+            f"{torch.backends.cpu.get_cpu_capability()}): its build cannot run"
+        )
     missing = kernels.toolchain_problem()
     if missing:
         require(f"the fused kernels cannot be built here: {missing}")
-    messages = []
-    problem = kernels.load(messages.append)
+    problem = kernels.load(name)
     assert problem is None, problem  # a compiler is here: the kernels must build
-    if any(m.startswith("building") for m in messages):
-        assert BUILT.fullmatch(messages[-1]), messages
+    return name
 
 
-def stage(name: str, k: int, n: int, integer: bool = False):
-    """A channels-last conv of LeNet's stage `name`, an input batch and an output gradient."""
+@pytest.fixture(scope="module")
+def built():
+    """This CPU's build of the kernels, the one kernels.conv_pool_relu runs by default."""
+    missing = kernels.toolchain_problem()
+    if missing:
+        require(f"the fused kernels cannot be built here: {missing}")
+    problem = kernels.load()
+    assert problem is None, problem
+
+
+def stage(name: str, k: int, n: int, integer: bool = False, hw: tuple[int, int] | None = None):
+    """A channels-last conv of LeNet's stage `name`, an input batch (of LeNet's size at that
+    stage, or `hw`) and an output gradient."""
     cin, cout = (1, 6) if name == "conv1" else (6, 16)
     conv = nn.Conv2d(cin, cout, k).to(memory_format=torch.channels_last)
-    side = SIDE[(name, k)]
-    pooled = (side - k + 1) // 2
+    h, w = hw or (SIDE[(name, k)],) * 2
+    pooled = ((h - k + 1) // 2, (w - k + 1) // 2)
     if integer:
         # Small integers: every sum is exact, so ties (equal window values) are exact too,
         # and a kernel must pick the same winner as max_pool2d for the gradients to agree.
         with torch.no_grad():
             conv.weight.copy_(torch.randint(-2, 3, conv.weight.shape))
             conv.bias.copy_(torch.randint(-2, 3, conv.bias.shape))
-        x = torch.randint(-1, 2, (n, cin, side, side)).float()
-        x[:, :, : side // 4] = 1.0  # constant rows: whole windows of ties
-        grad = torch.randint(-3, 4, (n, cout, pooled, pooled)).float()
+        x = torch.randint(-1, 2, (n, cin, h, w)).float()
+        x[:, :, : h // 4] = 1.0  # constant rows: whole windows of ties
+        grad = torch.randint(-3, 4, (n, cout, *pooled)).float()
     else:
-        x = torch.randn(n, cin, side, side)
-        grad = torch.randn(n, cout, pooled, pooled)
+        x = torch.randn(n, cin, h, w)
+        grad = torch.randn(n, cout, *pooled)
     x = x.contiguous(memory_format=torch.channels_last)
     return conv, x.requires_grad_(name == "conv2"), grad  # conv2's input needs its gradient
 
 
-def both(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor):
+def both(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor, variant: str | None = None):
     """(output, input grad, weight grad, bias grad) from the kernel and from torch's ops."""
     out = []
-    for f in (kernels.conv_pool_relu, conv_pool_relu):
+    for f in (functools.partial(kernels.conv_pool_relu, variant=variant), conv_pool_relu):
         conv.zero_grad()
         x.grad = None
         y = f(conv, x)
@@ -76,13 +96,12 @@ def both(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor):
     return out
 
 
-@pytest.mark.usefixtures("built")
 @pytest.mark.parametrize("name, k", STAGES)
-def test_integer_data_gives_torchs_exact_values_and_gradients(name, k):
+def test_integer_data_gives_torchs_exact_values_and_gradients(variant, name, k):
     torch.manual_seed(k)
     conv, x, grad = stage(name, k, 37, integer=True)
     assert kernels._kernel(conv, x) is not None  # the kernel, not the fallback, is under test
-    (y, gx, gw, gb), (y_ref, gx_ref, gw_ref, gb_ref) = both(conv, x, grad)
+    (y, gx, gw, gb), (y_ref, gx_ref, gw_ref, gb_ref) = both(conv, x, grad, variant)
     assert torch.equal(y, y_ref)
     assert (y == 0).float().mean() > 0.05  # ReLU's cut is exercised
     assert torch.equal(gw, gw_ref) and torch.equal(gb, gb_ref)
@@ -96,16 +115,28 @@ def test_integer_data_gives_torchs_exact_values_and_gradients(name, k):
     assert gw.stride() == conv.weight.stride()
 
 
-@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize(
+    "name, k, hw", [("conv1", 5, (29, 31)), ("conv1", 3, (20, 17)), ("conv2", 5, (13, 11))]
+)
+def test_other_input_sizes_give_torchs_exact_values_and_gradients(variant, name, k, hw):
+    # Odd sides (the last row and column outside any pooling window), narrow ones (fewer
+    # pooled columns than a vector has lanes), non-square ones.
+    torch.manual_seed(k)
+    conv, x, grad = stage(name, k, 5, integer=True, hw=hw)
+    assert kernels._kernel(conv, x) is not None
+    for got, want in zip(*both(conv, x, grad, variant), strict=True):
+        assert (got is None and want is None) or torch.equal(got, want)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("name, k", STAGES[::2])
-def test_random_data_matches_torch_to_rounding(name, k, threads):
+@pytest.mark.parametrize("name, k", STAGES)
+def test_random_data_matches_torch_to_rounding(variant, name, k, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(0)
         conv, x, grad = stage(name, k, 64)
-        got, ref = both(conv, x, grad)
+        got, ref = both(conv, x, grad, variant)
     finally:
         torch.set_num_threads(previous)
     for a, b in zip(got, ref, strict=True):
@@ -113,15 +144,14 @@ def test_random_data_matches_torch_to_rounding(name, k, threads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item() + 1e-6)
 
 
-@pytest.mark.usefixtures("built")
 @pytest.mark.parametrize("name", ["conv1", "conv2"])
-def test_nan_spreads_as_in_torch(name):
+def test_nan_spreads_as_in_torch(variant, name):
     torch.manual_seed(0)
     conv, x, _ = stage(name, 5, 4)
     x = x.detach().clone()
     x[1, 0, 10, 10] = float("nan")
     with torch.no_grad():
-        y, y_ref = kernels.conv_pool_relu(conv, x), conv_pool_relu(conv, x)
+        y, y_ref = kernels.conv_pool_relu(conv, x, variant), conv_pool_relu(conv, x)
     assert y.isnan().any()
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5, equal_nan=True)
 
@@ -150,13 +180,12 @@ def test_under_bf16_autocast_they_run_in_fp32(name):
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.usefixtures("built")
-def test_lenet_with_the_kernels_is_lenet():
+def test_lenet_with_the_kernels_is_lenet(variant):
     torch.manual_seed(0)
     plain = LeNet().to(memory_format=torch.channels_last)
     fused = LeNet().to(memory_format=torch.channels_last)
     fused.load_state_dict(plain.state_dict())
-    fused.conv_pool_relu = kernels.conv_pool_relu
+    fused.conv_pool_relu = functools.partial(kernels.conv_pool_relu, variant=variant)
     x = torch.randn(16, 1, 32, 32)
     y = torch.randint(0, 10, (16,))
     for net in (plain, fused):
@@ -166,23 +195,94 @@ def test_lenet_with_the_kernels_is_lenet():
     assert set(fused.state_dict()) == set(plain.state_dict())  # checkpoints are unchanged
 
 
-def test_auto_uses_them_where_torch_runs_avx512_only(monkeypatch):
-    for isa, want in (("AVX512", True), ("AVX2", False), ("DEFAULT", False)):
-        monkeypatch.setattr(kernels, "_isa", lambda isa=isa: isa)
-        assert kernels.wanted("auto") is want, isa
-        assert kernels.wanted("true") and not kernels.wanted("false")
-        assert kernels.wanted(True) and not kernels.wanted(False)  # older checkpoints' configs
+def test_each_cpu_gets_the_widest_build_it_runs(monkeypatch):
+    for isa, want in (("AVX512", "avx512"), ("AVX2", "avx2"), ("DEFAULT", "portable")):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda isa=isa: isa)
+        assert kernels.cpu_variant() == want, isa
+        assert kernels.runs_here("portable") and kernels.runs_here(want)
+        assert kernels.runs_here("avx512") is (want == "avx512")
+    assert kernels.wanted("auto") and kernels.wanted("true") and not kernels.wanted("false")
+    assert kernels.wanted(True) and not kernels.wanted(False)  # older checkpoints' configs
 
 
-def test_auto_trains_on_torchs_ops_on_an_avx2_cpu(tiny_mnist, tmp_path):
-    """ATEN_CPU_CAPABILITY=avx2 makes torch (and so this machine) an AVX2 one."""
+def test_the_build_directory_follows_torchs(monkeypatch, tmp_path):
+    name = kernels_build.build_name("avx2")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert kernels.build_dir("avx2") == tmp_path / "ext" / name
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    if sys.platform.startswith("linux"):  # torch's default root elsewhere ignores XDG
+        assert kernels.build_dir("avx2") == tmp_path / "cache" / "torch_extensions" / name
+    assert name != kernels_build.build_name("avx512")  # one build per variant
+
+
+@pytest.mark.usefixtures("built")
+def test_auto_picks_the_faster_path_and_remembers_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # loaded already: not rebuilt
+    timings = []
+
+    def timed(variant, batch, kernel_size, precision):
+        timings.append(batch)
+        return {"fused": 1.0, "torch": 1.9 if batch == 64 else 0.5}
+
+    monkeypatch.setattr(kernels, "_time_paths", timed)
+    label = kernels.VARIANTS[kernels.cpu_variant()].label
+    use, why = kernels.choose("auto", 64)
+    assert (
+        use
+        and why
+        == f"fused conv kernels ({label} build: 1.9x torch's ops, measured once on this machine)"
+    )
+    assert kernels.choose("auto", 64) == (use, why) and timings == [64]  # remembered
+    use, why = kernels.choose("auto", 512)  # another batch shape: timed again
+    assert not use and why.startswith("torch's ops (2.0x the fused conv kernels'"), why
+    assert timings == [64, 512]
+    assert kernels.choose("true", 512)[0] and timings == [64, 512]  # forced: not timed
+    assert kernels.choose("false", 64) == (False, "torch's ops (train.fused_conv=false)")
+    assert not kernels.choose("auto", 64, device="cuda")[0]
+    speed = json.loads((kernels.build_dir(kernels.cpu_variant()) / "speed.json").read_text())
+    assert sorted(r["speedup"] for r in speed["timings"].values()) == [0.5, 1.9]
+
+
+@pytest.mark.usefixtures("built")
+def test_timing_the_paths_leaves_the_runs_random_stream_alone(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    use, why = kernels.choose("auto", 16)
+    assert torch.equal(torch.rand(3), expected)
+    assert why.startswith("fused conv kernels (" if use else "torch's ops ("), why
+    speed = json.loads((kernels.build_dir(kernels.cpu_variant()) / "speed.json").read_text())
+    ((key, record),) = speed["timings"].items()
+    assert json.loads(key)[3:] == [16, 5, "fp32"] and record["speedup"] > 0
+
+
+def test_engine_says_which_conv_path_it_runs_and_why():
+    engine = Engine(LeNet(), load_config(None, ["train.fused_conv=false"]), DistContext(), 1, 1)
+    assert engine.fused_conv is False
+    assert engine.conv_path == "torch's ops (train.fused_conv=false)"
+
+
+def test_auto_on_an_avx2_cpu_trains_on_the_faster_path(tiny_mnist, tmp_path):
+    """ATEN_CPU_CAPABILITY=avx2 makes torch (and so this machine) an AVX2 one: auto times the
+    AVX2 build against torch's ops, once (in the default cache, where the tests build)."""
+    if kernels.toolchain_problem():
+        require(f"the fused kernels cannot be built here: {kernels.toolchain_problem()}")
     run_dir = f"train.run_dir={tmp_path / 'run'}"
-    env = {"ATEN_CPU_CAPABILITY": "avx2", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    env = {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"}
     proc = run_pipeline([*TINY_ARGS, f"data.root={tiny_mnist}", run_dir], env=env)
     assert_ok(proc)
-    header = proc.stdout.splitlines()[0]
-    assert header.startswith("lenet-ddp ") and "fused conv kernels" not in header, header
-    assert not (tmp_path / "ext").exists()  # not even built
+    speed = json.loads((kernels.build_dir("avx2") / "speed.json").read_text())
+    assert speed["build"] == kernels_build.library_key("avx2")  # timings of this build only
+    (ratio,) = [  # one thread, batch 32, 5x5 kernels, fp32
+        r["speedup"]
+        for key, r in speed["timings"].items()
+        if json.loads(key)[2:] == [1, 32, 5, "fp32"]
+    ]
+    # The header follows the timing's line (printed once, when it measured).
+    (header,) = [line for line in proc.stdout.splitlines() if line.startswith("lenet-ddp ")]
+    assert ("fused conv kernels" in header) is (ratio >= 1), (header, ratio)
 
 
 def test_a_machine_that_cannot_build_them_trains_with_torchs_ops(tiny_mnist, tmp_path):
@@ -199,17 +299,21 @@ def test_a_machine_that_cannot_build_them_trains_with_torchs_ops(tiny_mnist, tmp
     assert "test acc" in proc.stdout + proc.stderr
 
 
-# A fresh process's kernels.load(): {"problem", "info" (its lines), "seconds"}; with --check,
-# the kernels it loaded are compared with torch's ops (two threads).
+# A fresh process's kernels.load(): {"problem", "info" (its log lines), "seconds"}; with
+# --check, the kernels it loaded are compared with torch's ops (two threads).
 START = """
-import json, sys, time
+import json, logging, sys, time
 from pathlib import Path
-from pipeline import kernels
+from pipeline import kernels, kernels_build
 if len(sys.argv) > 1 and sys.argv[1] != "--check":
-    kernels.CSRC = Path(sys.argv[1])
+    kernels_build.CSRC = Path(sys.argv[1])
 info = []
+handler = logging.Handler()
+handler.emit = lambda record: info.append(record.getMessage())
+logging.getLogger("pipeline").addHandler(handler)
+logging.getLogger("pipeline").setLevel(logging.INFO)
 started = time.perf_counter()
-problem = kernels.load(info.append)
+problem = kernels.load()
 seconds = time.perf_counter() - started
 if problem is None and "--check" in sys.argv:
     import torch
@@ -297,7 +401,7 @@ def test_a_new_compiler_or_changed_sources_are_tried(tmp_path):
     other = failing_compiler(tmp_path / "other-cxx", other_log)
     again = start(tmp_path, other)["problem"]
     assert calls(other_log) > 0 and "remembered" not in again  # another CXX: built again
-    csrc = shutil.copytree(kernels.CSRC, tmp_path / "csrc")
+    csrc = shutil.copytree(kernels_build.CSRC, tmp_path / "csrc")
     with open(csrc / "conv2_pool_relu.cpp", "a") as f:
         f.write("// changed\n")
     before = calls(log)
@@ -344,7 +448,8 @@ def test_without_openmp_they_build_for_one_thread_and_say_when_built(tmp_path):
     first = start(tmp_path, cxx, "--check")
     assert first["problem"] is None, first
     building, done = first["info"]
-    assert building.startswith("building the fused conv kernels into")
+    label = kernels.VARIANTS[kernels.cpu_variant()].label
+    assert building.startswith(f"building the fused conv kernels ({label}) into")
     if "parallel backend: OpenMP" in torch.__config__.parallel_info():
         assert "without OpenMP: they will run on one thread" in building
     assert BUILT.fullmatch(done), done
@@ -355,7 +460,7 @@ def test_without_openmp_they_build_for_one_thread_and_say_when_built(tmp_path):
 @pytest.mark.usefixtures("built")
 def test_a_build_killed_mid_way_does_not_hold_up_later_starts():
     # torch's build leaves its lock file behind when killed; torch would wait on it forever.
-    stale = kernels.build_dir() / "lock"
+    stale = kernels.build_dir(kernels.cpu_variant()) / "lock"
     stale.touch()
     code = "from pipeline import kernels; print(kernels.load())"
     proc = subprocess.run(
