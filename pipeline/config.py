@@ -139,8 +139,9 @@ class TrainConfig:
         "auto",
         "CPU runs: each conv -> max-pool -> ReLU stage as one C++ kernel, built on first use "
         "(about 20 s, needs a C++ compiler) into torch's extension cache; torch's ops where it "
-        "cannot be built. auto: on CPUs with AVX-512, where they are faster than torch's ops "
-        "(on AVX2 they are slower)",
+        "cannot be built; one build per instruction set (AVX-512, AVX2, portable). auto: whichever "
+        "of the kernels and torch's ops is faster here, timed once per machine at the run's batch "
+        "(a second or two) and remembered beside the kernels' build",
         ("auto", "true", "false"),
     )
     reuse_host_memory: bool = _opt(

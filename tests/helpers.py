@@ -1,6 +1,8 @@
 """What the tests share (the fixtures are in conftest.py): where the repository and the real MNIST
 are, the skip-or-fail rule for a missing prerequisite, tiny IDX datasets, and starting the real
-commands in fresh processes (alone, under torchrun, in the background).
+commands in fresh processes (alone, under torchrun, in the background), and the small tools
+tests of several tiers use (SLURM step variables, an environment without W&B credentials, a
+spy on the data cache).
 
 Imported by name (`from helpers import ...`): pyproject.toml puts tests/ on pytest's pythonpath.
 """
@@ -19,9 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from pipeline import checkpoint
+from pipeline.config import Config, to_dict
+from pipeline.data import store
 from pipeline.data.catalog import FILES
 from pipeline.data.idx import write_idx
+from pipeline.model import LeNet
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -248,3 +255,69 @@ def run_bench(args: list[str], timeout: float = 600) -> subprocess.CompletedProc
         text=True,
         timeout=timeout,
     )
+
+
+def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Spy on the slow path (reading and checking the raw files); returns a call log."""
+    calls: list[int] = []
+    real = store._decode
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_decode", spy)
+    return calls
+
+
+def identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+def step_env(procid: int, nodes: int = 2, per_node: int = 2, **extra: str) -> dict:
+    """The variables srun sets for task `procid` of a step with `per_node` tasks on each node."""
+    node = procid // per_node
+    return {
+        "SLURM_JOB_ID": "123456",
+        "SLURM_PROCID": str(procid),
+        "SLURM_LOCALID": str(procid % per_node),
+        "SLURM_NODEID": str(node),
+        "SLURM_STEP_NUM_TASKS": str(nodes * per_node),
+        "SLURM_STEP_NUM_NODES": str(nodes),
+        "SLURM_STEP_TASKS_PER_NODE": f"{per_node}(x{nodes})" if nodes > 1 else str(per_node),
+        "SLURM_STEP_NODELIST": "localhost" if nodes == 1 else f"localhost,node[2-{nodes}]",
+        **extra,
+    }
+
+
+def no_credentials(tmp_path) -> dict[str, str]:
+    """An environment in which W&B has no login: no key, no .netrc entry, no WANDB_MODE."""
+    return {
+        "WANDB_MODE": "",
+        "WANDB_API_KEY": "",
+        "WANDB_IDENTITY_TOKEN_FILE": "",
+        "NETRC": str(tmp_path / "no-netrc"),
+    }
+
+
+def run_dir_with_two_checkpoints(run_dir: Path) -> Path:
+    """A run directory with two checkpoints of an untrained LeNet (no data needed)."""
+    run_dir.mkdir(parents=True)
+    for step in (1, 2):
+        torch.manual_seed(step)
+        state = {"model": LeNet().state_dict(), "config": to_dict(Config()), "global_step": step}
+        checkpoint.save(run_dir, step, state, keep=3)
+    return run_dir
+
+
+def same_state(a, b) -> bool:
+    """Whether two checkpoint states are equal to the bit: the same keys in the same order, the
+    same types, tensors of the same dtype and values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same_state, a, b))
+    return type(a) is type(b) and a == b

@@ -15,31 +15,13 @@ from pipeline.data import store
 from pipeline.data.catalog import CANONICAL, FILES
 from pipeline.data.store import load, prepare, raw_dir
 
-from helpers import require
+from helpers import count_decodes, identity, require
 
 
 @pytest.fixture(autouse=True)
 def _private_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The fallback cache lives under $XDG_CACHE_HOME: keep tests out of the real ~/.cache.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-
-
-def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Spy on the slow path (reading and checking the raw files); returns a call log."""
-    calls: list[int] = []
-    real = store._decode
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(store, "_decode", spy)
-    return calls
-
-
-def identity(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_ino, st.st_mtime_ns
 
 
 def _either_form(raw: Path, name: str) -> Path | None:

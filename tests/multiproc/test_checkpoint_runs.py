@@ -17,7 +17,7 @@ from pipeline import checkpoint
 from pipeline.errors import EXIT_CHECKPOINT
 from pipeline.model import LeNet
 
-from helpers import REPO, TINY_ARGS, assert_ok, final_model, run_pipeline
+from helpers import REPO, TINY_ARGS, assert_ok, final_model, run_pipeline, same_state
 
 WRITER = """
 import sys, torch
@@ -59,16 +59,6 @@ def test_kill_during_write_leaves_previous_checkpoint_intact(tmp_path):
         assert torch.equal(checkpoint.load(newest)["model"]["w"], torch.ones(3))
         break
     assert hit_mid_write, "the writer was never caught in the middle of a write"
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
-    return type(a) is type(b) and a == b
 
 
 def _legacy(state: dict) -> bytes:
@@ -197,4 +187,4 @@ def test_a_checkpoint_opens_with_plain_torch_load(tiny_mnist, tmp_path):
     model.load_state_dict(state["model"])  # strict: every key, every shape
     assert state["global_step"] == 4 and state["config"]["model"]["kernel_size"] == 5
     assert all(v.is_contiguous() for v in state["model"].values())
-    assert _same(state, checkpoint.load(path))
+    assert same_state(state, checkpoint.load(path))

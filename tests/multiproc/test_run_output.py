@@ -6,17 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import REPO, TINY_ARGS, assert_ok, run_pipeline
-
-
-def no_credentials(tmp_path) -> dict[str, str]:
-    """An environment in which W&B has no login: no key, no .netrc entry, no WANDB_MODE."""
-    return {
-        "WANDB_MODE": "",
-        "WANDB_API_KEY": "",
-        "WANDB_IDENTITY_TOKEN_FILE": "",
-        "NETRC": str(tmp_path / "no-netrc"),
-    }
+from helpers import REPO, TINY_ARGS, assert_ok, no_credentials, run_pipeline
 
 
 @pytest.fixture(scope="module")

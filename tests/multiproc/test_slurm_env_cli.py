@@ -10,23 +10,7 @@ import sys
 
 from pipeline.errors import EXIT_DISTRIBUTED
 
-from helpers import REPO
-
-
-def step_env(procid: int, nodes: int = 2, per_node: int = 2, **extra: str) -> dict:
-    """The variables srun sets for task `procid` of a step with `per_node` tasks on each node."""
-    node = procid // per_node
-    return {
-        "SLURM_JOB_ID": "123456",
-        "SLURM_PROCID": str(procid),
-        "SLURM_LOCALID": str(procid % per_node),
-        "SLURM_NODEID": str(node),
-        "SLURM_STEP_NUM_TASKS": str(nodes * per_node),
-        "SLURM_STEP_NUM_NODES": str(nodes),
-        "SLURM_STEP_TASKS_PER_NODE": f"{per_node}(x{nodes})" if nodes > 1 else str(per_node),
-        "SLURM_STEP_NODELIST": "localhost" if nodes == 1 else f"localhost,node[2-{nodes}]",
-        **extra,
-    }
+from helpers import REPO, step_env
 
 
 def test_the_cli_reports_a_launch_error_in_one_line():

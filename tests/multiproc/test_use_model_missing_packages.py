@@ -9,25 +9,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from pipeline import checkpoint
-from pipeline.config import Config, to_dict
-from pipeline.model import LeNet
-
-from helpers import REPO
+from helpers import REPO, run_dir_with_two_checkpoints
 
 
 @pytest.fixture
 def run_dir(tmp_path):
-    """A run directory with two checkpoints of an untrained LeNet (no data needed)."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    for step in (1, 2):
-        torch.manual_seed(step)
-        state = {"model": LeNet().state_dict(), "config": to_dict(Config()), "global_step": step}
-        checkpoint.save(run_dir, step, state, keep=3)
-    return run_dir
+    return run_dir_with_two_checkpoints(tmp_path / "run")
 
 
 def test_predict_without_pillow_says_how_to_install_it(run_dir):

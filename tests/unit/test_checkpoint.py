@@ -14,6 +14,8 @@ from pipeline import checkpoint
 from pipeline.errors import CheckpointError
 from pipeline.model import LeNet
 
+from helpers import same_state
+
 
 def test_corrupt_and_truncated_files_are_detected(tmp_path, caplog):
     good = checkpoint.save(tmp_path, 5, {"x": torch.arange(10)}, keep=3)
@@ -35,16 +37,6 @@ def test_corrupt_and_truncated_files_are_detected(tmp_path, caplog):
     assert len(warnings) == 1 and "ckpt-000000006.pt" in warnings[0]
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
-    return type(a) is type(b) and a == b
-
-
 def test_no_damaged_byte_passes_for_a_checkpoint(tmp_path):
     """Flip bits all over a small checkpoint: each copy is refused, or reads back the same
     state (zip fields that no reader uses, such as timestamps, may change freely)."""
@@ -64,7 +56,7 @@ def test_no_damaged_byte_passes_for_a_checkpoint(tmp_path):
         except CheckpointError:
             refused += 1
             continue
-        assert _same(got, state), f"a flipped bit at byte {i} passed for a checkpoint"
+        assert same_state(got, state), f"a flipped bit at byte {i} passed for a checkpoint"
     assert refused > len(blob) // 6  # most bytes matter
     for n in range(0, len(blob), 11):
         with pytest.raises(CheckpointError):

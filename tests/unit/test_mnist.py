@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import store
 from pipeline.data.catalog import CANONICAL, FILES
 from pipeline.data.idx import read_idx, write_idx
 from pipeline.data.store import load, prepare, raw_dir
 from pipeline.errors import DataError
+
+from helpers import count_decodes, identity
 
 N_TRAIN, N_TEST = 64, 32
 TRAIN_IMAGES = FILES[("train", "images")]
@@ -42,24 +43,6 @@ def make_mnist(root: Path, *, gz: bool, seed: int = 0) -> dict[str, np.ndarray]:
         for kind in ("images", "labels"):
             write_idx(raw_dir(root) / FILES[(split, kind)], arrays[f"{split}_{kind}"], gz=gz)
     return arrays
-
-
-def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Spy on the slow path (reading and checking the raw files); returns a call log."""
-    calls: list[int] = []
-    real = store._decode
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(store, "_decode", spy)
-    return calls
-
-
-def identity(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_ino, st.st_mtime_ns
 
 
 def assert_one_line_naming(err: pytest.ExceptionInfo[DataError], name: str) -> None:

@@ -11,15 +11,7 @@ import sys
 from pipeline.config import load_config
 from pipeline.tracking import Progress, Tracker, wandb_status
 
-
-def no_credentials(tmp_path) -> dict[str, str]:
-    """An environment in which W&B has no login: no key, no .netrc entry, no WANDB_MODE."""
-    return {
-        "WANDB_MODE": "",
-        "WANDB_API_KEY": "",
-        "WANDB_IDENTITY_TOKEN_FILE": "",
-        "NETRC": str(tmp_path / "no-netrc"),
-    }
+from helpers import no_credentials
 
 
 def test_auto_without_credentials_is_off_and_never_imports_wandb(tmp_path, monkeypatch, capsys):

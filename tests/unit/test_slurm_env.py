@@ -11,6 +11,8 @@ import pytest
 from pipeline import dist, slurm_env
 from pipeline.errors import DistributedError
 
+from helpers import step_env
+
 
 @pytest.fixture(autouse=True)
 def _no_rendezvous_env(monkeypatch):
@@ -18,22 +20,6 @@ def _no_rendezvous_env(monkeypatch):
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
-
-
-def step_env(procid: int, nodes: int = 2, per_node: int = 2, **extra: str) -> dict:
-    """The variables srun sets for task `procid` of a step with `per_node` tasks on each node."""
-    node = procid // per_node
-    return {
-        "SLURM_JOB_ID": "123456",
-        "SLURM_PROCID": str(procid),
-        "SLURM_LOCALID": str(procid % per_node),
-        "SLURM_NODEID": str(node),
-        "SLURM_STEP_NUM_TASKS": str(nodes * per_node),
-        "SLURM_STEP_NUM_NODES": str(nodes),
-        "SLURM_STEP_TASKS_PER_NODE": f"{per_node}(x{nodes})" if nodes > 1 else str(per_node),
-        "SLURM_STEP_NODELIST": "localhost" if nodes == 1 else f"localhost,node[2-{nodes}]",
-        **extra,
-    }
 
 
 def launch_error(env: dict) -> str:

@@ -15,23 +15,15 @@ import pytest
 import torch
 
 from pipeline import checkpoint, evaluate, export, predict
-from pipeline.config import Config, to_dict
 from pipeline.errors import EXIT_CHECKPOINT, EXIT_DATA
 from pipeline.model import LeNet
 
-from helpers import REPO, require
+from helpers import REPO, require, run_dir_with_two_checkpoints
 
 
 @pytest.fixture
 def run_dir(tmp_path):
-    """A run directory with two checkpoints of an untrained LeNet (no data needed)."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    for step in (1, 2):
-        torch.manual_seed(step)
-        state = {"model": LeNet().state_dict(), "config": to_dict(Config()), "global_step": step}
-        checkpoint.save(run_dir, step, state, keep=3)
-    return run_dir
+    return run_dir_with_two_checkpoints(tmp_path / "run")
 
 
 def one_error_line(capsys) -> str:
