@@ -93,6 +93,8 @@ def place_model(
     )
     if fused:
         model.conv_pool_relu = kernels.conv_pool_relu
+        if cfg.train.compile != "none":  # Dynamo cannot trace them: it compiles torch's ops
+            why += f"; the train.compile={cfg.train.compile} step traces torch's ops instead"
     elif kernels.UNAVAILABLE in why:
         log.warning(why)
     return fused, why
