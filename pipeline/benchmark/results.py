@@ -81,7 +81,7 @@ def summarize(records: list[dict]) -> list[dict]:
 def _torch_ops_for(r: dict, records: list[dict]) -> dict | None:
     """For a pipeline case with no overrides that trained on the fused kernels: the case of the
     same config and world size on torch's ops (`train.fused_conv=false`), if one ran."""
-    if r["kind"] != "pipeline" or r["overrides"] or r.get("conv") != "fused kernels":
+    if r["kind"] != "pipeline" or r.get("overrides") or r.get("conv") != "fused kernels":
         return None
     same = [
         o

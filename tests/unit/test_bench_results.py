@@ -4,7 +4,7 @@ on the real MNIST: tests/integration/test_bench.py.)"""
 
 import pytest
 
-from pipeline.benchmark.results import aggregate, summarize
+from pipeline.benchmark.results import aggregate, headlines, summarize
 
 
 def _run(seed, accuracy, ends, images_per_s):
@@ -42,3 +42,27 @@ def test_speedup_is_the_median_of_the_per_round_ratios():
     summarize([base, ours])
     assert ours["speedup_runs"] == [3.0, 4.0, 2.5]
     assert ours["speedup"] == 3.0  # not 250 / 100: the slow second round cancels out
+
+
+def test_the_default_conv_path_is_compared_with_torchs_ops_round_by_round():
+    def case(name, overrides, conv, values):
+        r = aggregate([_run(0, [0.9], [1.0], v) for v in values])
+        kind = "baseline" if name.startswith("baseline") else "pipeline"
+        r.update(kind=kind, config="configs/cpu.yaml", world=1, name=name, overrides=overrides)
+        r.update(conv=conv, batch_size=64, conv_path=f"{conv} (why)")
+        return r
+
+    base = case("baseline", [], "torch ops", (100.0, 100.0, 100.0))
+    default = case("pipeline", [], "fused kernels", (300.0, 150.0, 240.0))
+    ops = case("torch-ops", ["train.fused_conv=false"], "torch ops", (100.0, 100.0, 80.0))
+    forced = case("fused", ["train.fused_conv=true"], "fused kernels", (310.0, 160.0, 250.0))
+    summarize([base, default, ops, forced])
+    assert default["vs_torch_ops_runs"] == [3.0, 1.5, 3.0]
+    assert default["vs_torch_ops"] == 3.0
+    assert ops["vs_torch_ops"] is None and forced["vs_torch_ops"] is None  # overridden cases
+    line = [h for h in headlines([base, default, ops, forced]) if "torch's ops" in h]
+    assert line == [
+        "- configs/cpu.yaml, 1 process(es), as configured (fused kernels (why)): 3.00x "
+        "(1.50-3.00) the img/s of the same config on torch's ops (train.fused_conv=false), "
+        "median of the per-round ratios."
+    ]
