@@ -219,12 +219,12 @@ def _selected(row: dict[str, Any]) -> str:
     return shown + (" on test: no val split" if metric.startswith("test") else "")
 
 
-def _mean_std(metric: str, mean: float | None, std: float | None) -> str:
+def _mean_std(metric: str, mean: float | None, std: float | None, fmt: str = ".4f") -> str:
     if mean is None:
         return "-"
     if metric.endswith("accuracy"):
         return f"{mean * 100:.2f} ± {std * 100:.2f}%"
-    return f"{mean:.4f} ± {std:.4f}"
+    return f"{mean:{fmt}} ± {std:{fmt}}"
 
 
 def markdown(runs: list[Run], keys: list[str]) -> str:
@@ -255,7 +255,7 @@ def markdown(runs: list[Run], keys: list[str]) -> str:
                 f"{metric} {_mean_std(metric, g['selected_value'], g['selected_value_std'])}"
             )
             cells.append(_mean_std("accuracy", g["test_accuracy"], g["test_accuracy_std"]))
-            cells.append(_mean_std("time", g["train_time_s"], g["train_time_s_std"]))
+            cells.append(_mean_std("time", g["train_time_s"], g["train_time_s_std"], ".1f"))
             cells.append(f"{g['images_per_s']:,.0f} ± {g['images_per_s_std']:,.0f}")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -277,13 +277,14 @@ def plot(runs: list[Run], keys: list[str], path: Path, title: str) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(13, 5))
-    splits = set()
+    splits, epochs = set(), set()
     for i, r in enumerate(x for x in runs if x.ok and (x.epochs or x.steps)):
         color, name = f"C{i % 10}", label(r, keys)
         key = "val_accuracy" if any("val_accuracy" in e for e in r.epochs) else "test_accuracy"
         points = [(e["epoch"], e[key] * 100) for e in r.epochs if key in e]
         if points:
             splits.add(key.partition("_")[0])
+            epochs.update(e for e, _ in points)
             acc.plot(*zip(*points, strict=True), "o-", color=color, label=name)
         if r.steps:
             loss.plot([s["step"] for s in r.steps], [s["loss"] for s in r.steps], color=color,
@@ -294,7 +295,11 @@ def plot(runs: list[Run], keys: list[str], path: Path, title: str) -> Path:
         ylabel=f"{which} accuracy (%)",
         title=f"{which.capitalize()} accuracy by epoch",
     )
-    acc.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if 0 < len(epochs) <= 12:  # a tick at each epoch, even for a single one
+        acc.set_xticks(sorted(epochs))
+        acc.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    else:
+        acc.xaxis.set_major_locator(MaxNLocator(integer=True))
     loss.set(
         xlabel="optimizer step", ylabel="train loss", title="Train loss (per logging interval)"
     )
