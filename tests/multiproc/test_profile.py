@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from pipeline import kernels_build
 from pipeline.errors import EXIT_CONFIG
 
 from helpers import TINY_ARGS, assert_ok, run_pipeline
 
 
-def test_a_profile_holds_the_steps_convolutions_and_optimizer(tiny_mnist, tmp_path):
+@pytest.mark.parametrize("fused_conv", ["false", "true"])
+def test_a_profile_holds_the_steps_convolutions_and_optimizer(tiny_mnist, tmp_path, fused_conv):
     run_dir = tmp_path / "run"
     args = [*TINY_ARGS, f"data.root={tiny_mnist}", f"train.run_dir={run_dir}"]
+    args += [f"train.fused_conv={fused_conv}"]
     proc = run_pipeline([*args, "train.profile=4:8", "train.max_steps=12"])
     assert_ok(proc)
     (trace,) = (run_dir / "profile").glob("rank0.*.pt.trace.json")
@@ -21,8 +26,11 @@ def test_a_profile_holds_the_steps_convolutions_and_optimizer(tiny_mnist, tmp_pa
     names = {e.get("name", "") for e in events}
     steps = sorted(n for n in names if n.startswith("ProfilerStep#"))
     assert steps == [f"ProfilerStep#{i}" for i in range(1, 5)], steps  # 4 steps recorded
-    conv = {"lenet::conv1_pool_relu", "aten::mkldnn_convolution", "aten::convolution"}
-    assert names & conv, sorted(names)[:50]  # the fused kernels, or torch's convolutions
+    if fused_conv == "true":  # this CPU's build of the kernels, forward and backward
+        ns = kernels_build.namespace(kernels_build.cpu_variant())
+        assert {f"{ns}::conv1_pool_relu", f"{ns}::conv2_pool_relu_backward"} <= names, names
+    else:
+        assert "aten::mkldnn_convolution" in names, sorted(names)[:50]
     assert any(n.startswith("Optimizer.step#SGD.step") for n in names)
     table = (run_dir / "profile" / "rank0-top.txt").read_text()
     assert "Self CPU" in table and "Optimizer.step#SGD.step" in table
