@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline import cli, dist
 from pipeline.config import DistConfig
-from pipeline.trained import evaluation
+from pipeline.trained import evaluation, loading
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -18,17 +18,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "Test accuracy (overall and per class), confusion matrix and the most confident "
         "mistakes of a trained model. Runs as one process or under torchrun.",
     )
-    parser.add_argument(
-        "target",
-        type=Path,
-        help="a run directory (its best.pt: the checkpoint of the epoch training selected; "
-        "else its newest valid checkpoint) or a checkpoint file",
-    )
-    parser.add_argument(
-        "--last",
-        action="store_true",
-        help="with a run directory: its newest checkpoint, not best.pt",
-    )
+    loading.add_target_arguments(parser)
     parser.add_argument(
         "--data-root",
         type=Path,

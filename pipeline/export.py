@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import cli
+from pipeline.trained import loading
 from pipeline.trained.formats import SUFFIXES, export
 
 
@@ -15,17 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline.export",
         "Write a trained model to a file that loads and runs without this project.",
     )
-    parser.add_argument(
-        "target",
-        type=Path,
-        help="a run directory (its best.pt: the checkpoint of the epoch training selected; "
-        "else its newest valid checkpoint) or a checkpoint file",
-    )
-    parser.add_argument(
-        "--last",
-        action="store_true",
-        help="with a run directory: its newest checkpoint, not best.pt",
-    )
+    loading.add_target_arguments(parser)
     parser.add_argument("--format", required=True, choices=tuple(SUFFIXES), help="file format")
     parser.add_argument(
         "--out", type=Path, help="the file to write (default: lenet-STEP.* beside the checkpoint)"

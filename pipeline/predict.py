@@ -19,17 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         "Classify digit images (PNG, JPEG, ...) with a trained model: a dark digit on a light "
         "background or a light one on dark, any size.",
     )
-    parser.add_argument(
-        "target",
-        type=Path,
-        help="a run directory (its best.pt: the checkpoint of the epoch training selected; "
-        "else its newest valid checkpoint) or a checkpoint file",
-    )
-    parser.add_argument(
-        "--last",
-        action="store_true",
-        help="with a run directory: its newest checkpoint, not best.pt",
-    )
+    loading.add_target_arguments(parser)
     parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="digit images")
     parser.add_argument("--top", type=int, default=3, help="classes shown per image (default 3)")
     parser.add_argument(

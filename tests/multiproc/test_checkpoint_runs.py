@@ -3,8 +3,6 @@ training runs fall back from a corrupt newest checkpoint, resume from the earlie
 an incompatible one before overwriting anything, and save what resume needs in files plain
 torch.load opens. (The file format itself: tests/unit/test_checkpoint.py.)"""
 
-import hashlib
-import io
 import os
 import signal
 import subprocess
@@ -17,7 +15,15 @@ from pipeline import checkpoint
 from pipeline.errors import EXIT_CHECKPOINT
 from pipeline.model import LeNet
 
-from helpers import REPO, TINY_ARGS, assert_ok, final_model, run_pipeline, same_state
+from helpers import (
+    REPO,
+    TINY_ARGS,
+    assert_ok,
+    final_model,
+    legacy_checkpoint,
+    run_pipeline,
+    same_state,
+)
 
 WRITER = """
 import sys, torch
@@ -59,15 +65,6 @@ def test_kill_during_write_leaves_previous_checkpoint_intact(tmp_path):
         assert torch.equal(checkpoint.load(newest)["model"]["w"], torch.ones(3))
         break
     assert hit_mid_write, "the writer was never caught in the middle of a write"
-
-
-def _legacy(state: dict) -> bytes:
-    """A checkpoint file of the earlier format: header, SHA-256 of the payload, payload."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    payload = buf.getvalue()
-    digest = hashlib.sha256(payload).hexdigest().encode()
-    return checkpoint.LEGACY_MAGIC + digest + b"\n" + payload
 
 
 def _tiny(tiny_mnist, run_dir, *extra):
@@ -115,7 +112,7 @@ def test_a_run_resumes_from_a_checkpoint_of_the_earlier_format(tiny_mnist, tmp_p
     run_dir = tmp_path / "run"
     assert_ok(run_pipeline(_tiny(tiny_mnist, run_dir, "train.max_steps=4")))
     path = run_dir / checkpoint.checkpoint_name(4)
-    path.write_bytes(_legacy(checkpoint.load(path)))
+    path.write_bytes(legacy_checkpoint(checkpoint.load(path)))
     proc = run_pipeline(_tiny(tiny_mnist, run_dir, "train.max_steps=8"))
     assert_ok(proc)
     assert f"resumed from {path}" in proc.stdout

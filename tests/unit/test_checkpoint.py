@@ -2,7 +2,6 @@
 format, keeping the newest k. Writes killed mid-way and runs that resume from checkpoints are in
 tests/multiproc/test_checkpoint_runs.py."""
 
-import hashlib
 import io
 import random
 import zipfile
@@ -14,7 +13,7 @@ from pipeline import checkpoint
 from pipeline.errors import CheckpointError
 from pipeline.model import LeNet
 
-from helpers import same_state
+from helpers import legacy_checkpoint, same_state
 
 
 def test_corrupt_and_truncated_files_are_detected(tmp_path, caplog):
@@ -87,18 +86,9 @@ def test_a_plain_torch_file_is_not_taken_for_a_checkpoint(tmp_path):
     assert "not a checkpoint of this pipeline" in str(e.value) and "\n" not in str(e.value)
 
 
-def _legacy(state: dict) -> bytes:
-    """A checkpoint file of the earlier format: header, SHA-256 of the payload, payload."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    payload = buf.getvalue()
-    digest = hashlib.sha256(payload).hexdigest().encode()
-    return checkpoint.LEGACY_MAGIC + digest + b"\n" + payload
-
-
 def test_checkpoints_of_the_earlier_format_are_still_read(tmp_path):
     path = tmp_path / checkpoint.checkpoint_name(3)
-    path.write_bytes(_legacy({"model": {"w": torch.arange(4.0)}, "global_step": 3}))
+    path.write_bytes(legacy_checkpoint({"model": {"w": torch.arange(4.0)}, "global_step": 3}))
     state = checkpoint.load(path)
     assert state["global_step"] == 3 and torch.equal(state["model"]["w"], torch.arange(4.0))
     damaged = bytearray(path.read_bytes())
