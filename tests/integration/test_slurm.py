@@ -133,6 +133,10 @@ class Cluster:
             "train.log_every=10",
             "tracking.mode=disabled",
             "data.val_size=0",
+            # One conv path on every CPU and per-rank batch: `auto` times both paths and may
+            # pick another one for the 64 images of a requeued 1-rank job than for the 32 of a
+            # 2-rank one (the fused kernels have their own tests).
+            "train.fused_conv=false",
         ]
         out = subprocess.run(
             ["sbatch", "--parsable", f"--chdir={workdir}", *sizes, f"slurm/{script}"]
@@ -379,8 +383,13 @@ def test_a_job_requeued_from_two_nodes_continues_on_one(
     cluster, baseline, mnist_root, tmp_path, script, sizes
 ):
     """Warned, checkpointed and requeued on 2 nodes (a world of 2); its pending job is given 1
-    node, as the README says (`scontrol update`); it resumes there as a world of 1 and ends
-    where the uninterrupted 2-rank run does, up to the order of float sums."""
+    node, as the README says (`scontrol update`); it resumes there as a world of 1 and completes.
+
+    What a resume on another world size guarantees (docs/checkpoints.md): the same samples at
+    the same steps, and losses that follow the uninterrupted run's within 1e-4 over the 30
+    steps after the resume. The two then drift apart like any two runs whose sums are added in
+    another order, so the accuracy at step 300 is no measure of the resume: it moves by points
+    between neighbouring steps this early in training, by as much as the CPU's arithmetic."""
     cluster.up(2)
     job = cluster.submit(script, sizes, tmp_path, mnist_root)
     warn_when_training(cluster, job)
@@ -404,12 +413,12 @@ def test_a_job_requeued_from_two_nodes_continues_on_one(
     assert (info["JobState"], info["ExitCode"], info["NumNodes"]) == ("COMPLETED", "0:0", "1")
     (record,) = metrics(job)
     assert record["step"] == STEPS and record["test_count"] == 10000, record
-    # The same samples at every step: the losses follow the uninterrupted run's. Sums in
-    # another order differ in the last bits, and SGD amplifies that (here 1e-7 in the first 30
-    # steps after the resume, then 1e-3 and more within 50 steps, as between two uninterrupted
-    # runs on 1 and 2 ranks), so the losses are compared over the 30 steps after the resume,
-    # and the accuracy at the end. A wrong sample or step after the resume is 1e-2 off at once.
+    # The same steps, logged at the same global steps, as the uninterrupted run.
     ours, want, at = losses(job), losses(baseline), int(saved.group(1))
+    assert sorted(ours) == sorted(want), (ours, want)
+    # The same samples at every step: the losses follow the uninterrupted run's. Sums in
+    # another order differ in the last bits, and SGD amplifies that (about 1e-7 in the first 30
+    # steps after the resume, then 1e-3 and more within 50 steps, as between two uninterrupted
+    # runs on 1 and 2 ranks). A wrong sample or step after the resume is 1e-2 off at once.
     after = [s for s in ours if at < s <= at + 30]
     assert after and max(abs(ours[s] - want[s]) for s in after) < 1e-4, (ours, want)
-    assert abs(record["test_accuracy"] - metrics(baseline)[0]["test_accuracy"]) < 0.015, record

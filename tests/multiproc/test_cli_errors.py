@@ -2,12 +2,16 @@
 
 import gzip
 import shutil
+import subprocess
+import sys
 
 import pytest
+from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-from pipeline.errors import EXIT_CONFIG, EXIT_DATA
+from pipeline import launcher
+from pipeline.errors import EXIT_CONFIG, EXIT_DATA, EXIT_DISTRIBUTED
 
-from helpers import TINY_ARGS, run_pipeline
+from helpers import REPO, TESTS, TINY_ARGS, child_env, run_pipeline
 
 
 def _our_error_lines(stderr: str) -> list[str]:
@@ -110,6 +114,43 @@ def test_nproc_per_node_reports_a_rank_error_once(tmp_path):
     (line,) = _our_error_lines(proc.stderr)
     assert "train-images-idx3-ubyte" in line
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("order", ["error-first", "signal-first"])
+def test_nproc_per_node_reports_the_rank_that_failed_on_its_own(order):
+    """Whichever failure torchrun lists first, the rank torchrun stopped or killed or the rank
+    with an error of its own, the job ends with the latter's exit code and line
+    (tests/rank_race.py makes each order happen)."""
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "rank_race.py"), order],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == EXIT_DISTRIBUTED, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert lines == ["[rank 1] error: rank 1 failed on its own"], proc.stderr
+
+
+def test_the_cause_is_the_first_rank_with_its_own_error_else_the_first_killed(tmp_path):
+    """torchrun's failures as it lists them (timestamps in whole seconds): a rank with its own
+    error wins over a rank killed earlier or at the same time; among killed ranks, the first."""
+
+    def failure(rank: int, exitcode: int, timestamp: int) -> ProcessFailure:
+        f = ProcessFailure(rank, 1000 + rank, exitcode, str(tmp_path / f"none-{rank}.json"))
+        f.timestamp = timestamp
+        return f
+
+    stopped, own = failure(0, -15, 100), failure(1, 3, 100)
+    assert launcher.job_cause({0: stopped, 1: own}) == (1, own)
+    killed_first, own_later = failure(0, -9, 99), failure(1, 3, 101)
+    assert launcher.job_cause({0: killed_first, 1: own_later}) == (1, own_later)
+    own_first, own_after = failure(0, 3, 101), failure(1, 6, 102)
+    assert launcher.job_cause({1: own_after, 0: own_first}) == (0, own_first)
+    late, early = failure(0, -15, 101), failure(1, -9, 100)
+    assert launcher.job_cause({0: late, 1: early}) == (1, early)
 
 
 def test_help_lists_keys():
