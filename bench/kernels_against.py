@@ -29,9 +29,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import kernels  # noqa: E402
 from pipeline.model import LeNet  # noqa: E402
 from pipeline.model import conv_pool_relu as torch_ops  # noqa: E402
+from pipeline.speed import kernels  # noqa: E402
 
 
 def git(*args: str) -> str:

@@ -8,7 +8,7 @@ import argparse
 import os
 
 from pipeline import cli
-from pipeline.benchmark.runner import QUICK_STEPS, run_benchmark
+from pipeline.speed.benchmark.runner import QUICK_STEPS, run_benchmark
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

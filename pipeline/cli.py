@@ -27,7 +27,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from pipeline import __version__, logs
+from pipeline import __version__
 from pipeline.errors import (
     EXIT_INTERRUPTED,
     EXIT_RUN_DIR,
@@ -41,6 +41,55 @@ from pipeline.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+
+# -- logging: each module logs through `logging.getLogger(__name__)`; `run` sets it up once. On
+# the main rank INFO and above are shown (`-v`: DEBUG too, `--quiet`: WARNING and above); on every
+# other rank only WARNING and above, each line with its rank in front, so that a job of many ranks
+# prints its messages once. INFO lines go to stdout as they are; warnings and errors go to stderr
+# as `warning: ...` and `error: ...`.
+
+
+class _Handler(logging.Handler):
+    """Writes to the sys.stdout / sys.stderr of the moment (pytest and redirections swap them)."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.levelno >= logging.ERROR:
+                text, stream = f"{self.prefix}error: {message}", sys.stderr
+            elif record.levelno >= logging.WARNING:
+                text, stream = f"{self.prefix}warning: {message}", sys.stderr
+            else:
+                text, stream = f"{self.prefix}{message}", sys.stdout
+            stream.write(text + "\n")
+            stream.flush()
+        except BrokenPipeError:
+            pass  # `command | head`: the reader is gone; nothing left to tell it
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(rank: int = 0, verbosity: int = 0) -> None:
+    """Show the project's log lines: `verbosity` 1 adds DEBUG, -1 leaves WARNING and above.
+    Ranks other than 0 show WARNING and above, with their rank in front. Idempotent."""
+    logger = logging.getLogger("pipeline")
+    for handler in list(logger.handlers):
+        if isinstance(handler, _Handler):
+            logger.removeHandler(handler)
+    if rank == 0:
+        level = {1: logging.DEBUG, -1: logging.WARNING}.get(verbosity, logging.INFO)
+        logger.addHandler(_Handler(""))
+    else:
+        level = logging.DEBUG if verbosity > 0 else logging.WARNING
+        logger.addHandler(_Handler(f"[rank {rank}] "))
+    logger.setLevel(level)
+    # Records still reach the root logger's handlers, if a program embedding the pipeline (or
+    # pytest) set any; a command has none, and lines are printed once, by the handler above.
 
 
 def prog(module: str) -> str:
@@ -77,10 +126,10 @@ def env_rank() -> int:
 
 def _group_started() -> bool:
     try:
-        import torch.distributed as dist
+        import torch.distributed as torch_dist
     except ImportError:
         return False
-    return dist.is_available() and dist.is_initialized()
+    return torch_dist.is_available() and torch_dist.is_initialized()
 
 
 def _record_for_torchrun(e: BaseException, with_traceback: bool = False) -> None:
@@ -114,7 +163,7 @@ def report(e: PipelineError) -> None:
 def run(body: Callable[[], int], *, verbose: int = 0, interrupted: str = "interrupted") -> int:
     """Run a command's `body` and return its exit code; see the module's text."""
     rank = env_rank()
-    logs.setup(rank, verbose)
+    setup_logging(rank, verbose)
     try:
         return body()
     except Stopped as e:  # the run said why, and where its checkpoint is
@@ -140,9 +189,9 @@ def run(body: Callable[[], int], *, verbose: int = 0, interrupted: str = "interr
             print(str(e) or interrupted, file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except RuntimeError as e:  # torch.distributed.DistError included
-        from pipeline import dist
+        from pipeline.dist import group
 
-        err = dist.collective_failure(e)
+        err = group.collective_failure(e)
         if err is None:
             _record_for_torchrun(e, with_traceback=True)
             traceback.print_exc()

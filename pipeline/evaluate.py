@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline import cli, dist
-from pipeline.config import DistConfig
+from pipeline import cli
+from pipeline.config.schema import DistConfig
+from pipeline.dist import group
 from pipeline.trained import evaluation, loading
 
 
@@ -47,14 +48,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         try:
-            ctx = dist.detect()
-            dist.init(ctx, DistConfig(device=args.device))
+            ctx = group.detect()
+            group.init(ctx, DistConfig(device=args.device))
             evaluation.run(
                 ctx, args.target, args.data_root, args.out, args.mistakes, args.tracking, args.last
             )
             return 0
         finally:
-            dist.shutdown()
+            group.shutdown()
 
     return cli.run(body, verbose=cli.verbosity(args))
 

@@ -36,7 +36,7 @@ class LeNet(nn.Module):
         self.fc1 = nn.Linear(16 * side * side, fc1_width)
         self.fc2 = nn.Linear(fc1_width, 84)
         self.fc3 = nn.Linear(84, num_classes)
-        # How each stage runs: torch's ops, or pipeline.kernels.conv_pool_relu (fused CPU
+        # How each stage runs: torch's ops, or pipeline.speed.kernels.conv_pool_relu (fused CPU
         # kernels with the same values and gradients). Not a parameter: checkpoints ignore it.
         self.conv_pool_relu: Callable[[nn.Conv2d, torch.Tensor], torch.Tensor] = conv_pool_relu
 

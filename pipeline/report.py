@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import cli
-from pipeline.files import write_atomic
+from pipeline.atomic import write_atomic
 from pipeline.results import compare
 from pipeline.results.plots import plot
 from pipeline.results.records import load_run, summarize, summary_text

@@ -2,8 +2,8 @@
 
 The same command runs as one plain process (a gloo group of one), under torchrun, as srun tasks
 of a SLURM job, or, with `--nproc-per-node N`, as N ranks on this machine. main(argv): parse ->
-validate -> init -> `pipeline.trainer.Trainer.run()` -> exit code; errors end in one line and
-the exit code of `pipeline.errors`, through `pipeline.cli`.
+validate -> init -> `pipeline.training.trainer.Trainer.run()` -> exit code; errors end in one
+line and the exit code of `pipeline.errors`, through `pipeline.cli`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline import cli, dist, launcher, run_dirs
-from pipeline.config import Config, help_text, load_config, validate_for_world
+from pipeline import cli
+from pipeline.config import naming
+from pipeline.config.schema import Config, help_text, load_config, validate_for_world
+from pipeline.dist import group, launch
 from pipeline.errors import EXIT_RUN_DIR, ConfigError, RunDirError, describe
-from pipeline.stop_signals import StopRequest
-from pipeline.tracking import describe_overrides
-from pipeline.trainer import Trainer
+from pipeline.tracking.tracker import describe_overrides
+from pipeline.training.stop import StopRequest
+from pipeline.training.trainer import Trainer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -75,27 +77,27 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
 
 
 def resolved_config(args: argparse.Namespace) -> Config:
-    """The command's config, its run directory's template filled in (`pipeline.run_dirs`)."""
+    """The command's config, its run directory's template filled in (`pipeline.config.naming`)."""
     cfg = load_config(args.config, args.overrides)
     try:
         base = load_config(args.config)
     except ConfigError:  # the file alone is invalid: an override fixed it
         base = Config()
-    cfg.train.run_dir = run_dirs.render(cfg.train.run_dir, cfg, base, args.config, args.overrides)
+    cfg.train.run_dir = naming.render(cfg.train.run_dir, cfg, base, args.config, args.overrides)
     return cfg
 
 
 def train(args: argparse.Namespace, stop: StopRequest) -> int:
     cfg = resolved_config(args)
     stop.add(cfg.train.preempt_signal)
-    ctx = dist.detect()
+    ctx = group.detect()
     if args.nproc_per_node > 1 and ctx.launcher == "single":
-        validate_for_world(cfg, args.nproc_per_node, dist.device_type(cfg.dist))
-        return launcher.run_local(args.nproc_per_node, _worker_args(args), args.verbose)
-    validate_for_world(cfg, ctx.world_size, dist.device_type(cfg.dist))
+        validate_for_world(cfg, args.nproc_per_node, group.device_type(cfg.dist))
+        return launch.run_local(args.nproc_per_node, _worker_args(args), args.verbose)
+    validate_for_world(cfg, ctx.world_size, group.device_type(cfg.dist))
     trainer: Trainer | None = None
     try:
-        dist.init(ctx, cfg.dist)
+        group.init(ctx, cfg.dist)
         shown = describe_overrides(args.config, args.overrides, cfg)
         trainer = Trainer(cfg, ctx, shown, args.print_config, stop)
         trainer.run()
@@ -115,8 +117,8 @@ def train(args: argparse.Namespace, stop: StopRequest) -> int:
     finally:
         if trainer is not None:
             trainer.close()
-        trainer = None  # the model goes before the process group (see dist.shutdown)
-        dist.shutdown()
+        trainer = None  # the model goes before the process group (see group.shutdown)
+        group.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

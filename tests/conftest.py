@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import kernels, logs
+from pipeline import cli
+from pipeline.speed import kernels
 
 from helpers import REPO, TESTS, require_real_mnist, write_tiny_mnist
 
@@ -35,7 +36,7 @@ def _in_a_tier(path: Path) -> bool:
 def project_logging():
     """The logging set-up of the commands (`pipeline.cli.run`): what a test reads on stdout and
     stderr is what a user sees."""
-    logs.setup()
+    cli.setup_logging()
 
 
 @pytest.fixture(autouse=True)

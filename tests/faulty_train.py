@@ -21,8 +21,9 @@ import signal
 import sys
 import time
 
-from pipeline import dist, launcher, train
-from pipeline.trainer import Trainer
+from pipeline import train
+from pipeline.dist import group, launch
+from pipeline.training.trainer import Trainer
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -49,7 +50,7 @@ def install(faults: argparse.Namespace) -> None:
     after_step, end_of_run = Trainer.after_step, Trainer.end_of_run
 
     def failing(trainer: Trainer) -> bool:
-        return trainer.ctx.rank == faults.fail_rank and dist.restart_count() == 0
+        return trainer.ctx.rank == faults.fail_rank and group.restart_count() == 0
 
     def after_step_with_faults(self: Trainer) -> None:
         if faults.step_sleep:
@@ -71,5 +72,5 @@ if __name__ == "__main__":
     faults, train_args = parse(sys.argv[1:])
     install(faults)
     split = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
-    launcher.WORKER = [__file__, *sys.argv[1:split], "--"]  # the ranks of --nproc-per-node too
+    launch.WORKER = [__file__, *sys.argv[1:split], "--"]  # the ranks of --nproc-per-node too
     sys.exit(train.main(train_args))

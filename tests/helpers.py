@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint
-from pipeline.config import Config, to_dict
+from pipeline.config.schema import Config, to_dict
 from pipeline.data import store
 from pipeline.data.catalog import FILES
 from pipeline.data.idx import write_idx
 from pipeline.model import LeNet
+from pipeline.training import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -177,7 +177,7 @@ TINY_ARGS = [
 
 def final_model(run_dir: Path) -> dict:
     """The model state of the newest checkpoint in `run_dir`."""
-    from pipeline import checkpoint
+    from pipeline.training import checkpoint
 
     found = checkpoint.list_checkpoints(Path(run_dir))
     assert found, f"no checkpoint in {run_dir}"

@@ -18,7 +18,8 @@ import signal
 import sys
 import time
 
-from pipeline import cli, launcher
+from pipeline import cli
+from pipeline.dist import launch
 from pipeline.errors import RankError
 
 
@@ -40,5 +41,5 @@ if __name__ == "__main__":
     order = sys.argv[1]
     if "RANK" in os.environ:
         sys.exit(cli.run(lambda: rank_body(order)))
-    launcher.WORKER = [__file__]
-    sys.exit(cli.run(lambda: launcher.run_local(2, [order])))
+    launch.WORKER = [__file__]
+    sys.exit(cli.run(lambda: launch.run_local(2, [order])))

@@ -17,7 +17,7 @@ from pathlib import Path
 from split_data import decode_indices
 
 from pipeline import train
-from pipeline.trainer import Trainer
+from pipeline.training.trainer import Trainer
 
 
 def install(out: Path) -> None:

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline import dist
-from pipeline.config import DataConfig
+from pipeline.config.schema import DataConfig
 from pipeline.data import store
+from pipeline.dist import group
 
 MEAN, STD = 0.1307, 0.3081  # MNIST's training-set pixel statistics
 
@@ -38,7 +38,7 @@ def normalize_and_pad(images: torch.Tensor, device: torch.device) -> torch.Tenso
 
 def load_splits(
     cfg: DataConfig,
-    ctx: dist.DistContext,
+    ctx: group.DistContext,
     splits: Sequence[str] = store.SPLITS,
     root: str | Path | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -46,7 +46,7 @@ def load_splits(
     data.root where given): each node's local rank 0 checks the files, downloads the missing
     ones from data.mirrors and caches them; then every rank maps the caches."""
     where = Path(root if root is not None else cfg.root)
-    return dist.leader_then_all(
+    return group.leader_then_all(
         ctx,
         lambda: store.prepare(
             where,

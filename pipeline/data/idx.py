@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.atomic import write_atomic
 from pipeline.errors import DataError, describe
-from pipeline.files import write_atomic
 
 MAGIC: dict[str, int] = {"images": 2051, "labels": 2049}  # IDX: ubyte data, 3 dims / 1 dim
 REDOWNLOAD = "delete it to have it downloaded again (data.download=true), or copy a good one there"

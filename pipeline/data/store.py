@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.atomic import write_atomic
 from pipeline.data.catalog import FILES, spec
 from pipeline.data.download import fetch_all
 from pipeline.data.idx import MAGIC, locate, parse, read_bytes
 from pipeline.errors import DataError, describe
-from pipeline.files import write_atomic
 
 SPLITS = ("train", "test")
 CANONICAL_COUNT: dict[str, int] = {"train": 60000, "test": 10000}

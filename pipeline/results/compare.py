@@ -23,10 +23,11 @@ from typing import Any
 
 import yaml
 
+from pipeline.atomic import write_atomic
 from pipeline.errors import DataError
-from pipeline.files import read_jsonl, write_atomic
 from pipeline.results.plots import pyplot
 from pipeline.results.records import RunRecords, summarize
+from pipeline.tracking.jsonl import read_jsonl
 
 # Settings that never tell runs apart for a reader: where files live, how it was logged.
 _IGNORED = ("train.run_dir", "train.resume", "data.root", "data.mirrors", "tracking.")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DataError
-from pipeline.files import read_jsonl
+from pipeline.tracking.jsonl import read_jsonl
 
 
 @dataclass

@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
-from pipeline import config_files
-from pipeline.config import Config, load_config, show_value
+from pipeline.config import shipped
+from pipeline.config.schema import Config, load_config, show_value
 from pipeline.errors import ConfigError
 
 KEYS = ("base", "name", "overrides", "grid", "points", "seeds", "run_dir")
@@ -149,10 +149,10 @@ def _as_args(settings: dict[str, Any]) -> list[str]:
 
 def load(path: str | Path) -> Sweep:
     """The sweep in file `path` (a path, or a shipped sweep's name: sweeps/lr_seeds), checked."""
-    path = config_files.resolve(path)
+    path = shipped.resolve(path)
     data = _read(path)
     name = str(data.get("name") or path.stem)
-    base = config_files.resolve(str(data["base"]))
+    base = shipped.resolve(str(data["base"]))
     overrides = _mapping(path, data.get("overrides"), "overrides")
     grid = _mapping(path, data.get("grid"), "grid")
     template = str(data.get("run_dir") or DEFAULT_RUN_DIR)

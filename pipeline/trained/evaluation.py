@@ -1,15 +1,15 @@
 """A trained model on its dataset's test set (what `python -m pipeline.evaluate` runs).
 
-Test loss and accuracy come from the code training evaluates with: `pipeline.engine.evaluate`
-on the test images as `pipeline.data.device` reads them (the run's dataset, data root and
-mirrors), with the checkpoint's model variant placed as training places it
-(`engine.place_model`) and its evaluation settings (batch size, precision, loss). On CPU they
-are the numbers training reported for that checkpoint. Besides: the accuracy of each class, the
-confusion matrix (PNG and JSON), a PNG grid of the most confident mistakes, eval.json, and a
-printed summary; without matplotlib the numbers and JSON files only.
+Test loss and accuracy come from the code training evaluates with:
+`pipeline.training.engine.evaluate` on the test images as `pipeline.data.device` reads them (the
+run's dataset, data root and mirrors), with the checkpoint's model variant placed as training
+places it (`engine.place_model`) and its evaluation settings (batch size, precision, loss). On
+CPU they are the numbers training reported for that checkpoint. Besides: the accuracy of each
+class, the confusion matrix (PNG and JSON), a PNG grid of the most confident mistakes,
+eval.json, and a printed summary; without matplotlib the numbers and JSON files only.
 
 One process, or under torchrun: each rank evaluates its shard of the test set, the results are
-summed through `pipeline.dist`, and rank 0 writes. With W&B tracking on (the checkpoint's
+summed through `pipeline.dist.group`, and rank 0 writes. With W&B tracking on (the checkpoint's
 `tracking.mode`, or --tracking) the pictures and numbers also go to the run's W&B run.
 """
 
@@ -22,15 +22,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pipeline import checkpoint, dist
-from pipeline.config import Config
+from pipeline.atomic import write_atomic
+from pipeline.config.schema import Config
 from pipeline.data.device import eval_indices, load_splits, normalize_and_pad
-from pipeline.engine import autocast, evaluate, loss_function, place_model
+from pipeline.dist import group
 from pipeline.errors import describe
-from pipeline.files import read_jsonl, write_atomic
 from pipeline.results.plots import pyplot_or_none
+from pipeline.tracking.jsonl import read_jsonl
+from pipeline.tracking.wandb_run import WandbUnavailable, new_run_id, open_run, resolve_mode
 from pipeline.trained import figures, loading
-from pipeline.wandb_run import WandbUnavailable, new_run_id, open_run, resolve_mode
+from pipeline.training import checkpoint
+from pipeline.training.engine import autocast, evaluate, loss_function, place_model
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +57,11 @@ def predictions(
 def confusion(y: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
     """Counts of (true class, predicted class) over all ranks; rows are true classes."""
     counts = torch.bincount(y * CLASSES + predicted, minlength=CLASSES * CLASSES)
-    return dist.all_reduce_sum(counts.view(CLASSES, CLASSES).double()).long().cpu()
+    return group.all_reduce_sum(counts.view(CLASSES, CLASSES).double()).long().cpu()
 
 
 def worst_mistakes(
-    ctx: dist.DistContext,
+    ctx: group.DistContext,
     index: torch.Tensor,
     y: torch.Tensor,
     predicted: torch.Tensor,
@@ -79,7 +81,7 @@ def worst_mistakes(
         }
         for i in top.tolist()
     ]
-    gathered = dist.gather_to_main(ctx, mine)
+    gathered = group.gather_to_main(ctx, mine)
     if gathered is None:
         return None
     merged = [m for part in gathered for m in part]
@@ -162,7 +164,7 @@ def to_wandb(state: dict, cfg: Config, mode: str, run_dir: Path, results: dict, 
 
 
 def run(
-    ctx: dist.DistContext,
+    ctx: group.DistContext,
     target: Path,
     data_root: Path | None = None,
     out: Path | None = None,

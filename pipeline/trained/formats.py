@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from pipeline.atomic import write_atomic
 from pipeline.errors import PipelineError, describe
-from pipeline.files import write_atomic
 from pipeline.model import LeNet
 from pipeline.trained import loading
 

@@ -15,11 +15,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline import checkpoint
-from pipeline.config import Config, from_dict
+from pipeline.config.schema import Config, from_dict
 from pipeline.errors import CheckpointError, ConfigError, describe
 from pipeline.model import LeNet
-from pipeline.selection import show
+from pipeline.training import checkpoint
+from pipeline.training.selection import show
 
 log = logging.getLogger(__name__)
 

@@ -190,7 +190,7 @@ def test_a_checkpoint_of_more_gpus_than_visible_resumes(tiny_4096, gpu_checkpoin
     kept one per GPU the process saw, and torch.cuda.set_rng_state_all failed with IndexError
     on a process that sees fewer. Here: a state saved as a process seeing 3 GPUs wrote it,
     resumed with one visible."""
-    from pipeline import checkpoint
+    from pipeline.training import checkpoint
 
     (path,) = checkpoint.list_checkpoints(gpu_checkpoint)
     state = checkpoint.load(path)
@@ -217,7 +217,7 @@ def test_a_checkpoint_of_more_gpus_than_visible_resumes(tiny_4096, gpu_checkpoin
 def test_a_gpu_checkpoint_opens_with_plain_torch_load_without_cuda(gpu_checkpoint):
     """Every tensor of a GPU run's checkpoint is saved on the CPU: a machine without CUDA opens
     it with plain torch.load(path, weights_only=True), no map_location."""
-    from pipeline import checkpoint
+    from pipeline.training import checkpoint
 
     (path,) = checkpoint.list_checkpoints(gpu_checkpoint)
     script = """

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint
+from pipeline.training import checkpoint
 
 from helpers import TINY_ARGS, assert_ok, final_model, read_jsonl, run_pipeline
 

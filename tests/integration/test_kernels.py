@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline import kernels, kernels_build
-from pipeline.config import load_config
-from pipeline.dist import DistContext
-from pipeline.engine import Engine
+from pipeline.config.schema import load_config
+from pipeline.dist.group import DistContext
 from pipeline.model import LeNet, conv_pool_relu
+from pipeline.speed import kernels, kernels_build
+from pipeline.training.engine import Engine
 
 from helpers import REPO, TINY_ARGS, assert_ok, require, run_pipeline
 
@@ -304,7 +304,7 @@ def test_a_machine_that_cannot_build_them_trains_with_torchs_ops(tiny_mnist, tmp
 START = """
 import json, logging, sys, time
 from pathlib import Path
-from pipeline import kernels, kernels_build
+from pipeline.speed import kernels, kernels_build
 if len(sys.argv) > 1 and sys.argv[1] != "--check":
     kernels_build.CSRC = Path(sys.argv[1])
 info = []

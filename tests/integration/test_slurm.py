@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint
 from pipeline.errors import EXIT_DISTRIBUTED
+from pipeline.training import checkpoint
 
 from helpers import REPO, final_model, read_jsonl, require
 

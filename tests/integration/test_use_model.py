@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint, evaluate
+from pipeline import evaluate
 from pipeline.data import store
 from pipeline.data.device import normalize_and_pad
 from pipeline.export import main as export_main
+from pipeline.training import checkpoint
 
 from helpers import REPO, assert_ok, launch_cmd, require, run_pipeline
 

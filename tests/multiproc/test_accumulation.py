@@ -6,10 +6,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.config import load_config
-from pipeline.dist import DistContext
-from pipeline.engine import Engine
+from pipeline.config.schema import load_config
+from pipeline.dist.group import DistContext
 from pipeline.model import LeNet
+from pipeline.training.engine import Engine
 
 
 def _count_allreduces(rank: int, store_path: str, out_path: str) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from split_data import write_misleading_mnist
 
-from pipeline import checkpoint
+from pipeline.training import checkpoint
 
 from helpers import REPO, TINY_ARGS, assert_ok, require, run_pipeline
 

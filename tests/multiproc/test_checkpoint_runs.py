@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from pipeline import checkpoint
 from pipeline.errors import EXIT_CHECKPOINT
 from pipeline.model import LeNet
+from pipeline.training import checkpoint
 
 from helpers import (
     REPO,
@@ -28,7 +28,7 @@ from helpers import (
 WRITER = """
 import sys, torch
 from pathlib import Path
-from pipeline import checkpoint
+from pipeline.training import checkpoint
 run_dir = Path(sys.argv[1])
 checkpoint.save(run_dir, 1, {"model": {"w": torch.ones(3)}}, keep=3)
 print("first", flush=True)

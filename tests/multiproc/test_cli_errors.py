@@ -8,7 +8,7 @@ import sys
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-from pipeline import launcher
+from pipeline.dist import launch
 from pipeline.errors import EXIT_CONFIG, EXIT_DATA, EXIT_DISTRIBUTED
 
 from helpers import REPO, TESTS, TINY_ARGS, child_env, run_pipeline
@@ -144,13 +144,13 @@ def test_the_cause_is_the_first_rank_with_its_own_error_else_the_first_killed(tm
         return f
 
     stopped, own = failure(0, -15, 100), failure(1, 3, 100)
-    assert launcher.job_cause({0: stopped, 1: own}) == (1, own)
+    assert launch.job_cause({0: stopped, 1: own}) == (1, own)
     killed_first, own_later = failure(0, -9, 99), failure(1, 3, 101)
-    assert launcher.job_cause({0: killed_first, 1: own_later}) == (1, own_later)
+    assert launch.job_cause({0: killed_first, 1: own_later}) == (1, own_later)
     own_first, own_after = failure(0, 3, 101), failure(1, 6, 102)
-    assert launcher.job_cause({1: own_after, 0: own_first}) == (0, own_first)
+    assert launch.job_cause({1: own_after, 0: own_first}) == (0, own_first)
     late, early = failure(0, -15, 101), failure(1, -9, 100)
-    assert launcher.job_cause({0: late, 1: early}) == (1, early)
+    assert launch.job_cause({0: late, 1: early}) == (1, early)
 
 
 def test_help_lists_keys():

@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from pipeline import __version__, checkpoint
-from pipeline.config import Config, to_dict
+from pipeline import __version__
+from pipeline.config.schema import Config, to_dict
 from pipeline.model import LeNet
+from pipeline.training import checkpoint
 
 from helpers import REPO, child_env
 

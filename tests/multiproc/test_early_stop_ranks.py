@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from split_data import write_misleading_mnist
 
-from pipeline import checkpoint
+from pipeline.training import checkpoint
 
 from helpers import TINY_ARGS, assert_ok, final_model, max_diff, run_pipeline
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import checkpoint
 from pipeline.errors import EXIT_RUN_DIR
+from pipeline.training import checkpoint
 
 from helpers import (
     REPO,

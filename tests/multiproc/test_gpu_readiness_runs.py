@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint
+from pipeline.training import checkpoint
 
 from helpers import REPO, TINY_ARGS, assert_ok, child_env, run_pipeline
 

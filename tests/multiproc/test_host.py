@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 PROBE = """
 import resource, sys, torch
 import torch.nn.functional as F
-from pipeline import cpu_memory
+from pipeline.speed import cpu_memory
 from pipeline.model import LeNet
 torch.set_num_threads(2)
 if sys.argv[1] == "reuse":

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from pipeline import kernels_build
 from pipeline.errors import EXIT_CONFIG
+from pipeline.speed import kernels_build
 
 from helpers import TINY_ARGS, assert_ok, run_pipeline
 

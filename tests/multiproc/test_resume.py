@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint
 from pipeline.errors import EXIT_DISTRIBUTED, EXIT_NONFINITE, EXIT_PREEMPTED
+from pipeline.training import checkpoint
 
 from helpers import REPO, TINY_ARGS, assert_ok, child_env, final_model, free_port, run_pipeline
 

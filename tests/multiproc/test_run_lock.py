@@ -7,8 +7,8 @@ import signal
 
 import pytest
 
-from pipeline import run_lock
 from pipeline.errors import EXIT_RUN_DIR
+from pipeline.training import lock
 
 from helpers import TINY_ARGS, assert_ok, background_training, run_pipeline, wait_for_steps
 
@@ -65,7 +65,7 @@ def test_a_dead_holders_lock_is_taken_over_with_a_line(tiny_mnist, holder):
     again = run_pipeline(_args(tiny_mnist, run_dir, "train.max_steps=1"), timeout=300)
     assert_ok(again)
     assert "took over the lock" in again.stdout and f"pid {proc.pid}" in again.stdout
-    assert not (run_dir / run_lock.OWNER).exists()  # released at the end
+    assert not (run_dir / lock.OWNER).exists()  # released at the end
 
 
 def test_another_attempt_of_the_same_job_takes_its_lock_back_silently(tiny_mnist, holder):

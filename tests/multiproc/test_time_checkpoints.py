@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline import checkpoint
+from pipeline.training import checkpoint
 
 from helpers import TINY_ARGS, assert_ok, run_pipeline
 

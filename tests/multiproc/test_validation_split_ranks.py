@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from split_data import write_indexed_mnist
 
-from pipeline import checkpoint
 from pipeline.data.split import split
+from pipeline.training import checkpoint
 
 from helpers import REPO, TINY_ARGS, assert_ok, child_env
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from pipeline import checkpoint
 from pipeline.data.split import split
+from pipeline.training import checkpoint
 
 from helpers import TINY_ARGS, assert_ok, run_pipeline
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from pipeline import checkpoint
+from pipeline.training import checkpoint
 
 from helpers import assert_ok, require, run_pipeline
 

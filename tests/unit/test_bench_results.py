@@ -1,10 +1,10 @@
-"""The benchmark's arithmetic (pipeline/benchmark/results.py): seeds averaged, time to an
+"""The benchmark's arithmetic (pipeline/speed/benchmark/results.py): seeds averaged, time to an
 accuracy read on their mean, the speedup as the median of per-round ratios. (The benchmark run
 on the real MNIST: tests/integration/test_bench.py.)"""
 
 import pytest
 
-from pipeline.benchmark.results import aggregate, headlines, summarize
+from pipeline.speed.benchmark.results import aggregate, headlines, summarize
 
 
 def _run(seed, accuracy, ends, images_per_s):

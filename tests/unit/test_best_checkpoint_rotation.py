@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import checkpoint
+from pipeline.training import checkpoint
 
 
 def test_best_pt_survives_rotation_with_keep_1(tmp_path):

@@ -9,9 +9,9 @@ import zipfile
 import pytest
 import torch
 
-from pipeline import checkpoint
 from pipeline.errors import CheckpointError
 from pipeline.model import LeNet
+from pipeline.training import checkpoint
 
 from helpers import legacy_checkpoint, same_state
 

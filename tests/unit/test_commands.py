@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import bench, checkpoint, evaluate, export, predict, report, train
-from pipeline.config import load_config, to_dict
+from pipeline import bench, evaluate, export, predict, report, train
+from pipeline.config.schema import load_config, to_dict
 from pipeline.errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_RUN_DIR
 from pipeline.model import LeNet
+from pipeline.training import checkpoint
 
 from helpers import REPO, TINY_ARGS, write_tiny_mnist
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline import report
-from pipeline.config import Config, to_dict
+from pipeline.config.schema import Config, to_dict
 from pipeline.results import compare
 
 

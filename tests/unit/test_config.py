@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import help_text, load_config, to_yaml, validate_for_world
+from pipeline.config.schema import help_text, load_config, to_yaml, validate_for_world
 from pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

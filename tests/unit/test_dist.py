@@ -4,7 +4,8 @@ group exists."""
 import pytest
 import torch.distributed as torch_dist
 
-from pipeline import cli, dist
+from pipeline import cli
+from pipeline.dist import group
 
 
 @pytest.mark.parametrize(
@@ -25,14 +26,14 @@ from pipeline import cli, dist
     ],
 )
 def test_a_collective_failure_becomes_one_line_that_says_what_happened(error, says):
-    err = dist.collective_failure(error, timeout_s=5)
+    err = group.collective_failure(error, timeout_s=5)
     assert err is not None and says in str(err) and "\n" not in str(err)
     assert err.exit_code == 6
 
 
 def test_other_errors_are_not_taken_for_collective_failures():
     assert (
-        dist.collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), 5)
+        group.collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), 5)
         is None
     )
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config.schema import load_config
 from pipeline.data import download, store
 from pipeline.data.catalog import DATASETS, FILES
 from pipeline.data.download import Remote, check

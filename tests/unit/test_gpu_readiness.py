@@ -19,11 +19,12 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 
-from pipeline import checkpoint, dist
-from pipeline.benchmark.runner import cases, gpu_worlds
-from pipeline.config import DistConfig, TrainConfig, load_config, validate_for_world
-from pipeline.engine import CUDA_GRAPH_MODES, bf16_warning, uses_cuda_graphs
-from pipeline.trainer import Trainer, TrainState
+from pipeline.config.schema import DistConfig, TrainConfig, load_config, validate_for_world
+from pipeline.dist import group
+from pipeline.speed.benchmark.runner import cases, gpu_worlds
+from pipeline.training import checkpoint
+from pipeline.training.engine import CUDA_GRAPH_MODES, bf16_warning, uses_cuda_graphs
+from pipeline.training.trainer import Trainer, TrainState
 
 from helpers import REPO
 
@@ -159,7 +160,7 @@ NCCL_WATCHDOG = (
 @pytest.fixture(autouse=True)
 def _group_not_broken(monkeypatch):
     """collective_failure marks this process's groups broken: keep that inside each test."""
-    monkeypatch.setattr(dist, "_broken", False)
+    monkeypatch.setattr(group, "_broken", False)
 
 
 @pytest.mark.parametrize(
@@ -175,7 +176,7 @@ def _group_not_broken(monkeypatch):
     ids=["oom-start", "oom", "same-gpu", "remote", "old-system", "watchdog"],
 )
 def test_an_nccl_failure_is_told_apart_from_a_lost_peer(text, starting, says):
-    err = dist.collective_failure(torch_dist.DistBackendError(text), 600, starting=starting)
+    err = group.collective_failure(torch_dist.DistBackendError(text), 600, starting=starting)
     assert err is not None and says in str(err), str(err)
     assert "\n" not in str(err) and err.exit_code == 6
     if "not because of a peer" in str(err):
@@ -183,7 +184,7 @@ def test_an_nccl_failure_is_told_apart_from_a_lost_peer(text, starting, says):
 
 
 def test_the_oom_detail_names_cudas_failure():
-    err = dist.collective_failure(torch_dist.DistBackendError(NCCL_OOM), 600, starting=True)
+    err = group.collective_failure(torch_dist.DistBackendError(NCCL_OOM), 600, starting=True)
     assert "ncclUnhandledCudaError: Call to CUDA function failed; Cuda failure 2 'out of " in str(
         err
     )
@@ -191,28 +192,28 @@ def test_the_oom_detail_names_cudas_failure():
 
 def test_a_gloo_timeout_is_still_dist_timeout_s():
     text = "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms"
-    err = dist.collective_failure(RuntimeError(text), 5)
+    err = group.collective_failure(RuntimeError(text), 5)
     assert "a collective waited more than dist.timeout_s=5 s" in str(err)
 
 
 def test_the_control_collectives_time_out_before_the_nccl_group():
     """A hung peer is met by a host-side (gloo) collective first, which ends the job with one
     line and exit 6, before NCCL's watchdog takes the process down."""
-    control, training = dist.group_timeouts("nccl", 600)
+    control, training = group.group_timeouts("nccl", 600)
     assert control.total_seconds() == 600 and training > control
-    control, training = dist.group_timeouts("gloo", 600)
+    control, training = group.group_timeouts("gloo", 600)
     assert control == training and control.total_seconds() == 600
 
 
 def test_a_gloo_group_marked_broken_is_still_destroyed():
     """After a failure only NCCL communicators are aborted; a gloo group is destroyed as ever."""
-    dist.init(dist.DistContext(), DistConfig())
+    group.init(group.DistContext(), DistConfig())
     try:
-        dist.collective_failure(RuntimeError("Connection closed by peer"), 5)
-        assert dist._broken
+        group.collective_failure(RuntimeError("Connection closed by peer"), 5)
+        assert group._broken
     finally:
-        dist.shutdown()
-    assert not torch_dist.is_initialized() and not dist._broken
+        group.shutdown()
+    assert not torch_dist.is_initialized() and not group._broken
 
 
 # -- the benchmark on any number of GPUs -----------------------------------------------------------
@@ -242,13 +243,13 @@ def test_every_gpu_case_splits_its_batch(n_gpus):
 # -- a GPU machine that trains on CPU --------------------------------------------------------------
 def test_the_unused_gpu_warning_says_why_and_what_to_do():
     smi = "/usr/bin/nvidia-smi"
-    cpu_build = dist.unused_gpu_warning(False, smi, "2.13.0+cpu", None)
+    cpu_build = group.unused_gpu_warning(False, smi, "2.13.0+cpu", None)
     assert "2.13.0+cpu is a CPU build" in cpu_build and "TORCH_INDEX_URL" in cpu_build
     assert "dist.device=cpu" in cpu_build and "\n" not in cpu_build
-    no_gpu = dist.unused_gpu_warning(False, smi, "2.13.0+cu128", "12.8")
+    no_gpu = group.unused_gpu_warning(False, smi, "2.13.0+cu128", "12.8")
     assert "(CUDA 12.8) finds no usable GPU" in no_gpu and "CUDA_VISIBLE_DEVICES" in no_gpu
-    assert dist.unused_gpu_warning(True, smi, "2.13.0+cu128", "12.8") is None
-    assert dist.unused_gpu_warning(False, None, "2.13.0+cpu", None) is None
+    assert group.unused_gpu_warning(True, smi, "2.13.0+cu128", "12.8") is None
+    assert group.unused_gpu_warning(False, None, "2.13.0+cpu", None) is None
 
 
 class _Lines(logging.Handler):
@@ -262,16 +263,16 @@ class _Lines(logging.Handler):
 
 @pytest.mark.parametrize("smi", ["/usr/bin/nvidia-smi", None])
 def test_auto_device_on_cpu_warns_only_where_nvidia_smi_is(monkeypatch, smi):
-    monkeypatch.setattr(dist.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(dist.shutil, "which", lambda name: smi if name == "nvidia-smi" else None)
+    monkeypatch.setattr(group.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(group.shutil, "which", lambda name: smi if name == "nvidia-smi" else None)
     handler = _Lines()
-    logger = logging.getLogger("pipeline.dist")
+    logger = logging.getLogger("pipeline.dist.group")
     logger.addHandler(handler)
     try:
-        assert dist._choose_device(dist.DistContext(), "auto") == CPU
-        assert dist._choose_device(dist.DistContext(), "cpu") == CPU  # asked for: no warning
-        other_rank = dist.DistContext(local_rank=1, local_world_size=2)
-        assert dist._choose_device(other_rank, "auto") == CPU
+        assert group._choose_device(group.DistContext(), "auto") == CPU
+        assert group._choose_device(group.DistContext(), "cpu") == CPU  # asked for: no warning
+        other_rank = group.DistContext(local_rank=1, local_world_size=2)
+        assert group._choose_device(other_rank, "auto") == CPU
     finally:
         logger.removeHandler(handler)
     if smi is None:

@@ -74,7 +74,7 @@ def test_unknown_kernel_size_is_refused():
 
 
 def test_variants_are_config_options(tmp_path):
-    from pipeline.config import load_config
+    from pipeline.config.schema import load_config
 
     cfg = load_config(None, ["model.kernel_size=3", "model.fc1_width=1200"])
     net = LeNet(cfg.model.kernel_size, cfg.model.fc1_width)

@@ -8,8 +8,8 @@ import io
 import os
 import sys
 
-from pipeline.config import load_config
-from pipeline.tracking import Progress, Tracker, wandb_status
+from pipeline.config.schema import load_config
+from pipeline.tracking.tracker import Progress, Tracker, wandb_status
 
 from helpers import no_credentials
 

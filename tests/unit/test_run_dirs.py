@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import run_dirs
-from pipeline.config import load_config
+from pipeline.config import naming
+from pipeline.config.schema import load_config
 from pipeline.errors import ConfigError
 
 TEMPLATE = "runs/{config}{changes}"
@@ -14,9 +14,7 @@ TEMPLATE = "runs/{config}{changes}"
 
 def rendered(overrides: list[str], config: str | None = "cpu", env: dict | None = None) -> str:
     cfg = load_config(config, overrides)
-    return run_dirs.render(
-        cfg.train.run_dir, cfg, load_config(config), config, overrides, env or {}
-    )
+    return naming.render(cfg.train.run_dir, cfg, load_config(config), config, overrides, env or {})
 
 
 def test_the_same_command_gets_the_same_directory():

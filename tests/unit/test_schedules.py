@@ -9,8 +9,8 @@ import itertools
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.engine import build_scheduler
+from pipeline.config.schema import load_config
+from pipeline.training.engine import build_scheduler
 
 
 def _rising(values: list[float]) -> bool:

@@ -14,12 +14,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline import trainer as trainer_module
-from pipeline.config import load_config
-from pipeline.dist import DistContext
-from pipeline.selection import Selection, closing_line
-from pipeline.stop_signals import StopRequest
-from pipeline.trainer import EpochClock, Trainer, TrainState
+from pipeline.config.schema import load_config
+from pipeline.dist.group import DistContext
+from pipeline.training import trainer as trainer_module
+from pipeline.training.selection import Selection, closing_line
+from pipeline.training.stop import StopRequest
+from pipeline.training.trainer import EpochClock, Trainer, TrainState
 
 
 def selection(*overrides: str) -> Selection:
@@ -136,8 +136,8 @@ def agreed(monkeypatch):
         calls.flags.append(flags)
         return calls.answer or flags
 
-    monkeypatch.setattr(trainer_module.dist, "any_rank", any_rank)
-    monkeypatch.setattr(trainer_module.dist, "barrier", lambda ctx: None)
+    monkeypatch.setattr(trainer_module.group, "any_rank", any_rank)
+    monkeypatch.setattr(trainer_module.group, "barrier", lambda ctx: None)
     return calls
 
 

@@ -1,4 +1,4 @@
-"""srun tasks -> ranks (pipeline/slurm_env.py), in this process: the mapping, and one clear line
+"""srun tasks -> ranks (pipeline/dist/slurm.py), in this process: the mapping, and one clear line
 per launch error. (The same errors from the command, and the batch scripts' run directory:
 tests/multiproc/test_slurm_env_cli.py.)"""
 
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from pipeline import dist, slurm_env
+from pipeline.dist import group, slurm
 from pipeline.errors import DistributedError
 
 from helpers import step_env
@@ -24,14 +24,14 @@ def _no_rendezvous_env(monkeypatch):
 
 def launch_error(env: dict) -> str:
     with pytest.raises(DistributedError) as caught:
-        slurm_env.detect(env)
+        slurm.detect(env)
     message = str(caught.value)
     assert "\n" not in message, message
     return message
 
 
 def test_every_task_of_two_nodes_gets_its_rank():
-    found = [slurm_env.detect(step_env(p)) for p in range(4)]
+    found = [slurm.detect(step_env(p)) for p in range(4)]
     assert found == [
         {
             "rank": p,
@@ -45,18 +45,18 @@ def test_every_task_of_two_nodes_gets_its_rank():
 
 
 def test_rendezvous_is_the_first_host_on_a_port_of_the_job():
-    slurm_env.detect(step_env(3))
+    slurm.detect(step_env(3))
     assert os.environ["MASTER_ADDR"] == "localhost"
     assert os.environ["MASTER_PORT"] == "23456"  # 20000 + 123456 % 10000
 
 
 def test_rendezvous_set_by_the_batch_script_wins():
     env = step_env(1, MASTER_ADDR="127.0.0.1", MASTER_PORT="29999", SLURM_STEP_NODELIST="x[1-2]")
-    assert slurm_env.rendezvous(env) == ("127.0.0.1", "29999")
+    assert slurm.rendezvous(env) == ("127.0.0.1", "29999")
 
 
 def test_dist_detect_builds_a_slurm_context():
-    ctx = dist.detect(step_env(2, CUDA_VISIBLE_DEVICES="0,1"))
+    ctx = group.detect(step_env(2, CUDA_VISIBLE_DEVICES="0,1"))
     assert (ctx.launcher, ctx.rank, ctx.local_rank, ctx.world_size, ctx.node_rank) == (
         "slurm",
         2,
@@ -76,7 +76,7 @@ def test_dist_detect_builds_a_slurm_context():
     ids=["no-slurm", "batch-script", "one-task"],
 )
 def test_not_an_srun_step_of_several_tasks(env):
-    assert slurm_env.detect(env) is None
+    assert slurm.detect(env) is None
 
 
 @pytest.mark.parametrize(
@@ -90,12 +90,12 @@ def test_not_an_srun_step_of_several_tasks(env):
     ],
 )
 def test_host_lists_expand_like_scontrol_show_hostnames(nodelist, hosts):
-    assert slurm_env.expand_hostlist(nodelist) == hosts
+    assert slurm.expand_hostlist(nodelist) == hosts
 
 
 @pytest.mark.parametrize("spec, counts", [("4", [4]), ("2(x3)", [2, 2, 2]), ("2(x2),1", [2, 2, 1])])
 def test_task_counts_expand(spec, counts):
-    assert slurm_env.tasks_per_node(spec) == counts
+    assert slurm.tasks_per_node(spec) == counts
 
 
 def test_more_tasks_on_a_node_than_gpus_fails_at_once():
@@ -110,7 +110,7 @@ def test_gpus_of_the_step_count_when_cuda_visible_devices_is_unset():
 
 
 def test_a_cpu_job_has_no_gpu_limit():
-    assert slurm_env.detect(step_env(0, per_node=4, CUDA_VISIBLE_DEVICES="NoDevFiles"))
+    assert slurm.detect(step_env(0, per_node=4, CUDA_VISIBLE_DEVICES="NoDevFiles"))
 
 
 def test_tasks_not_divisible_by_nodes_fail_at_once():

@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from pipeline import engine as engine_module
-from pipeline.config import load_config
+from pipeline.config.schema import load_config
 from pipeline.data.device import shard_indices
-from pipeline.dist import DistContext
-from pipeline.engine import Engine
+from pipeline.dist.group import DistContext
 from pipeline.errors import ConfigError
 from pipeline.model import LeNet
+from pipeline.training import engine as engine_module
+from pipeline.training.engine import Engine
 
 
 def _engine(monkeypatch, *overrides):

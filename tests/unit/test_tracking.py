@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import checkpoint
-from pipeline.config import Config, load_config
-from pipeline.tracking import NullTracker, StepWindow, Tracker
-from pipeline.wandb_run import has_credentials, resolve_mode
+from pipeline.config.schema import Config, load_config
+from pipeline.tracking.tracker import NullTracker, StepWindow, Tracker
+from pipeline.tracking.wandb_run import has_credentials, resolve_mode
+from pipeline.training import checkpoint
 
 from helpers import read_jsonl
 

@@ -11,12 +11,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline import trainer as trainer_module
-from pipeline.config import load_config
-from pipeline.dist import DistContext
+from pipeline.config.schema import load_config
+from pipeline.dist.group import DistContext
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, NonFiniteLossError, Stopped
-from pipeline.stop_signals import StopRequest
-from pipeline.trainer import EpochClock, Trainer, TrainState
+from pipeline.training import trainer as trainer_module
+from pipeline.training.stop import StopRequest
+from pipeline.training.trainer import EpochClock, Trainer, TrainState
 
 
 class FakeEngine:
@@ -109,7 +109,7 @@ def test_a_save_by_the_clock_happens_at_the_step_the_ranks_voted_on():
     "signal, code", [("SIGTERM", EXIT_PREEMPTED), ("SIGINT", EXIT_INTERRUPTED)]
 )
 def test_a_stop_request_saves_and_ends_with_its_exit_code(monkeypatch, capsys, signal, code):
-    monkeypatch.setattr(trainer_module.dist, "barrier", lambda ctx: None)
+    monkeypatch.setattr(trainer_module.group, "barrier", lambda ctx: None)
     t = make([])
     t.stop.requested = signal
     t.vote_answer = (True, False)

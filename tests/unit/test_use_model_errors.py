@@ -14,9 +14,10 @@ import sys
 import pytest
 import torch
 
-from pipeline import checkpoint, evaluate, export, predict
+from pipeline import evaluate, export, predict
 from pipeline.errors import EXIT_CHECKPOINT, EXIT_DATA
 from pipeline.model import LeNet
+from pipeline.training import checkpoint
 
 from helpers import REPO, require, run_dir_with_two_checkpoints
 

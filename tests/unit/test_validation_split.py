@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import checkpoint, run_dirs
-from pipeline.config import Config, load_config, to_dict
+from pipeline.config import naming
+from pipeline.config.schema import Config, load_config, to_dict
 from pipeline.data.device import shard_indices, steps_per_epoch
 from pipeline.data.split import SPLIT_SEED, check_size, digest, same_split, split
 from pipeline.errors import CheckpointError
+from pipeline.training import checkpoint
 
 
 def test_the_split_is_seeded_by_a_constant_sorted_and_disjoint():
@@ -92,9 +93,9 @@ def test_the_split_and_selection_settings_name_the_run_directory():
         "train.early_stop_patience",
         "train.early_stop_min_delta",
     ):
-        assert run_dirs.changes_training(key), key
+        assert naming.changes_training(key), key
     for key in ("checkpoint.keep_best", "train.test_every_epoch"):
-        assert not run_dirs.changes_training(key), key
+        assert not naming.changes_training(key), key
     base = Config()
     cfg = load_config(None, ["data.val_size=5000"])
-    assert run_dirs.changes(cfg, base, ["data.val_size=5000"]) == ",data.val_size=5000"
+    assert naming.changes(cfg, base, ["data.val_size=5000"]) == ",data.val_size=5000"

@@ -7,7 +7,8 @@ read only when the caller asks for it at a logging interval.
 
 Speed options (`train.*`):
 - `fused_conv` (CPU): each of the model's stages, conv -> max-pool -> ReLU, runs as one C++
-  kernel (pipeline/kernels.py) instead of three torch ops; torch's ops where it cannot be built.
+  kernel (pipeline/speed/kernels.py) instead of three torch ops; torch's ops where it cannot be
+  built.
 - `precision`: fp32; bf16 autocast (CPU and CUDA); fp16 autocast with a gradient scaler (CUDA),
   whose gradients are unscaled before clipping and whose overflowing steps are skipped.
 - `compile`: `model` compiles the DDP-wrapped network (torch's documented order, so that
@@ -33,10 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline import kernels
-from pipeline.config import Config, OptimConfig
-from pipeline.dist import DistContext, all_reduce_sum
+from pipeline.config.schema import Config, OptimConfig
+from pipeline.dist.group import DistContext, all_reduce_sum
 from pipeline.errors import ConfigError
+from pipeline.speed import kernels
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Every key lives in a small dataclass with a default, a help text and, where it has one, a set of
 allowed values or a range. `load_config` merges a YAML file and command-line overrides, rejects
-unknown keys, converts and checks every value (`pipeline.config_values`), and raises
+unknown keys, converts and checks every value (`pipeline.config.values`), and raises
 `ConfigError` with one line that names the key and what is allowed. `help_text` renders all
 keys for `--help`.
 """
@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from pipeline import config_files
-from pipeline.config_values import check, convert, unknown_key
+from pipeline.config import shipped
+from pipeline.config.values import check, convert, unknown_key
 from pipeline.errors import ConfigError
 
 
@@ -352,7 +352,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     apply dotted `section.key=value` overrides."""
     raw: dict[str, dict[str, Any]] = {}
     if path is not None:
-        path = config_files.resolve(path)
+        path = shipped.resolve(path)
         for section, values in _read_yaml(path).items():
             if section not in _sections():
                 raise unknown_key(str(section), list(_sections()))

@@ -17,14 +17,15 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipeline import checkpoint, config_files
-from pipeline.config import Config, TrackingConfig, load_config, show_value, to_dict, to_yaml
-from pipeline.dist import DistContext
+from pipeline.atomic import write_atomic
+from pipeline.config import shipped
+from pipeline.config.schema import Config, TrackingConfig, load_config, show_value, to_dict, to_yaml
+from pipeline.dist.group import DistContext
 from pipeline.errors import ConfigError, describe
-from pipeline.files import append_jsonl, rewrite_jsonl, write_atomic
-from pipeline.progress import Line
-from pipeline.tensorboard_events import EventFiles, TensorBoardMissing
-from pipeline.wandb_run import (
+from pipeline.tracking.jsonl import append_jsonl, rewrite_jsonl
+from pipeline.tracking.progress import Line
+from pipeline.tracking.tensorboard import EventFiles, TensorBoardMissing
+from pipeline.tracking.wandb_run import (
     WandbMissing,
     WandbRun,
     WandbUnavailable,
@@ -33,6 +34,7 @@ from pipeline.wandb_run import (
     open_run,
     resolve_mode,
 )
+from pipeline.training import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +374,7 @@ def describe_overrides(path: str | None, overrides: list[str], cfg: Config) -> s
     changed with the file's (or the default) value, for the start of a run."""
     shown = path or "built-in defaults"
     if path and not Path(path).is_file():  # a shipped config, by its name
-        shown = f"{path} = {config_files.resolve(path)}"
+        shown = f"{path} = {shipped.resolve(path)}"
     lines = [f"config: {shown} (every setting: {cfg.train.run_dir}/config.yaml, or --print-config)"]
     try:
         base = to_dict(load_config(path))

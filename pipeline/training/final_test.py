@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline import checkpoint
-from pipeline.dist import DistContext
-from pipeline.run_data import EvalSets
-from pipeline.selection import Selection
+from pipeline.data.sets import EvalSets
+from pipeline.dist.group import DistContext
+from pipeline.training import checkpoint
+from pipeline.training.selection import Selection
 
 log = logging.getLogger(__name__)
 

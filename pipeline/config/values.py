@@ -1,5 +1,5 @@
 """One config value from YAML or the command line: converted to its field's type and checked
-against the field's allowed values or range (`pipeline.config`'s fields carry both in their
+against the field's allowed values or range (`pipeline.config.schema`'s fields carry both in their
 metadata), each failure a ConfigError of one line that names the key."""
 
 from __future__ import annotations

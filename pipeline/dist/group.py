@@ -30,9 +30,9 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from pipeline.config import DistConfig
+from pipeline.config.schema import DistConfig
 from pipeline.errors import DistributedError, PeerFailed, PipelineError, RankError, describe
-from pipeline.files import env_int
+from pipeline.dist.slurm import env_int
 
 T = TypeVar("T")
 _timeout_s: float | None = None  # dist.timeout_s of the group `init` started, for messages
@@ -85,9 +85,9 @@ def detect(env: dict | None = None) -> DistContext:
             launcher="torchrun",
         )
     else:
-        from pipeline import slurm_env
+        from pipeline.dist import slurm
 
-        found = slurm_env.detect(env)
+        found = slurm.detect(env)
         if found is None:
             return DistContext()
         ctx = DistContext(launcher="slurm", **found)

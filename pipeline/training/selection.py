@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from pipeline.config import Config
+from pipeline.config.schema import Config
 
 # The numbers of an epoch's record that the selected epoch keeps (those it has).
 SCORES = ("val_loss", "val_accuracy", "test_loss", "test_accuracy")

@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import Config, to_dict
+from pipeline.atomic import write_atomic
+from pipeline.config.schema import Config, to_dict
 from pipeline.data.split import same_split
-from pipeline.dist import DistContext, broadcast_object, gather_to_main
+from pipeline.dist.group import DistContext, broadcast_object, gather_to_main
 from pipeline.errors import CheckpointError, PeerFailed, describe
-from pipeline.files import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Config, step_range
-from pipeline.files import write_atomic
+from pipeline.atomic import write_atomic
+from pipeline.config.schema import Config, step_range
 
 log = logging.getLogger(__name__)
 ROWS = 15  # of the top-operator table

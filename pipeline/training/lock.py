@@ -20,8 +20,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from pipeline.atomic import write_atomic
 from pipeline.errors import RunDirError, describe
-from pipeline.files import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from pipeline import kernels
-from pipeline.config import Config
-from pipeline.cpu_memory import reuse_freed_memory
+from pipeline.config.schema import Config
 from pipeline.data.device import MEAN, STD, TrainBatches
-from pipeline.engine import Engine, build_scheduler, loss_function
-from pipeline.engine import evaluate as evaluate_model
+from pipeline.speed import kernels
+from pipeline.speed.cpu_memory import reuse_freed_memory
+from pipeline.training.engine import Engine, build_scheduler, loss_function
+from pipeline.training.engine import evaluate as evaluate_model
 
 
 def conv_impl(fused: bool) -> str:

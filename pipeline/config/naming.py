@@ -24,9 +24,9 @@ import os
 import string
 from pathlib import Path
 
-from pipeline.checkpoint import MUST_MATCH
-from pipeline.config import Config, show_value, to_dict
+from pipeline.config.schema import Config, show_value, to_dict
 from pipeline.errors import ConfigError
+from pipeline.training.checkpoint import MUST_MATCH
 
 FIELDS = ("config", "changes", "seed", "slurm_job", "slurm_array_task", "wandb_run")
 

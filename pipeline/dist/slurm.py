@@ -15,7 +15,6 @@ import re
 import socket
 
 from pipeline.errors import DistributedError
-from pipeline.files import env_int
 
 PORT_BASE, PORT_SPAN = 20000, 10000
 # One host pattern, e.g. "gpu[01-04,07]-ib"; a host list is such patterns joined by commas.
@@ -158,3 +157,15 @@ def detect(env: dict) -> dict | None:
         "local_world_size": local_world,
         "node_rank": node,
     }
+
+
+def env_int(name: str, default: int, env: dict | None = None) -> int:
+    """An integer environment variable; `default` where it is unset or empty. A value that is
+    not an integer raises ValueError naming the variable."""
+    value = (os.environ if env is None else env).get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None

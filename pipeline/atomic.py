@@ -1,4 +1,4 @@
-"""Files the pipeline writes and reads: atomic writes, JSON lines, integer environment variables.
+"""How the project replaces a file, atomically.
 
 `write_atomic` is the one way the project replaces a file: a temporary file in the same
 directory (created with the mode the umask gives new files, not tempfile's 0600), flushed and
@@ -8,7 +8,6 @@ killed mid-write) sees the old file or the whole new one, and the new name survi
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from collections.abc import Callable
@@ -51,48 +50,3 @@ def write_atomic(path: Path, data: bytes | str | Callable[[IO[bytes]], Any]) -> 
         raise
     fsync_dir(path.parent)
     return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSON-lines file, in order; a missing file has none, and a line that
-    does not parse as an object (one cut short by a kill) is skipped."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    """Add one record as a line to a JSON-lines file."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def rewrite_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
-    """Keep only the records of a JSON-lines file that `keep` accepts (atomically)."""
-    path = Path(path)
-    if not path.exists():
-        return
-    kept = "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if keep(r))
-    write_atomic(path, kept)
-
-
-def env_int(name: str, default: int, env: dict | None = None) -> int:
-    """An integer environment variable; `default` where it is unset or empty. A value that is
-    not an integer raises ValueError naming the variable."""
-    value = (os.environ if env is None else env).get(name, "").strip()
-    if not value:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None

@@ -1,8 +1,8 @@
 """Fused CPU kernels for LeNet's two stages: relu(max_pool2d(conv(x), 2)), each in one pass.
 
-The kernels (`pipeline/csrc/`) come in one build per instruction set, each with the vector
+The kernels (`pipeline/speed/csrc/`) come in one build per instruction set, each with the vector
 width and register blocking of its CPUs: AVX-512 (16 lanes, 32 registers), AVX2 (8 lanes, 16
-registers) and a portable one for the others; `pipeline.kernels_build` builds and caches them.
+registers) and a portable one for the others; `pipeline.speed.kernels_build` builds and caches them.
 `load()` builds (once) and loads the variant for this CPU (the widest torch runs here).
 
 `choose(setting, batch)` is how a run picks its conv path from `train.fused_conv`: `false`,
@@ -36,9 +36,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline import kernels_build
-from pipeline.files import write_atomic
-from pipeline.kernels_build import (  # noqa: F401 - re-exported: the kernels' build, in one place
+from pipeline.atomic import write_atomic
+from pipeline.model import LeNet
+from pipeline.model import conv_pool_relu as torch_conv_pool_relu
+from pipeline.speed import kernels_build
+from pipeline.speed.kernels_build import (  # noqa: F401 - re-exported: the kernels' build, in one place
     FAILED,
     VARIANTS,
     build_dir,
@@ -48,8 +50,6 @@ from pipeline.kernels_build import (  # noqa: F401 - re-exported: the kernels' b
     runs_here,
     toolchain_problem,
 )
-from pipeline.model import LeNet
-from pipeline.model import conv_pool_relu as torch_conv_pool_relu
 
 log = logging.getLogger(__name__)
 

@@ -32,16 +32,17 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from pipeline import dist, kernels
-from pipeline.benchmark.results import aggregate, machine, markdown, summarize
-from pipeline.benchmark.trainers import baseline_trainer, pipeline_trainer
-from pipeline.config import Config, load_config, validate_for_world
+from pipeline.config.schema import Config, load_config, validate_for_world
 from pipeline.data import store
 from pipeline.data.device import eval_indices, load_splits, to_device
-from pipeline.dist import DistContext
-from pipeline.engine import synchronize
+from pipeline.dist import group
+from pipeline.dist.group import DistContext
 from pipeline.errors import ConfigError, DataError
 from pipeline.model import LeNet
+from pipeline.speed import kernels
+from pipeline.speed.benchmark.results import aggregate, machine, markdown, summarize
+from pipeline.speed.benchmark.trainers import baseline_trainer, pipeline_trainer
+from pipeline.training.engine import synchronize
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +146,10 @@ def run_case(rank: int, case: Case, cfg: Config, max_steps: int, out: str) -> No
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     ctx = DistContext(rank, rank, world, world, launcher="bench")
     try:
-        dist.init(ctx, cfg.dist)
+        group.init(ctx, cfg.dist)
         _measure(ctx, case, cfg, max_steps, out)
     finally:
-        dist.shutdown()  # _measure's model is gone; collect its cycles, then destroy the group
+        group.shutdown()  # _measure's model is gone; collect its cycles, then destroy the group
 
 
 def _measure(ctx: DistContext, case: Case, cfg: Config, max_steps: int, out: str) -> None:

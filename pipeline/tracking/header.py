@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from pipeline import __version__
-from pipeline.dist import DistContext
+from pipeline.dist.group import DistContext
 
 
 def header(ctx: DistContext, run_dir: Path, notes: list[str], dataset: str, wandb: str) -> str:

@@ -17,7 +17,7 @@ SUFFIXES = (".yaml", ".yml")
 def shipped_dir() -> Path | None:
     """The folder of the shipped configs: the installed package data (pipeline/configs/), else
     the checkout's configs/ (an editable install, or the checkout on PYTHONPATH)."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # pipeline/
     for folder in (here / "configs", here.parent / "configs"):
         if folder.is_dir():
             return folder

@@ -1,4 +1,4 @@
-"""Building the fused conv kernels (`pipeline/csrc/`): one library per instruction-set variant.
+"""Building the fused conv kernels (`csrc/`): one library per instruction-set variant.
 
 Each variant is compiled from the same sources with its own ISA flags, vector width and
 register budget (`VARIANTS`), under its own extension name and torch.ops namespace
@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
+from pipeline.atomic import write_atomic
 from pipeline.errors import describe
-from pipeline.files import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import kernels
+from pipeline.speed import kernels
 
 THRESHOLDS = ("98%", "99%")  # test accuracies whose train time is reported
 # x86 vector instruction sets by the /proc/cpuinfo flags they need, widest first.
@@ -199,7 +199,8 @@ def _kernel_note(result: dict) -> list[str]:
         return [f"- **conv**: the fused kernels could not be built: {result['kernel_problem']}."]
     return [
         "- **conv**: `fused kernels`: each conv, its max-pool and ReLU as one C++ kernel "
-        "(pipeline/kernels.py), built once per machine (about 20 s) and cached; here they were "
+        "(pipeline/speed/kernels.py), built once per machine (about 20 s) and cached; here they "
+        "were "
         f"ready {result['kernel_load_s']:.1f} s after the benchmark started, before any case "
         "ran, and each case loads them outside its train time. `torch ops`: torch's three ops "
         "a stage."

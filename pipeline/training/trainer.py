@@ -12,7 +12,7 @@ the run (report every train.log_every steps, save by steps and by the clock, the
 vote), each in a method of its own; the epoch's train time has one owner, `EpochClock`.
 `end_epoch` evaluates (the validation split, or the test set without one) and judges the epoch;
 the best one is saved as best.pt, and `finish` tests the model the run ends with, once
-(`pipeline.final_test`).
+(`pipeline.training.final_test`).
 """
 
 from __future__ import annotations
@@ -23,26 +23,27 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint, dist, run_lock
-from pipeline.config import Config, to_dict
-from pipeline.cpu_memory import reuse_freed_memory
+from pipeline.config.schema import Config, to_dict
 from pipeline.data.device import load_splits
-from pipeline.engine import Engine
+from pipeline.data.sets import RunData
+from pipeline.dist import group
 from pipeline.errors import (
     EXIT_INTERRUPTED,
     EXIT_PREEMPTED,
     NonFiniteLossError,
     Stopped,
 )
-from pipeline.final_test import final_test
 from pipeline.model import LeNet
-from pipeline.profiling import make as make_profiler
-from pipeline.run_data import RunData
-from pipeline.run_facts import header, meta
-from pipeline.selection import Selection, closing_line
-from pipeline.stop_signals import StopRequest
-from pipeline.tracking import make_tracker, wandb_status
-from pipeline.train_state import EpochClock, TrainState
+from pipeline.speed.cpu_memory import reuse_freed_memory
+from pipeline.tracking.header import header, meta
+from pipeline.tracking.tracker import make_tracker, wandb_status
+from pipeline.training import checkpoint, lock
+from pipeline.training.engine import Engine
+from pipeline.training.final_test import final_test
+from pipeline.training.profiling import make as make_profiler
+from pipeline.training.selection import Selection, closing_line
+from pipeline.training.state import EpochClock, TrainState
+from pipeline.training.stop import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class Trainer:
     def __init__(
         self,
         cfg: Config,
-        ctx: dist.DistContext,
+        ctx: group.DistContext,
         overrides: str = "",
         print_config: bool = False,
         stop: StopRequest | None = None,
@@ -72,7 +73,7 @@ class Trainer:
         self.git_revision = checkpoint.git_revision()
         self.pending, self.interval_started = 0, 0.0  # steps not yet reported, and since when
         self.saved_at = time.monotonic()  # for checkpoint.every_seconds
-        self.lock: run_lock.Held | None = None  # the run directory's, rank 0's for the whole run
+        self.lock: lock.Held | None = None  # the run directory's, rank 0's for the whole run
         self.profiler = None  # train.profile's, where this rank profiles
 
     # -- parts and their state ---------------------------------------------------------------
@@ -82,12 +83,12 @@ class Trainer:
         reused_memory = (
             cfg.train.reuse_host_memory and ctx.device.type == "cpu" and reuse_freed_memory()
         )
-        self.lock = dist.on_main(ctx, lambda: run_lock.acquire(self.run_dir))
+        self.lock = group.on_main(ctx, lambda: lock.acquire(self.run_dir))
         self.build_data(load_splits(cfg.data, ctx))
         path, saved = checkpoint.load_for_resume(self.run_dir, cfg.train.resume, ctx)
         if saved is not None:
             # One check, on rank 0: a refusal is reported once, however many ranks there are.
-            dist.on_main(
+            group.on_main(
                 ctx,
                 lambda: checkpoint.check_compatible(
                     saved, to_dict(cfg), ctx.world_size, self.steps_per_epoch, path, self.split
@@ -127,7 +128,7 @@ class Trainer:
 
     def close(self) -> None:
         """Let go of the run directory, however the run ended."""
-        run_lock.release(self.lock)
+        lock.release(self.lock)
         self.lock = None
 
     def state_dict(self) -> dict:
@@ -306,7 +307,7 @@ class Trainer:
         any rank: the ranks' clocks differ, so they agree on the step in one collective."""
         every_s = self.cfg.checkpoint.every_seconds
         clock_due = bool(every_s) and time.monotonic() - self.saved_at >= every_s
-        return dist.any_rank(self.ctx, self.stop.requested is not None, clock_due)
+        return group.any_rank(self.ctx, self.stop.requested is not None, clock_due)
 
     def save_in_epoch(self) -> None:
         """A checkpoint within the epoch; it holds the epoch's train time so far, with its
@@ -322,7 +323,7 @@ class Trainer:
         self.report_steps()
         self.clock.pause()
         self.save()
-        dist.barrier(self.ctx)  # nobody exits before the checkpoint is on disk
+        group.barrier(self.ctx)  # nobody exits before the checkpoint is on disk
         what = (
             "interrupted (Ctrl-C)" if why == "SIGINT" else f"stop requested ({why or 'by a peer'})"
         )
@@ -346,7 +347,7 @@ class Trainer:
         micro = steps * accum * world
         if finite < micro:
             first_bad = s.global_step - steps + finite // (accum * world) + 1
-            dist.raise_on_main(
+            group.raise_on_main(
                 self.ctx,
                 NonFiniteLossError(
                     f"the training loss became non-finite at or after step {first_bad} (epoch "
@@ -387,7 +388,7 @@ class Trainer:
         improved = False
         whole = s.step_in_epoch == self.steps_per_epoch  # not cut short by train.max_steps
         if whole and self.selection.due(record["epoch"]):
-            improved, stop = dist.any_rank(self.ctx, *self.selection.propose(record))
+            improved, stop = group.any_rank(self.ctx, *self.selection.propose(record))
             self.selection.accept(record, improved, stop)
         record["best_epoch"] = self.selection.best_epoch
         self.last_eval = record
@@ -395,7 +396,7 @@ class Trainer:
         return improved
 
     def final_test(self) -> dict:
-        """The one test of the run, of the model it ends with (`pipeline.final_test`)."""
+        """The one test of the run, of the model it ends with (`pipeline.training.final_test`)."""
         parts = (self.engine, self.evals, self.selection, self.last_eval)
         return final_test(self.ctx, self.run_dir, *parts, self.cfg.checkpoint.keep_best)
 
@@ -427,4 +428,4 @@ class Trainer:
         go unnoticed by the others, which exit 0 and leave their torchrun agents waiting for the
         lost one in the exit barrier (300 s); a failed barrier instead makes torchrun re-form
         the smaller world, which finds the run finished and ends at once."""
-        dist.barrier(self.ctx)
+        group.barrier(self.ctx)

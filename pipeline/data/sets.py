@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import dist
-from pipeline.config import Config
+from pipeline.config.schema import Config
 from pipeline.data import split
 from pipeline.data.device import (
     DeviceData,
@@ -27,7 +26,8 @@ from pipeline.data.device import (
     steps_per_epoch,
     to_device,
 )
-from pipeline.dist import DistContext
+from pipeline.dist import group
+from pipeline.dist.group import DistContext
 from pipeline.errors import ConfigError
 
 
@@ -97,13 +97,13 @@ class RunData:
         t, n = cfg.train, len(raw["train_labels"])
         problem = split.check_size(n, cfg.data.val_size, t.batch_size)
         if problem:
-            dist.raise_on_main(ctx, ConfigError(problem))
+            group.raise_on_main(ctx, ConfigError(problem))
         held_out = split.split(n, cfg.data.val_size)
         raw = split.apply(raw, held_out)
         micro = t.batch_size // (ctx.world_size * t.grad_accum)
         steps = steps_per_epoch(len(raw["train_labels"]), micro, ctx.world_size, t.grad_accum)
         if steps == 0:
-            dist.raise_on_main(
+            group.raise_on_main(
                 ctx,
                 ConfigError(
                     f"config key train.batch_size: {t.batch_size} is larger than the "
