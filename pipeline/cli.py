@@ -1,18 +1,18 @@
-"""What every command shares: its parser's common options, the logging set-up, and one mapping
-from errors to exit codes (the README's table), so train, evaluate, export, predict, report and
+"""What every command shares: its parser's common options, the logging set-up, and the one
+mapping from an exception to its line and exit code (`outcome`; the codes, and what ends in
+each, are described in `pipeline.errors`), so train, evaluate, export, predict, report and
 bench end alike.
 
-`run(body)` calls the command's body and turns what escapes it into one line and an exit code:
-- a `PipelineError`: its message as `error: ...` and its exit code. Before the process group
-  starts (config, command line, environment) every rank meets the same error, so only rank 0
-  prints it; once the group is up, the rank that raised it prints it (a peer that learns of the
-  failure through a collective raises `PeerFailed`, which ends quietly with the same code).
-  Under torchrun the message also goes into the worker's error file, so that torchrun names it
-  as the root cause whichever rank exited first;
-- an `OSError` (a file that cannot be written: no space, no permission) exits 7;
-- a failed collective (a lost peer, a timeout) exits 6 with a line from that rank;
-- Ctrl-C exits 130 with one line from rank 0; a closed pipe (`report | head`) ends quietly;
-- anything else is a bug: its traceback, exit 1.
+`run(body)` calls the command's body and says what escapes it, as `outcome` classifies it:
+- an error meant for people (`PipelineError`; an `OSError` becomes one): `error: ...`. Before
+  the process group starts (config, command line, environment) every rank meets the same
+  error, so only rank 0 prints it; once the group is up, the rank that raised it prints it (a
+  peer that learns of the failure through a collective raises `PeerFailed`, which ends
+  quietly with the same code). Under torchrun the message also goes into the worker's error
+  file, so that torchrun names it as the root cause whichever rank exited first;
+- a failed collective (a lost peer, a timeout): a line from each rank that met it;
+- Ctrl-C: one line from rank 0; a closed pipe (`report | head`): nothing;
+- anything else is a bug: its traceback.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from contextvars import ContextVar
 
 from pipeline import __version__
 from pipeline.errors import (
     EXIT_INTERRUPTED,
+    EXIT_OK,
     EXIT_RUN_DIR,
     EXIT_UNEXPECTED,
     PeerFailed,
@@ -41,6 +43,11 @@ from pipeline.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+# What the running command writes, for the line an OSError ends it with: what to name when the
+# error names no file, and what to do (see `writing`).
+_ANY_FILE = ("a file", "free space or choose a writable directory, and run again")
+_writes: ContextVar[tuple[str, str]] = ContextVar("writes", default=_ANY_FILE)
 
 
 # -- logging: each module logs through `logging.getLogger(__name__)`; `run` sets it up once. On
@@ -160,49 +167,59 @@ def report(e: PipelineError) -> None:
         log.error(str(e))
 
 
+def writing(where: str, hint: str) -> None:
+    """Name what the running command writes (`where`, for an OSError that names no file) and
+    what to do when it cannot (`hint`): the line `outcome` gives an OSError, until `run` ends."""
+    _writes.set((where, hint))
+
+
+def outcome(e: BaseException) -> tuple[int, PipelineError | None]:
+    """The exit code `e` ends a command with, and the error whose line says why: None where
+    the run or a peer rank says it, for Ctrl-C and a closed pipe (see `run`), and for a bug."""
+    if isinstance(e, (Stopped, PeerFailed)):  # the run said why, or the failed rank says it
+        return e.exit_code, None
+    if isinstance(e, PipelineError):
+        return e.exit_code, e
+    if isinstance(e, BrokenPipeError):
+        return EXIT_OK, None
+    if isinstance(e, OSError):  # a file that cannot be written: no space, no permission
+        where, hint = _writes.get()
+        why = e.strerror or describe(e)
+        return EXIT_RUN_DIR, RunDirError(f"cannot write {e.filename or where}: {why}; {hint}")
+    if isinstance(e, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, None
+    from pipeline.dist import group
+
+    failed = group.collective_failure(e) if isinstance(e, RuntimeError) else None
+    return (EXIT_UNEXPECTED, None) if failed is None else (failed.exit_code, failed)
+
+
 def run(body: Callable[[], int], *, verbose: int = 0, interrupted: str = "interrupted") -> int:
-    """Run a command's `body` and return its exit code; see the module's text."""
+    """Run a command's `body` and return its exit code (`outcome`); see the module's text."""
     rank = env_rank()
     setup_logging(rank, verbose)
+    token = _writes.set(_ANY_FILE)
     try:
         return body()
-    except Stopped as e:  # the run said why, and where its checkpoint is
-        return e.exit_code
-    except PeerFailed as e:
-        return e.exit_code
-    except PipelineError as e:
-        report(e)
-        return e.exit_code
-    except BrokenPipeError:
-        _quiet_stdout()
-        return 0
-    except OSError as e:
-        err = RunDirError(
-            f"cannot write {e.filename or 'a file'}: {e.strerror or describe(e)}; free space or "
-            "choose a writable directory, and run again"
-        )
-        report(err)
-        return EXIT_RUN_DIR
-    except KeyboardInterrupt as e:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # no traceback for another one
-        if rank == 0:
-            print(str(e) or interrupted, file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
-    except RuntimeError as e:  # torch.distributed.DistError included
-        from pipeline.dist import group
-
-        err = group.collective_failure(e)
-        if err is None:
+    except (Exception, KeyboardInterrupt) as e:
+        code, err = outcome(e)
+        if isinstance(e, KeyboardInterrupt):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # no traceback for another one
+            if rank == 0:
+                print(str(e) or interrupted, file=sys.stderr, flush=True)
+        elif isinstance(e, BrokenPipeError):
+            _quiet_stdout()
+        elif err is not None and isinstance(e, RuntimeError):  # a failed collective
+            _record_for_torchrun(err)
+            log.error(f"(rank {rank}) {err}")
+        elif err is not None:
+            report(err)
+        elif not isinstance(e, (Stopped, PeerFailed)):
             _record_for_torchrun(e, with_traceback=True)
             traceback.print_exc()
-            return EXIT_UNEXPECTED
-        _record_for_torchrun(err)
-        log.error(f"(rank {rank}) {err}")
-        return err.exit_code
-    except Exception as e:
-        _record_for_torchrun(e, with_traceback=True)
-        traceback.print_exc()
-        return EXIT_UNEXPECTED
+        return code
+    finally:
+        _writes.reset(token)
 
 
 def _quiet_stdout() -> None:

@@ -1,22 +1,23 @@
-"""Errors meant for people, and the exit codes the pipeline ends with.
+"""Errors meant for people, and the exit codes every command ends with: the one description
+of the codes (users read it as the table in docs/checkpoints.md#exit-codes).
 
-Each error carries the process exit code it maps to, so that `pipeline.cli.run` turns any of
-them into one line on stderr and a documented, non-zero exit status, the same for every command.
+Each error carries its exit code; `pipeline.cli.outcome` maps any exception to its code and
+`pipeline.cli.run` ends the command with it and one line on stderr, the same for every command.
 """
 
 from __future__ import annotations
 
-# Exit codes (documented in the README).
-EXIT_OK = 0
-EXIT_UNEXPECTED = 1
-EXIT_CONFIG = 2
-EXIT_DATA = 3
-EXIT_CHECKPOINT = 4
-EXIT_NONFINITE = 5
-EXIT_DISTRIBUTED = 6
-EXIT_RUN_DIR = 7  # the run directory is in use, or an output cannot be written
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved; run the same command again to resume.
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+# Exit codes, and what ends in each.
+EXIT_OK = 0  # finished, or nothing left to do; also a closed pipe (`report | head`)
+EXIT_UNEXPECTED = 1  # a bug: any exception not named below; its traceback is printed
+EXIT_CONFIG = 2  # ConfigError; a bad command line (argparse)
+EXIT_DATA = 3  # DataError: bad or missing data
+EXIT_CHECKPOINT = 4  # CheckpointError: none usable, damaged, incompatible, or of another format
+EXIT_NONFINITE = 5  # NonFiniteLossError
+EXIT_DISTRIBUTED = 6  # DistributedError; a failed collective (a lost peer, a timeout, NCCL)
+EXIT_RUN_DIR = 7  # RunDirError: the run directory is in use; any OSError: an output unwritable
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: Stopped by a signal after saving a checkpoint; run again
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C; Stopped after saving, too
 
 
 def describe(e: BaseException, with_type: bool = False, limit: int = 200) -> str:

@@ -2,8 +2,8 @@
 
 The same command runs as one plain process (a gloo group of one), under torchrun, as srun tasks
 of a SLURM job, or, with `--nproc-per-node N`, as N ranks on this machine. main(argv): parse ->
-validate -> init -> `pipeline.training.trainer.Trainer.run()` -> exit code; errors end in one
-line and the exit code of `pipeline.errors`, through `pipeline.cli`.
+validate -> init -> `pipeline.training.trainer.build_trainer(...).run()` -> exit code; errors
+end in one line and the exit code of `pipeline.errors`, through `pipeline.cli`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from pipeline import cli
 from pipeline.config import naming
 from pipeline.config.schema import Config, help_text, load_config, validate_for_world
 from pipeline.dist import group, launch
-from pipeline.errors import EXIT_RUN_DIR, ConfigError, RunDirError, describe
-from pipeline.tracking.tracker import describe_overrides
+from pipeline.errors import ConfigError
 from pipeline.training.stop import StopRequest
-from pipeline.training.trainer import Trainer
+from pipeline.training.trainer import Trainer, build_trainer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,43 +75,42 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
     return out + list(args.overrides)
 
 
-def resolved_config(args: argparse.Namespace) -> Config:
-    """The command's config, its run directory's template filled in (`pipeline.config.naming`)."""
+def resolved_config(args: argparse.Namespace) -> tuple[Config, str]:
+    """The command's config, its run directory's template filled in, and the line that names
+    the config and what the overrides changed (`pipeline.config.naming`)."""
     cfg = load_config(args.config, args.overrides)
     try:
         base = load_config(args.config)
     except ConfigError:  # the file alone is invalid: an override fixed it
-        base = Config()
-    cfg.train.run_dir = naming.render(cfg.train.run_dir, cfg, base, args.config, args.overrides)
-    return cfg
+        base = None
+    cfg.train.run_dir = naming.render(
+        cfg.train.run_dir, cfg, base or Config(), args.config, args.overrides
+    )
+    return cfg, naming.describe_overrides(args.config, args.overrides, cfg, base)
 
 
 def train(args: argparse.Namespace, stop: StopRequest) -> int:
-    cfg = resolved_config(args)
+    cfg, shown = resolved_config(args)
     stop.add(cfg.train.preempt_signal)
     ctx = group.detect()
     if args.nproc_per_node > 1 and ctx.launcher == "single":
         validate_for_world(cfg, args.nproc_per_node, group.device_type(cfg.dist))
         return launch.run_local(args.nproc_per_node, _worker_args(args), args.verbose)
     validate_for_world(cfg, ctx.world_size, group.device_type(cfg.dist))
+    cli.writing(  # the run directory: no space, removed, not writable
+        cfg.train.run_dir,
+        "the checkpoints already there are kept; free space, or choose a writable "
+        "train.run_dir, and run again to resume",
+    )
     trainer: Trainer | None = None
     try:
         group.init(ctx, cfg.dist)
-        shown = describe_overrides(args.config, args.overrides, cfg)
-        trainer = Trainer(cfg, ctx, shown, args.print_config, stop)
+        trainer = build_trainer(cfg, ctx, stop, shown, args.print_config)
         trainer.run()
         return 0
-    except OSError as e:  # writing the run directory: no space, removed, not writable
-        if trainer is not None:
-            trainer.tracker.close(EXIT_RUN_DIR)
-        raise RunDirError(
-            f"cannot write {e.filename or cfg.train.run_dir}: {e.strerror or describe(e)}; the "
-            "checkpoints already there are kept; free space, or choose a writable "
-            "train.run_dir, and run again to resume"
-        ) from e
     except BaseException as e:
         if trainer is not None:  # W&B is told how the run ended
-            trainer.tracker.close(getattr(e, "exit_code", 1))
+            trainer.tracker.close(cli.outcome(e)[0])
         raise
     finally:
         if trainer is not None:

@@ -10,8 +10,6 @@ Imported by name (`from helpers import ...`): pyproject.toml puts tests/ on pyte
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import json
 import os
 import socket
@@ -323,12 +321,3 @@ def same_state(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(map(same_state, a, b))
     return type(a) is type(b) and a == b
-
-
-def legacy_checkpoint(state: dict) -> bytes:
-    """A checkpoint file of the earlier format: header, SHA-256 of the payload, payload."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    payload = buf.getvalue()
-    digest = hashlib.sha256(payload).hexdigest().encode()
-    return checkpoint.LEGACY_MAGIC + digest + b"\n" + payload

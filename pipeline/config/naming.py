@@ -1,4 +1,6 @@
-"""`train.run_dir` as a template: a directory of its own for every run that trains differently.
+"""`train.run_dir` as a template: a directory of its own for every run that trains differently;
+and the line a run starts with, naming its config and what the overrides changed
+(`describe_overrides`).
 
 Fields, filled in before the run starts (str.format syntax):
 - `{config}`: the config's name (`cpu` for `--config configs/cpu.yaml`; `default` without one);
@@ -23,7 +25,9 @@ from __future__ import annotations
 import os
 import string
 from pathlib import Path
+from typing import Any
 
+from pipeline.config import shipped
 from pipeline.config.schema import Config, show_value, to_dict
 from pipeline.errors import ConfigError
 from pipeline.training.checkpoint import MUST_MATCH
@@ -40,17 +44,23 @@ def changes_training(key: str) -> bool:
     return keys is None or name in keys
 
 
+def overridden(cfg: Config, base: Config, overrides: list[str]) -> list[tuple[str, Any, Any]]:
+    """(key, value in `cfg`, value in `base`) for each key the overrides name, in their order."""
+    now, was, out = to_dict(cfg), to_dict(base), []
+    for key in dict.fromkeys(item.partition("=")[0].strip() for item in overrides):
+        section, _, name = key.partition(".")
+        out.append((key, now[section][name], was[section][name]))
+    return out
+
+
 def changes(cfg: Config, base: Config, overrides: list[str]) -> str:
     """`,key=value` for each override of a setting that changes training where `cfg` differs
     from `base` (the config without the overrides), in key order."""
-    now, was = to_dict(cfg), to_dict(base)
-    keys = sorted({item.partition("=")[0].strip() for item in overrides})
-    out = []
-    for key in keys:
-        section, _, name = key.partition(".")
-        if changes_training(key) and now[section][name] != was[section][name]:
-            out.append(f",{key}={show_value(now[section][name])}")
-    return "".join(out)
+    return "".join(
+        f",{key}={show_value(now)}"
+        for key, now, was in sorted(overridden(cfg, base, overrides), key=lambda c: c[0])
+        if changes_training(key) and now != was
+    )
 
 
 def config_name(path: str | Path | None) -> str:
@@ -90,3 +100,24 @@ def render(
         raise ConfigError(
             f"config key train.run_dir: {template!r} is not a valid template ({e})"
         ) from e
+
+
+def describe_overrides(
+    path: str | None, overrides: list[str], cfg: Config, base: Config | None
+) -> str:
+    """The config file, where every setting is saved, and each setting that the overrides
+    changed with the file's (or the default) value from `base` (the config without the
+    overrides; None where the file alone is invalid), for the start of a run."""
+    shown = path or "built-in defaults"
+    if path and not Path(path).is_file():  # a shipped config, by its name
+        shown = f"{path} = {shipped.resolve(path)}"
+    lines = [f"config: {shown} (every setting: {cfg.train.run_dir}/config.yaml, or --print-config)"]
+    what = "file" if path else "default"
+    changed = [
+        f"{key}={show_value(now)}" + (f" ({what}: {show_value(was)})" if base is not None else "")
+        for key, now, was in overridden(cfg, base or cfg, overrides)
+        if base is None or now != was
+    ]
+    if changed:
+        lines.append(f"overrides: {', '.join(changed)}")
+    return "\n".join(lines)

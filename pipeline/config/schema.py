@@ -274,7 +274,6 @@ class TrackingConfig:
     group: str = _opt(
         "", "W&B group of the run (pipeline.sweep sets the sweep's name); empty: none"
     )
-    log_every: int = _opt(50, "optimizer steps between W&B step metrics", rule=POSITIVE)
     artifact: bool = _opt(False, "upload the final checkpoint as a W&B artifact")
     tensorboard: bool = _opt(
         False,
@@ -298,17 +297,14 @@ def _sections() -> dict[str, type]:
     return {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 
-def _build(raw: dict[str, dict[str, Any]], known_only: bool = False) -> Config:
-    """The typed config of `raw`, every value converted and checked; with `known_only`, keys
-    and sections this version does not have are left out instead of refused."""
+def _build(raw: dict[str, dict[str, Any]]) -> Config:
+    """The typed config of `raw`, every value converted and checked."""
     sections = {}
     for name, cls in _sections().items():
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
         for key, value in raw.get(name, {}).items():
             if key not in fields:
-                if known_only:
-                    continue
                 raise unknown_key(f"{name}.{key}", [f"{name}.{k}" for k in fields])
             values[key] = convert(f"{name}.{key}", fields[key], value)
             check(f"{name}.{key}", fields[key], values[key])
@@ -318,13 +314,13 @@ def _build(raw: dict[str, dict[str, Any]], known_only: bool = False) -> Config:
 
 def from_dict(raw: dict[str, Any]) -> Config:
     """The config saved with a run (a checkpoint's, a config.yaml's) as a typed Config, through
-    the same conversion and checks as a YAML file. Keys of other versions of the project are
-    left out; those they lack get their defaults."""
-    if not isinstance(raw, dict):
+    the same conversion and checks as a YAML file."""
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
         raise ConfigError("a saved config must be a mapping of sections")
-    sections = {k: v for k, v in raw.items() if k in _sections() and isinstance(v, dict)}
-    typed = {k: {str(key): v for key, v in vals.items()} for k, vals in sections.items()}
-    return _build(typed, known_only=True)
+    for section in raw:
+        if section not in _sections():
+            raise unknown_key(str(section), list(_sections()))
+    return _build({k: {str(key): v for key, v in vals.items()} for k, vals in raw.items()})
 
 
 def _read_yaml(path: Path) -> dict:
@@ -375,14 +371,26 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return _build(raw)
 
 
-def validate_for_world(cfg: Config, world_size: int, device_type: str = "cpu") -> None:
-    """Checks that need the world size or the kind of device; run before any process group
-    starts."""
-    if cfg.train.precision == "fp16" and device_type != "cuda":
+def check_precision(precision: str, device_type: str) -> None:
+    """A one-line ConfigError when `train.precision` cannot run on a `device_type` device."""
+    if precision == "fp16" and device_type != "cuda":
         raise ConfigError(
             f"config key train.precision: fp16 needs a CUDA device (it trains with a gradient "
             f"scaler) but this run is on {device_type}; use train.precision=bf16 or fp32"
         )
+
+
+def micro_batch(cfg: Config | TrainConfig, world_size: int) -> int:
+    """Images of one forward pass on one rank: the global batch split over the ranks and the
+    accumulation steps (`validate_for_world` checks that it splits evenly)."""
+    t = cfg.train if isinstance(cfg, Config) else cfg
+    return t.batch_size // (world_size * t.grad_accum)
+
+
+def validate_for_world(cfg: Config, world_size: int, device_type: str = "cpu") -> None:
+    """Checks that need the world size or the kind of device; run before any process group
+    starts."""
+    check_precision(cfg.train.precision, device_type)
     split = world_size * cfg.train.grad_accum
     if cfg.train.batch_size % split:
         raise ConfigError(

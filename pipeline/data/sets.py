@@ -1,10 +1,11 @@
 """What a run trains and evaluates on, on this rank's device: `RunData.build` holds out the
 validation split (`pipeline.data.split`), shards the rest into training batches, and takes this
-rank's shares of the validation and test images (`EvalSets`).
+rank's shares of the validation and test images (`EvalSets`). `eval_share` is this rank's share
+of an evaluation split, for training, evaluate and the benchmark alike.
 
 `EvalSets.epoch` is what every epoch reports and selection judges: the validation split's loss
 and accuracy (`val_loss`, `val_accuracy`), or without a split the test set's (`test_loss`,
-`test_accuracy`, as before splits existed); with a split and train.test_every_epoch also the
+`test_accuracy`); with a split and train.test_every_epoch also the
 test set's, as `test_loss_this_epoch` and `test_accuracy_this_epoch`, names that say they are
 not the selected model's. `EvalSets.test` is the test set's, for the model the run ends with.
 Each image counts once over the ranks (`eval_indices`); every number is summed over all ranks.
@@ -16,10 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.config.schema import Config
+from pipeline.config.schema import Config, micro_batch
 from pipeline.data import split
 from pipeline.data.device import (
-    DeviceData,
     TrainBatches,
     eval_indices,
     normalize_and_pad,
@@ -29,6 +29,18 @@ from pipeline.data.device import (
 from pipeline.dist import group
 from pipeline.dist.group import DistContext
 from pipeline.errors import ConfigError
+
+
+def eval_share(
+    raw: dict[str, torch.Tensor], split: str, ctx: DistContext
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's share of evaluation split `split` (`test`, `val`) of `raw`, the uint8 splits
+    of `pipeline.data.store`: its images normalised on the rank's device, their labels, and their
+    indices in the split (`eval_indices`: each image counts once over the ranks)."""
+    labels = raw[f"{split}_labels"]
+    index = eval_indices(len(labels), ctx.rank, ctx.world_size)
+    x = normalize_and_pad(raw[f"{split}_images"][index], ctx.device)
+    return x, labels[index].to(ctx.device, torch.long), index
 
 
 @dataclass
@@ -41,26 +53,13 @@ class EvalSets:
     test_every_epoch: bool = False
 
     @classmethod
-    def build(
-        cls, data: DeviceData, raw: dict[str, torch.Tensor], ctx: DistContext, cfg: Config
-    ) -> EvalSets:
-        """This rank's shares of `data`'s test images and of `raw`'s held-out ones (`val_*`,
-        see `pipeline.data.split.apply`; none without a split)."""
-        test = eval_indices(len(data.test_y), ctx.rank, ctx.world_size).to(ctx.device)
-        val_x = val_y = None
-        if "val_labels" in raw:
-            val = eval_indices(len(raw["val_labels"]), ctx.rank, ctx.world_size)
-            val_x = normalize_and_pad(raw["val_images"][val], ctx.device)
-            val_y = raw["val_labels"][val].to(ctx.device, torch.long)
+    def build(cls, raw: dict[str, torch.Tensor], ctx: DistContext, cfg: Config) -> EvalSets:
+        """This rank's shares of `raw`'s test images and of its held-out ones (`val_*`, see
+        `pipeline.data.split.apply`; none without a split)."""
+        test_x, test_y, _ = eval_share(raw, "test", ctx)
+        val_x, val_y, _ = eval_share(raw, "val", ctx) if "val_labels" in raw else (None,) * 3
         t = cfg.train
-        return cls(
-            data.test_x[test],
-            data.test_y[test],
-            val_x,
-            val_y,
-            t.eval_batch_size,
-            t.test_every_epoch,
-        )
+        return cls(test_x, test_y, val_x, val_y, t.eval_batch_size, t.test_every_epoch)
 
     @property
     def has_val(self) -> bool:
@@ -100,7 +99,7 @@ class RunData:
             group.raise_on_main(ctx, ConfigError(problem))
         held_out = split.split(n, cfg.data.val_size)
         raw = split.apply(raw, held_out)
-        micro = t.batch_size // (ctx.world_size * t.grad_accum)
+        micro = micro_batch(t, ctx.world_size)
         steps = steps_per_epoch(len(raw["train_labels"]), micro, ctx.world_size, t.grad_accum)
         if steps == 0:
             group.raise_on_main(
@@ -112,4 +111,4 @@ class RunData:
             )
         data = to_device(raw, ctx.device)
         batches = TrainBatches(data.train_x, data.train_y, micro, ctx.rank, ctx.world_size, t.seed)
-        return cls(batches, EvalSets.build(data, raw, ctx, cfg), steps, held_out.record())
+        return cls(batches, EvalSets.build(raw, ctx, cfg), steps, held_out.record())

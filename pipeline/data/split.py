@@ -82,11 +82,8 @@ def apply(raw: dict[str, torch.Tensor], s: Split) -> dict[str, torch.Tensor]:
     return out
 
 
-def same_split(a: dict | None, b: dict) -> bool:
-    """Whether two split records hold out the same images (a record of None: a checkpoint from
-    before splits, which held none out)."""
-    if a is None:
-        return b["val_size"] == 0
-    return a.get("val_size") == b["val_size"] and (
-        b["val_size"] == 0 or a.get("val_digest") == b["val_digest"]
+def same_split(a: dict, b: dict) -> bool:
+    """Whether two split records hold out the same images."""
+    return a["val_size"] == b["val_size"] and (
+        b["val_size"] == 0 or a["val_digest"] == b["val_digest"]
     )

@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config.schema import DistConfig
-from pipeline.errors import DistributedError, PeerFailed, PipelineError, RankError, describe
 from pipeline.dist.slurm import env_int
+from pipeline.errors import DistributedError, PeerFailed, PipelineError, RankError, describe
 
 T = TypeVar("T")
 _timeout_s: float | None = None  # dist.timeout_s of the group `init` started, for messages
@@ -183,7 +183,7 @@ def init(ctx: DistContext, cfg: DistConfig) -> DistContext:
             timeout=group_timeout,
             **kwargs,
         )
-    except RuntimeError as e:
+    except dist.DistBackendError as e:
         # With device_id, NCCL starts its communicator here: a failure of this rank's own GPU
         # is reported by this rank, whatever the main rank says.
         if not _local_nccl_failure(str(e)):
@@ -277,27 +277,37 @@ def broadcast_object(ctx: DistContext, obj: T) -> T:
     return box[0]
 
 
-def leader_then_all(
-    ctx: DistContext, leader_fn: Callable[[], object], all_fn: Callable[[], T]
-) -> T:
-    """Run `leader_fn` on each node's local rank 0, then `all_fn` everywhere.
+def _raise_once(error: PipelineError | None, code: int) -> None:
+    """The one way an error ends a job once: `error` is raised on the rank that met it, which
+    reports it; every other rank raises `PeerFailed` with the job's exit `code` (0: no error)
+    instead of printing the same error again or waiting forever."""
+    if error is not None:
+        raise error
+    if code:
+        raise PeerFailed(code)
 
-    A failure in a leader is raised there (and reported there); the other ranks raise
-    `PeerFailed` with the same exit code instead of each printing their own error or waiting
-    forever.
-    """
-    error: BaseException | None = None
-    if ctx.is_local_leader:
+
+def _run_where(ctx: DistContext, here: bool, fn: Callable[[], T]) -> T | None:
+    """`fn()` on the ranks where `here` (None elsewhere); a PipelineError of it ends the job
+    once (`_raise_once`). A collective."""
+    result, error = None, None
+    if here:
         try:
-            leader_fn()
+            result = fn()
         except PipelineError as e:
             error = e
     code = torch.tensor([error.exit_code if error else 0], dtype=torch.int32)
     dist.all_reduce(code, op=dist.ReduceOp.MAX, group=ctx.control_group)
-    if error is not None:
-        raise error
-    if code.item():
-        raise PeerFailed(int(code.item()))
+    _raise_once(error, int(code.item()))
+    return result
+
+
+def leader_then_all(
+    ctx: DistContext, leader_fn: Callable[[], object], all_fn: Callable[[], T]
+) -> T:
+    """Run `leader_fn` on each node's local rank 0, then `all_fn` everywhere; a failure of a
+    leader ends the job once (`_raise_once`)."""
+    _run_where(ctx, ctx.is_local_leader, leader_fn)
     return all_fn()
 
 
@@ -309,26 +319,15 @@ def gather_to_main(ctx: DistContext, obj: T) -> list[T] | None:
 
 
 def on_main(ctx: DistContext, fn: Callable[[], T]) -> T | None:
-    """`fn()` on rank 0 (None elsewhere). A PipelineError there is raised there; every other
-    rank ends quietly with the same exit code. A collective."""
-    result, error = None, None
-    if ctx.is_main:
-        try:
-            result = fn()
-        except PipelineError as e:
-            error = e
-    code = broadcast_object(ctx, error.exit_code if error else 0)
-    if error is not None:
-        raise error
-    if code:
-        raise PeerFailed(code)
-    return result
+    """`fn()` on rank 0 (None elsewhere); a PipelineError there ends the job once
+    (`_raise_once`). A collective."""
+    return _run_where(ctx, ctx.is_main, fn)
 
 
 def raise_on_main(ctx: DistContext, error: PipelineError) -> None:
-    """Raise an error every rank knows alike (from values they agreed on) once: `error` on rank
-    0, which reports it, and `PeerFailed` with its exit code on the others."""
-    raise error if ctx.is_main else PeerFailed(error.exit_code)
+    """End the job once (`_raise_once`) with an error every rank knows alike (from values they
+    agreed on, or one rank 0 shared): raised on rank 0, no collective needed."""
+    _raise_once(error if ctx.is_main else None, error.exit_code)
 
 
 def barrier(ctx: DistContext) -> None:
@@ -350,27 +349,36 @@ _NCCL_LOCAL = (
 
 def _local_nccl_failure(text: str) -> bool:
     text = text.lower()
-    # Before ncclRemoteError existed, NCCL reported a peer that exited as a system error.
+    # NCCL's system error also stands for a peer that exited; torch's reading then says "remote".
     return "nccl" in text and any(k in text for k in _NCCL_LOCAL) and "remote" not in text
+
+
+# Gloo raises a plain RuntimeError for a lost peer and a timeout alike: only its text (gloo's
+# source path, which its messages carry, or the socket's complaint) says a collective failed.
+_GLOO = ("gloo", "connection closed", "connection reset")
 
 
 def collective_failure(
     e: BaseException, timeout_s: float | None = None, starting: bool = False
 ) -> DistributedError | None:
     """What a failed collective means for a person, or None when `e` is not one; `starting`:
-    it failed while the process group started.
+    it failed while the process group started. A failure also marks this process's groups as
+    broken, for `shutdown`.
 
-    torch raises a DistError subclass for most of these, but gloo's lost peers and some
-    timeouts still arrive as a plain RuntimeError, recognisable only by their text. A failure
-    also marks this process's groups as broken, for `shutdown`.
+    Told by type where torch gives one: a `DistError` is a collective's failure, a
+    `DistBackendError` NCCL's, a `DistStoreError` the rendezvous store's timeout. The text is
+    read only where torch has no finer type: gloo's plain RuntimeErrors (`_GLOO`); which NCCL
+    errors are this rank's GPU's (`_NCCL_LOCAL`, NCCL's own names); and the timeouts that
+    arrive as one of the other errors (gloo's "Timed out waiting", NCCL's watchdog, the store
+    socket's "Socket Timeout", a DistNetworkError).
     """
     global _broken
     text = str(e).lower()
-    markers = ("gloo", "nccl", "connection closed", "timed out", "connection reset")
-    if not isinstance(e, dist.DistError) and not any(k in text for k in markers):
+    if not isinstance(e, dist.DistError) and not any(k in text for k in _GLOO):
         return None
     _broken = True
-    if _local_nccl_failure(text):
+    nccl = isinstance(e, dist.DistBackendError)
+    if nccl and _local_nccl_failure(text):
         # torch's text: "NCCL error in: FILE:LINE, REASON, NCCL version V", then NCCL's
         # reading of it, then "Last error:" and NCCL's last message.
         lines = [line.strip().rstrip(".") for line in str(e).splitlines()]
@@ -381,10 +389,10 @@ def collective_failure(
             "run with NCCL_DEBUG=INFO for NCCL's reason, check the GPU with nvidia-smi, or "
             "use dist.backend=gloo"
         )
-    if "timed out" in text or "timeout" in text:
+    if isinstance(e, dist.DistStoreError) or "timed out" in text or "timeout" in text:
         timeout_s = timeout_s or _timeout_s
         limit = f"dist.timeout_s={timeout_s:g} s" if timeout_s else "dist.timeout_s"
-        if "watchdog" in text or "nccl" in text:
+        if nccl:
             waited = f"{timeout_s * NCCL_TIMEOUT_FACTOR:g} s " if timeout_s else ""
             return DistributedError(
                 f"an NCCL collective waited more than {waited}({NCCL_TIMEOUT_FACTOR} x "

@@ -26,8 +26,7 @@ import yaml
 from pipeline.atomic import write_atomic
 from pipeline.errors import DataError
 from pipeline.results.plots import pyplot
-from pipeline.results.records import RunRecords, summarize
-from pipeline.tracking.jsonl import read_jsonl
+from pipeline.results.records import RunRecords, metric_text, percent, read_records, summarize
 
 # Settings that never tell runs apart for a reader: where files live, how it was logged.
 _IGNORED = ("train.run_dir", "train.resume", "data.root", "data.mirrors", "tracking.")
@@ -111,19 +110,14 @@ def read_run(path: Path) -> Run:
         return Run(path, f"broken ({why})")
     if not isinstance(config, dict):
         return Run(path, "broken (config.yaml is not a mapping)")
-    epochs = sorted(read_jsonl(path / "metrics.jsonl"), key=lambda r: r.get("epoch", 0))
-    steps = sorted(read_jsonl(path / "steps.jsonl"), key=lambda r: r.get("step", 0))
-    try:
-        summary = json.loads((path / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        summary = None
-    settings = _flatten(config)
-    if isinstance(summary, dict):
+    records = read_records(path)
+    epochs, settings = records.epochs, _flatten(config)
+    if records.summary is not None:
         state = "finished"
     else:
         done, total = (epochs[-1]["epoch"] if epochs else 0), settings.get("train.epochs", "?")
         state = f"unfinished ({done} of {total} epochs)"
-    return Run(path, state, settings, epochs, steps, summary if isinstance(summary, dict) else {})
+    return Run(path, state, settings, epochs, records.steps, records.summary or {})
 
 
 def differing(runs: list[Run]) -> list[str]:
@@ -142,10 +136,6 @@ def _value(v: Any) -> str:
     if v is None:
         return "-"
     return str(v).lower() if isinstance(v, bool) else str(v)
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{v * 100:.2f}%"
 
 
 def _num(v: float | None, fmt: str) -> str:
@@ -206,17 +196,11 @@ def seed_groups(runs: list[Run], keys: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def _metric_value(metric: str | None, value: float | None) -> str:
-    if value is None or metric is None:
-        return "-"
-    return _pct(value) if metric.endswith("accuracy") else f"{value:.4f}"
-
-
 def _selected(row: dict[str, Any]) -> str:
     if row["selected_epoch"] is None:
         return "-"
     metric = row["selection_metric"]
-    shown = f"{row['selected_epoch']} ({metric} {_metric_value(metric, row['selected_value'])})"
+    shown = f"{row['selected_epoch']} ({metric} {metric_text(metric, row['selected_value'], '-')})"
     return shown + (" on test: no val split" if metric.startswith("test") else "")
 
 
@@ -235,7 +219,7 @@ def markdown(runs: list[Run], keys: list[str]) -> str:
     for row in rows(runs, keys):
         state = row["state"] + (" (early stop)" if row["stop_reason"] == "early_stop" else "")
         cells = [row["run"], *(_value(row[k]) for k in keys), state, str(row["epochs"])]
-        cells += [_selected(row), _pct(row["test_accuracy"])]
+        cells += [_selected(row), percent(row["test_accuracy"], "-")]
         cells += [_num(row["final_train_loss"], ".4f"), _num(row["train_time_s"], ".1f")]
         cells += [_num(row["images_per_s"], ",.0f")]
         lines.append("| " + " | ".join(cells) + " |")

@@ -2,7 +2,8 @@
 
 Training writes metrics.jsonl (one record per epoch), steps.jsonl (one record per logging
 interval) and summary.json (once it finished). They are read from a finished run or one still
-running: a last line cut short by a writer is skipped.
+running: a last line cut short by a writer is skipped. `read_records` is the one reader of a run
+directory, `percent` the one way an accuracy is printed.
 """
 
 from __future__ import annotations
@@ -34,27 +35,37 @@ def _unique(records: list[dict], key: str) -> list[dict]:
     return [by_key[k] for k in sorted(by_key)]
 
 
+def read_summary(run_dir: Path) -> dict | None:
+    """The run's summary.json (written once it finished); None where it is missing or unreadable."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def read_records(run_dir: Path) -> RunRecords:
+    """What `run_dir` holds, as far as it holds anything (a missing file has no records)."""
+    files = [run_dir / "metrics.jsonl", run_dir / "steps.jsonl"]
+    return RunRecords(
+        run_dir=run_dir,
+        epochs=_unique(read_jsonl(files[0]), "epoch"),
+        steps=_unique(read_jsonl(files[1]), "step"),
+        summary=read_summary(run_dir),
+        last_write=max((f.stat().st_mtime for f in files if f.exists()), default=0.0),
+    )
+
+
 def load_run(run_dir: Path) -> RunRecords:
     """Read a run directory; DataError when it is missing or holds no metrics yet."""
     if not run_dir.is_dir():
         raise DataError(f"run directory {run_dir} does not exist; pass the train.run_dir of a run")
-    files = [run_dir / "metrics.jsonl", run_dir / "steps.jsonl"]
-    run = RunRecords(
-        run_dir=run_dir,
-        epochs=_unique(read_jsonl(files[0]), "epoch"),
-        steps=_unique(read_jsonl(files[1]), "step"),
-        last_write=max((f.stat().st_mtime for f in files if f.exists()), default=0.0),
-    )
+    run = read_records(run_dir)
     if not run.epochs and not run.steps:
         raise DataError(
             f"no metrics in {run_dir} yet (metrics.jsonl and steps.jsonl are missing or empty); "
             "run the report again once training has logged its first steps"
         )
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-        run.summary = summary if isinstance(summary, dict) else None
-    except (OSError, json.JSONDecodeError):
-        run.summary = None
     return run
 
 
@@ -76,16 +87,9 @@ def summarize(run: RunRecords) -> dict[str, Any]:
     selected, value = summary.get("selected_epoch"), summary.get("selected_value")
     test = {k: summary.get(k) if finished else None for k in ("test_accuracy", "test_loss")}
     test["test_of"] = summary.get("test_of") if finished else None
-    if (not finished or "selected_epoch" not in summary) and epochs:
-        # Still running, or a run of a version before selection: the best epoch by the records
-        # (the first of the best: a tie does not improve).
-        first_best = max(epochs, key=lambda r: r.get(metric, 0))["epoch"]
-        selected = epochs[-1].get("best_epoch", first_best)
-        chosen = next(r for r in epochs if r["epoch"] == selected)
-        value = chosen.get(metric)
-        if finished and metric == "test_accuracy":  # that epoch's test is the selected model's
-            test = {k: chosen.get(k) for k in ("test_accuracy", "test_loss")}
-            test["test_of"] = f"epoch {selected}"
+    if not finished and epochs:  # still running: the best epoch so far, by the records
+        selected = epochs[-1]["best_epoch"]
+        value = next(r for r in epochs if r["epoch"] == selected).get(metric)
     return {
         "epochs": epochs[-1]["epoch"] if epochs else 0,
         "global_step": last_step,
@@ -103,18 +107,26 @@ def summarize(run: RunRecords) -> dict[str, Any]:
     }
 
 
-def _percent(value: float | None) -> str:
-    return "n/a (no epoch finished yet)" if value is None else f"{value * 100:.2f}%"
+def percent(value: float | None, missing: str = "n/a") -> str:
+    """An accuracy (a fraction) as every command prints it: 0.98765 -> 98.77%."""
+    return missing if value is None else f"{value * 100:.2f}%"
+
+
+def metric_text(metric: str, value: float | None, missing: str = "n/a") -> str:
+    """A selection metric's value as printed: an accuracy as a percentage, a loss to 4 places."""
+    if value is None:
+        return missing
+    return percent(value) if metric.endswith("accuracy") else f"{value:.4f}"
 
 
 def _last_epoch(r: dict | None) -> str:
     if r is None:
         return "n/a (no epoch finished yet)"
     split = "val" if "val_accuracy" in r else "test"
-    text = f"{split} accuracy {r[f'{split}_accuracy'] * 100:.2f}%, {split} loss "
+    text = f"{split} accuracy {percent(r[f'{split}_accuracy'])}, {split} loss "
     text += f"{r[f'{split}_loss']:.4f}"
     if "test_accuracy_this_epoch" in r:
-        text += f"; test accuracy this epoch {r['test_accuracy_this_epoch'] * 100:.2f}%"
+        text += f"; test accuracy this epoch {percent(r['test_accuracy_this_epoch'])}"
     return text
 
 
@@ -135,8 +147,7 @@ def summary_text(run: RunRecords, s: dict[str, Any]) -> str:
     if s["selected_epoch"] is None:
         selected = "n/a (no epoch finished yet)"
     else:
-        value = s["selected_value"]
-        shown = _percent(value) if metric.endswith("accuracy") else f"{value:.4f}"
+        shown = metric_text(metric, s["selected_value"], "n/a (no epoch finished yet)")
         selected = f"epoch {s['selected_epoch']} by {metric} ({shown})"
         if s["selection_split"] == "test":
             selected += ", on the test set: no validation split"
@@ -145,7 +156,7 @@ def summary_text(run: RunRecords, s: dict[str, Any]) -> str:
     if s["test_accuracy"] is None:
         tested = "n/a (the selected model is tested when the run ends)"
     else:
-        tested = f"{_percent(s['test_accuracy'])} (test loss {s['test_loss']:.4f}, "
+        tested = f"{percent(s['test_accuracy'])} (test loss {s['test_loss']:.4f}, "
         tested += f"of {s['test_of']})"
     throughput = "n/a" if s["mean_images_per_s"] is None else f"{s['mean_images_per_s']:,.0f}"
     return "\n".join(

@@ -58,12 +58,6 @@ _SPEED = "speed.json"  # in a build directory: the timings `auto` decided on
 _ROUNDS, _PASSES = 5, 2  # the timing: rounds of each path in turn, passes a round
 
 
-def wanted(setting: str | bool) -> bool:
-    """Whether `train.fused_conv` (auto, true, false) may use the kernels: true and auto (auto
-    then uses them where they are faster, see `choose`)."""
-    return str(setting).lower() in ("true", "auto")  # older checkpoints' configs hold a bool
-
-
 def load(variant: str | None = None) -> str | None:
     """Build (once) and load the kernels of `variant` (default: this CPU's); None when they
     are ready, else why they are not."""
@@ -71,7 +65,7 @@ def load(variant: str | None = None) -> str | None:
 
 
 def choose(
-    setting: str | bool,
+    setting: str,
     batch: int,
     kernel_size: int = 5,
     precision: str = "fp32",
@@ -79,7 +73,6 @@ def choose(
 ) -> tuple[bool, str]:
     """Whether a run with `train.fused_conv=setting` trains on the kernels, and why, in a few
     words for the run's header. `batch`: the images of one forward pass on this rank."""
-    setting = str(setting).lower()
     if torch.device(device).type != "cpu":
         return False, "torch's ops (the fused conv kernels are CPU kernels)"
     if setting == "false":

@@ -10,7 +10,6 @@ point, as in a terminal: each saves a checkpoint and stops, and the same command
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.results.records import metric_text, percent, read_summary
 from pipeline.sweeps.spec import Point, Sweep
 
 
@@ -59,15 +59,12 @@ def _last_error(log: Path) -> str:
 
 def _result(point: Point) -> str:
     """The point's selection and its test, from its summary.json."""
-    try:
-        s = json.loads((point.run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return ""
+    s = read_summary(point.run_dir) or {}
     metric, value, test = s.get("selection_metric"), s.get("selected_value"), s.get("test_accuracy")
     if metric is None or value is None or test is None:
         return ""
-    shown = f"{value * 100:.2f}%" if metric.endswith("accuracy") else f"{value:.4f}"
-    return f": {metric} {shown} (epoch {s.get('selected_epoch')}), test accuracy {test * 100:.2f}%"
+    shown = metric_text(metric, value)
+    return f": {metric} {shown} (epoch {s.get('selected_epoch')}), test accuracy {percent(test)}"
 
 
 def run(

@@ -20,38 +20,22 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from pipeline.atomic import write_atomic
-from pipeline.config.schema import Config
-from pipeline.data.device import eval_indices, load_splits, normalize_and_pad
+from pipeline.config.schema import Config, check_precision, micro_batch
+from pipeline.data.device import load_splits
+from pipeline.data.sets import eval_share
 from pipeline.dist import group
-from pipeline.errors import describe
+from pipeline.errors import ConfigError, describe
 from pipeline.results.plots import pyplot_or_none
-from pipeline.tracking.jsonl import read_jsonl
-from pipeline.tracking.wandb_run import WandbUnavailable, new_run_id, open_run, resolve_mode
+from pipeline.results.records import percent, read_records
+from pipeline.tracking.wandb_run import WandbSink, WandbUnavailable, new_run_id, resolve_mode
 from pipeline.trained import figures, loading
-from pipeline.training import checkpoint
-from pipeline.training.engine import autocast, evaluate, loss_function, place_model
+from pipeline.training.engine import evaluate, loss_function, place_model
 
 log = logging.getLogger(__name__)
 
 CLASSES = 10
-
-
-@torch.no_grad()
-def predictions(
-    model: nn.Module, x: torch.Tensor, batch_size: int, precision: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's predicted class and the softmax probability the model gives it."""
-    model.eval()
-    probs = []
-    for i in range(0, len(x), batch_size):
-        with autocast(x.device, precision):
-            out = model(x[i : i + batch_size])
-        probs.append(out.float().softmax(1))
-    confidence, predicted = torch.cat(probs).max(1)
-    return predicted, confidence
 
 
 def confusion(y: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
@@ -92,14 +76,11 @@ def reported_accuracy(run_dir: Path, step: int) -> float | None:
     """The test accuracy training logged for the model of global step `step`, if any: the
     test of the model the run ended with (summary.json), or an epoch's (metrics.jsonl: without
     a validation split, or with train.test_every_epoch)."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        summary = None
-    if isinstance(summary, dict) and summary.get("test_step") == step:
-        return summary.get("test_accuracy")
+    run = read_records(run_dir)
+    if run.summary is not None and run.summary.get("test_step") == step:
+        return run.summary.get("test_accuracy")
     found = None
-    for record in read_jsonl(run_dir / "metrics.jsonl"):
+    for record in run.epochs:
         if record.get("step") == step:
             found = record.get("test_accuracy", record.get("test_accuracy_this_epoch", found))
     return found
@@ -113,17 +94,16 @@ def summary_text(results: dict) -> str:
         f"checkpoint:      {results['checkpoint']} (global step {results['global_step']}, "
         f"{results['epochs_done']} epoch(s) done)",
         f"test images:     {results['test_count']:,}",
-        f"test accuracy:   {results['test_accuracy'] * 100:.2f}% "
+        f"test accuracy:   {percent(results['test_accuracy'])} "
         f"({results['correct']:,} correct, {results['test_count'] - results['correct']} wrong)",
         f"test loss:       {results['test_loss']:.4f}",
     ]
     if reported is not None:
         same = "the same" if reported == results["test_accuracy"] else "DIFFERENT"
-        lines.append(f"training logged: {reported * 100:.2f}% at this step ({same})")
+        lines.append(f"training logged: {percent(reported)} at this step ({same})")
     lines += [
-        "per class:       "
-        + "  ".join(f"{c}: {per_class[c] * 100:.2f}%" for c in sorted(per_class)),
-        "weakest classes: " + ", ".join(f"{c} ({per_class[c] * 100:.2f}%)" for c in worst),
+        "per class:       " + "  ".join(f"{c}: {percent(per_class[c])}" for c in sorted(per_class)),
+        "weakest classes: " + ", ".join(f"{c} ({percent(per_class[c])})" for c in worst),
     ]
     return "\n".join(lines)
 
@@ -131,36 +111,18 @@ def summary_text(results: dict) -> str:
 def to_wandb(state: dict, cfg: Config, mode: str, run_dir: Path, results: dict, files: dict):
     """Log the numbers and pictures to the checkpoint's W&B run (a new one when it had none);
     a W&B failure is a warning."""
-    t = cfg.tracking
+    sink = WandbSink(run_dir, cfg.tracking, mode)
     try:
-        run = open_run(
-            mode,
-            run_dir=run_dir,
-            run_id=state.get("run_id") or new_run_id(),
-            project=t.project,
-            entity=t.entity,
-            name=t.name,
-            group=t.group,
-            config=state["config"],
-        )
+        sink.open(state.get("run_id") or new_run_id(), state["config"], cfg.tracking.group)
     except WandbUnavailable as e:
         log.warning(f"the evaluation is not sent to W&B: {e}")
         return
     try:
-        # No step: a finished run's steps are all taken, the rows go after them.
-        run.run.log(
-            {
-                "eval/test_accuracy": results["test_accuracy"],
-                "eval/test_loss": results["test_loss"],
-                **{f"eval/{k}": run.wandb.Image(str(v)) for k, v in files.items()},
-            }
-        )
-        run.summary({"eval/test_accuracy": results["test_accuracy"]})
-        run.finish()
+        sink.log_evaluation(results, files)
     except Exception as e:
         log.warning(f"the evaluation could not be sent to W&B ({describe(e, with_type=True)})")
         return
-    log.info(f"sent to W&B run {run.run.id}" + (f": {run.url}" if run.url else ""))
+    log.info(f"sent to W&B run {sink.run_id}" + (f": {sink.url}" if sink.url else ""))
 
 
 def run(
@@ -176,25 +138,23 @@ def run(
     newest checkpoint; see `loading.find_checkpoint`) on its dataset's test set; rank 0 writes
     the results into `out` (default: beside the checkpoint, eval/) and prints the summary."""
     plt = pyplot_or_none()
-    path, state = checkpoint.load_on_main(ctx, lambda: loading.find_checkpoint(target, last))
-    log.info(loading.chosen(path, state, target, last))
-    cfg = loading.config_of(state, path)
-    model = loading.build_model(state, cfg, path)
-    micro_batch = cfg.train.batch_size // (ctx.world_size * cfg.train.grad_accum)
-    place_model(model, cfg, ctx.device, micro_batch)  # the conv path training would take here
+    path, state, cfg, model = loading.load(target, last, ctx)
+    # The conv path training would take here.
+    place_model(model, cfg, ctx.device, micro_batch(cfg, ctx.world_size))
     precision = cfg.train.precision
-    if precision == "fp16" and ctx.device.type != "cuda":
+    try:
+        check_precision(precision, ctx.device.type)
+    except ConfigError:  # training's rule; a trained model is evaluated in fp32 instead
         log.warning("the checkpoint trained in fp16, which needs CUDA; evaluating in fp32")
         precision = "fp32"
     raw = load_splits(cfg.data, ctx, splits=("test",), root=data_root)
-    images, labels = raw["test_images"], raw["test_labels"]
-    index = eval_indices(len(labels), ctx.rank, ctx.world_size)
-    x = normalize_and_pad(images, ctx.device)[index.to(ctx.device)]
-    y = labels.to(ctx.device, torch.long)[index.to(ctx.device)]
+    x, y, index = eval_share(raw, "test", ctx)
 
-    batch = cfg.train.eval_batch_size
-    result = evaluate(model, x, y, batch, loss_function(cfg.train.loss), precision)
-    predicted, confidence = predictions(model, x, batch, precision)
+    # One pass: the loss and accuracy, and each image's predicted class and its probability.
+    outs: list[torch.Tensor] = []
+    criterion = loss_function(cfg.train.loss)
+    result = evaluate(model, x, y, cfg.train.eval_batch_size, criterion, precision, outs)
+    confidence, predicted = torch.cat([out.float().softmax(1) for out in outs]).max(1)
     matrix = confusion(y, predicted)
     worst = worst_mistakes(ctx, index, y, predicted, confidence, mistakes)
     if worst is None:
@@ -227,7 +187,9 @@ def run(
         title = f"{path.parent.resolve().name}, step {state.get('global_step')}"
         pictures = {
             "confusion_matrix": figures.confusion_png(matrix, out / "confusion_matrix.png", title),
-            "mistakes": figures.mistakes_png(images, worst, out / "mistakes.png", title),
+            "mistakes": figures.mistakes_png(
+                raw["test_images"], worst, out / "mistakes.png", title
+            ),
         }
         written += [p.name for p in pictures.values()]
     print(f"wrote {', '.join(written)} in {out}")

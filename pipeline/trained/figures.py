@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from pipeline.results.plots import pyplot
+from pipeline.results.records import percent
 
 COLUMNS = 8  # of the mistakes grid
 
@@ -43,7 +44,7 @@ def confusion_png(matrix: torch.Tensor, path: Path, title: str) -> Path:
     ax.set(
         xlabel="predicted label",
         ylabel="true label (accuracy of the class)",
-        title=f"Confusion matrix: {accuracy * 100:.2f}% of {total:,}\n{title}",
+        title=f"Confusion matrix: {percent(accuracy)} of {total:,}\n{title}",
     )
     fig.colorbar(image, ax=ax, label="images (log scale)")
     fig.tight_layout()

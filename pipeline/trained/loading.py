@@ -4,9 +4,10 @@ start.
 `find_checkpoint` takes what a user passes: a run directory (its best.pt, the checkpoint of the
 epoch training selected, where it kept one; with `last`, or where there is none, its newest
 valid checkpoint) or a file; `chosen` is the line that says which one is used. `config_of`
-reads the run's config from the checkpoint through the config's own conversion and checks (keys
-of other versions of the project are left out, missing ones get their defaults), and
-`build_model` gives the checkpoint's `LeNet` variant with its weights.
+reads the run's config from the checkpoint through the config's own conversion and checks (a
+key it does not know is refused; a missing one gets its default), and
+`build_model` gives the checkpoint's `LeNet` variant with its weights. `load` does all of it:
+the one way evaluate, export and predict read a trained model.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import logging
 from pathlib import Path
 
 from pipeline.config.schema import Config, from_dict
+from pipeline.dist.group import DistContext
 from pipeline.errors import CheckpointError, ConfigError, describe
 from pipeline.model import LeNet
+from pipeline.results.records import metric_text
 from pipeline.training import checkpoint
-from pipeline.training.selection import show
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,8 @@ def chosen(path: Path, state: dict, target: Path, last: bool = False) -> str:
     best = state.get("best")
     if path.name == checkpoint.BEST and isinstance(best, dict):
         metric = str(best.get("metric"))
-        how = f"using {where}: the epoch selected by {metric} {show(metric, best.get('value'))}"
+        shown = metric_text(metric, best.get("value"))
+        how = f"using {where}: the epoch selected by {metric} {shown}"
         return how + ("; --last for the newest checkpoint" if target.is_dir() else "")
     if not target.is_dir():
         return f"using {where}"
@@ -109,11 +112,17 @@ def build_model(state: dict, cfg: Config, path: Path) -> LeNet:
     return model.eval()
 
 
-def load(target: Path, last: bool = False) -> tuple[Path, dict, Config, LeNet]:
-    """The checkpoint `target` names (see `find_checkpoint`): its path, its state, its config
-    and its model; the line saying which it is is logged."""
-    path = find_checkpoint(target, last)
-    state = checkpoint.load(path)
+def load(
+    target: Path, last: bool = False, ctx: DistContext | None = None
+) -> tuple[Path, dict, Config, LeNet]:
+    """The checkpoint `target` names (see `find_checkpoint`): its path, state, config and model
+    (on CPU); the line saying which it is is logged. With `ctx` (a started process group) rank 0
+    reads the file and every rank gets the same (a collective, `checkpoint.load_on_main`)."""
+    if ctx is None:
+        path = find_checkpoint(target, last)
+        state = checkpoint.load(path)
+    else:
+        path, state = checkpoint.load_on_main(ctx, lambda: find_checkpoint(target, last))
     log.info(chosen(path, state, target, last))
     cfg = config_of(state, path)
     return path, state, cfg, build_model(state, cfg, path)

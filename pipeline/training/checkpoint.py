@@ -7,7 +7,7 @@ holds the SHA-256 of every other record (names and contents): a file whose recor
 it, or that is not a whole archive, is reported and skipped. The file is written to a temporary
 file in the run directory, flushed, fsynced and renamed over, so a process killed mid-write
 leaves either the old set of checkpoints or the new one, never a file that passes for a
-checkpoint. Files of the earlier format (a header, the SHA-256, then the payload) are still read.
+checkpoint. A resume also insists on the keys of this format (`FORMAT`, the config's layout).
 """
 
 from __future__ import annotations
@@ -27,15 +27,13 @@ import numpy as np
 import torch
 
 from pipeline.atomic import write_atomic
-from pipeline.config.schema import Config, to_dict
 from pipeline.data.split import same_split
-from pipeline.dist.group import DistContext, broadcast_object, gather_to_main
-from pipeline.errors import CheckpointError, PeerFailed, describe
+from pipeline.dist.group import DistContext, broadcast_object, gather_to_main, raise_on_main
+from pipeline.errors import CheckpointError, describe
 
 log = logging.getLogger(__name__)
 
 DIGEST_RECORD = "lenet-ddp.sha256"  # in the archive's folder, beside torch's own records
-LEGACY_MAGIC = b"LENET-DDP-CKPT-1\n"  # the earlier format: header, SHA-256, payload
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 
 # Keys that must match between a checkpoint and the run resuming it: they change the model,
@@ -59,6 +57,8 @@ MUST_MATCH = {
     "checkpoint": ("select",),
 }
 BEST = "best.pt"  # the checkpoint of the selected epoch, beside the rotating ones
+# What a resume reads of a checkpoint beside its engine's and progress' own states.
+FORMAT = ("config", "selection", "split", "rng", "world_size", "steps_per_epoch")
 
 
 def checkpoint_name(step: int) -> str:
@@ -146,6 +146,13 @@ def _corrupt(path: Path, why: str) -> CheckpointError:
     return CheckpointError(f"checkpoint {path} is truncated or corrupt ({why})")
 
 
+def _foreign(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a checkpoint of this pipeline ({why}); pass a ckpt-*.pt file of a run "
+        "directory"
+    )
+
+
 def _verify_archive(blob: bytes, path: Path) -> None:
     """Raise CheckpointError unless `blob` is a whole archive whose records match its digest."""
     try:
@@ -166,28 +173,13 @@ def _verify_archive(blob: bytes, path: Path) -> None:
         raise _corrupt(path, "checksum mismatch")
 
 
-def _payload(blob: bytes, path: Path) -> bytes:
-    """The torch.save bytes of a checkpoint file, verified (either format)."""
-    if blob.startswith(LEGACY_MAGIC):
-        head = len(LEGACY_MAGIC) + 65
-        digest, payload = blob[len(LEGACY_MAGIC) : head - 1], blob[head:]
-        if hashlib.sha256(payload).hexdigest().encode() != digest:
-            raise _corrupt(path, "checksum mismatch")
-        return payload
-    if not blob.startswith(b"PK\x03\x04"):
-        raise CheckpointError(
-            f"{path} is not a checkpoint of this pipeline (bad header: not a PyTorch archive); "
-            "pass a ckpt-*.pt file of a run directory"
-        )
-    _verify_archive(blob, path)
-    return blob
-
-
 def parse(blob: bytes, path: Path) -> dict:
     """Verify and decode the bytes of checkpoint file `path`."""
-    payload = _payload(blob, path)
+    if not blob.startswith(b"PK\x03\x04"):
+        raise _foreign(path, "bad header: not a PyTorch archive")
+    _verify_archive(blob, path)
     try:
-        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {describe(e)}") from e
     if not isinstance(state, dict):
@@ -218,46 +210,47 @@ def check_compatible(
     world_size: int,
     steps_per_epoch: int,
     path: Path,
-    split: dict | None = None,
+    split: dict,
 ) -> None:
-    """Raise CheckpointError naming the first setting that differs in a way resume cannot bear.
+    """Raise CheckpointError naming the first setting that differs in a way resume cannot bear,
+    or saying that `saved` is of another format (it lacks a key of `FORMAT`, or its config has
+    other keys than `current`).
 
     Another world size is fine where it gives the same optimizer steps per epoch (it does
-    unless the training set does not split evenly); checkpoints written before that was
-    recorded resume on their own world size only. `split` (this run's
+    unless the training set does not split evenly). `split` (this run's
     `pipeline.data.split.Split.record()`) must hold out the images the checkpoint's did.
     """
-    old, defaults = saved["config"], to_dict(Config())
+    missing = [key for key in FORMAT if key not in saved]
+    if missing or _layout(saved["config"]) != _layout(current):
+        raise _foreign(path, f"it has no {missing[0]}" if missing else "its config has other keys")
+    old = saved["config"]
     for section, keys in MUST_MATCH.items():
         for key in keys or current[section]:
-            # A key the checkpoint predates had its default value then.
-            a = old.get(section, {}).get(key, defaults[section][key])
-            b = current[section][key]
+            a, b = old[section][key], current[section][key]
             if a != b:
                 raise CheckpointError(
                     f"checkpoint {path} was written with {section}.{key}={a!r}, this run has "
                     f"{section}.{key}={b!r}; resume with the same value or start a new run "
                     "(another train.run_dir)"
                 )
-    if split is not None and not same_split(saved.get("split"), split):
+    if not same_split(saved["split"], split):
         raise CheckpointError(
             f"checkpoint {path} was trained with other validation images held out (its "
             f"split.json digest differs from this run's, data.val_size={split['val_size']}); "
             "resume with the data it was trained on or start a new run (another train.run_dir)"
         )
-    old_world, old_steps = saved.get("world_size"), saved.get("steps_per_epoch")
-    if old_steps is None and old_world != world_size:
-        raise CheckpointError(
-            f"checkpoint {path} was written by a world of {old_world} rank(s) and does not "
-            f"record its epoch length; resume it with {old_world} processes, or start a new "
-            "run (another train.run_dir)"
-        )
-    if old_steps is not None and old_steps != steps_per_epoch:
+    old_world, old_steps = saved["world_size"], saved["steps_per_epoch"]
+    if old_steps != steps_per_epoch:
         raise CheckpointError(
             f"checkpoint {path} was written with {old_steps} steps per epoch (world "
             f"{old_world}), this run has {steps_per_epoch} (world {world_size}): the training "
             f"set does not split alike; resume with {old_world} processes or start a new run"
         )
+
+
+def _layout(config: dict) -> dict:
+    """The sections of a config and their keys."""
+    return {section: sorted(values) for section, values in config.items()}
 
 
 def choose(run_dir: Path, resume: str) -> Path | None:
@@ -290,28 +283,15 @@ def rng_state(device: torch.device) -> dict:
     }
 
 
-def cuda_rng_for(saved: list, index: int) -> torch.Tensor | None:
-    """The saved CUDA generator state that the GPU `index` of a resuming rank takes, or None.
-
-    `saved` holds the saving rank's own GPU only (one entry); checkpoints of earlier versions
-    hold one per GPU the saving process saw, its own at its local rank, i.e. at the index of
-    the resuming rank's GPU on the same layout. A list too short for `index` gives its first.
-    """
-    if not saved:
-        return None
-    return saved[index] if index < len(saved) else saved[0]
-
-
 def set_rng_state(state: dict, device: torch.device) -> None:
-    """Restore `state` (of `rng_state`); its CUDA part onto `device` only, when it is a GPU."""
+    """Restore `state` (of `rng_state`); its CUDA generator (the saving rank's own GPU's, none
+    from a CPU rank) onto `device` only, when it is a GPU, whichever GPU that is."""
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy(), *rest))
     torch.set_rng_state(state["torch"])
-    if device.type == "cuda":
-        cuda = cuda_rng_for(state.get("cuda", []), device.index or 0)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
+    if device.type == "cuda" and state["cuda"]:
+        torch.cuda.set_rng_state(state["cuda"][0], device)
 
 
 def git_revision() -> str | None:
@@ -328,20 +308,34 @@ def git_revision() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def save_all_ranks(
-    ctx: DistContext, run_dir: Path, step: int, state: dict, keep: int, best: dict | None = None
-) -> None:
-    """Collective: gather every rank's RNG state to rank 0, which writes the checkpoint; with
-    `best` (see `save_best`) it writes best.pt instead, and rotates nothing."""
-    buf = io.BytesIO()
-    torch.save(state["rng"], buf)  # plain bytes travel safely through the object collectives
-    blobs = gather_to_main(ctx, buf.getvalue())
-    if blobs is not None:
-        rngs = [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
-        if best is not None:
-            save_best(run_dir, {**state, "rng": rngs}, best)
-        else:
-            save(run_dir, step, {**state, "rng": rngs}, keep)
+class Checkpoints:
+    """A run's checkpoint files as its ranks write and read them, the newest `keep` ckpt-*.pt
+    and best.pt (the Trainer's part; every method a collective)."""
+
+    def __init__(self, ctx: DistContext, run_dir: Path, keep: int):
+        self.ctx, self.run_dir, self.keep = ctx, run_dir, keep
+
+    def save(self, step: int, state: dict, best: dict | None = None) -> None:
+        """Gather every rank's RNG state to rank 0, which writes the checkpoint of `step`; with
+        `best` (see `save_best`) it writes best.pt instead, and rotates nothing."""
+        buf = io.BytesIO()
+        torch.save(state["rng"], buf)  # plain bytes travel safely through the object collectives
+        blobs = gather_to_main(self.ctx, buf.getvalue())
+        if blobs is not None:
+            rngs = [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
+            if best is not None:
+                save_best(self.run_dir, {**state, "rng": rngs}, best)
+            else:
+                save(self.run_dir, step, {**state, "rng": rngs}, self.keep)
+
+    def load_best(self) -> dict | None:
+        """best.pt's state on every rank; None, with a warning, where it is missing (a run
+        resumed with checkpoint.keep_best turned on after its best epoch)."""
+        path = self.run_dir / BEST
+        _, best = load_on_main(self.ctx, lambda: path if path.is_file() else None)
+        if best is None:
+            log.warning(f"{path} is missing: the test is of the last model")
+        return best
 
 
 def load_on_main(
@@ -349,7 +343,7 @@ def load_on_main(
 ) -> tuple[Path | None, dict | None]:
     """The checkpoint rank 0 picks with `locate`, and its state, on every rank (None, None:
     `locate` found none). Rank 0 reads the file; every rank decodes the same bytes, so no shared
-    disk is needed. An error of rank 0's is raised on every rank."""
+    disk is needed. An error of rank 0's ends the job once (`raise_on_main`)."""
     found: tuple[Path, bytes] | CheckpointError | None = None
     if ctx.is_main:
         path = None
@@ -362,7 +356,7 @@ def load_on_main(
             found = CheckpointError(f"cannot read checkpoint {path}: {e.strerror}")
     found = broadcast_object(ctx, found)
     if isinstance(found, CheckpointError):
-        raise found if ctx.is_main else PeerFailed(found.exit_code)
+        raise_on_main(ctx, found)
     if found is None:
         return None, None
     path, blob = found

@@ -34,9 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline.config.schema import Config, OptimConfig
+from pipeline.config.schema import Config, OptimConfig, check_precision, micro_batch
 from pipeline.dist.group import DistContext, all_reduce_sum
-from pipeline.errors import ConfigError
 from pipeline.speed import kernels
 
 log = logging.getLogger(__name__)
@@ -67,15 +66,6 @@ def bf16_warning(precision: str, device: torch.device, native_bf16: bool, gpu: s
         "8.0): torch emulates it, slower than fp32; use train.precision=fp16 (with its gradient "
         "scaler) or fp32"
     )
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    """Raise a one-line ConfigError when `precision` cannot run on `device`."""
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError(
-            f"config key train.precision: fp16 needs a CUDA device (it trains with a gradient "
-            f"scaler) but this run is on {device.type}; use train.precision=bf16 or fp32"
-        )
 
 
 def place_model(
@@ -184,14 +174,18 @@ def evaluate(
     batch_size: int,
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     precision: str = "fp32",
+    outputs: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Loss and accuracy over this rank's test images `x`, `y`, summed over all ranks."""
+    """Loss and accuracy over this rank's test images `x`, `y`, summed over all ranks; each
+    batch's output is appended to `outputs` where given (for numbers of one pass beside them)."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=x.device)
     for i in range(0, len(y), batch_size):
         xb, yb = x[i : i + batch_size], y[i : i + batch_size]
         with autocast(x.device, precision):
             out = model(xb)
+        if outputs is not None:
+            outputs.append(out)
         totals[0] += (criterion(out, yb) * len(yb)).double()
         totals[1] += (out.argmax(1) == yb).sum()
         totals[2] += len(yb)
@@ -217,7 +211,7 @@ class Engine:
         self.model, self.ctx, self.cfg = model, ctx, cfg
         self.device = ctx.device
         self.precision = cfg.train.precision
-        check_precision(self.precision, self.device)
+        check_precision(self.precision, self.device.type)
         if self.precision == "bf16" and self.device.type == "cuda":
             native = torch.cuda.is_bf16_supported(including_emulation=False)  # this rank's GPU
             problem = bf16_warning(
@@ -225,8 +219,9 @@ class Engine:
             )
             if problem:
                 log.warning(problem)
-        micro_batch = cfg.train.batch_size // (ctx.world_size * cfg.train.grad_accum)
-        self.fused_conv, self.conv_path = place_model(model, cfg, self.device, micro_batch)
+        self.fused_conv, self.conv_path = place_model(
+            model, cfg, self.device, micro_batch(cfg, ctx.world_size)
+        )
         # A world of one trains the plain model: DDP would all-reduce every gradient bucket with
         # no peer, a cost on each step for nothing.
         self.ddp = model

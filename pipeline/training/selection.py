@@ -17,6 +17,12 @@ across ranks (`dist.any_rank`), so that every rank takes the same branch at the 
 agreement never changes a decision; it makes sure no rank can wait in a collective that another
 skipped. The state is part of every checkpoint (`state_dict`): a resumed run selects and stops
 at the epoch an uninterrupted one does.
+
+`final_test` is the one test of a run, of the model it ends with, for summary.json (`test_*`).
+With checkpoint.keep_best it is best.pt: with a validation split its weights are read from the
+file and tested, so `python -m pipeline.evaluate RUN_DIR` reports exactly these numbers; without
+a split the selected epoch was tested when it ended. Otherwise (or before any whole epoch was
+judged) it is the last model.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from pipeline.config.schema import Config
+from pipeline.data.sets import EvalSets
+from pipeline.results.records import metric_text, percent
+from pipeline.training.checkpoint import BEST, Checkpoints
 
 # The numbers of an epoch's record that the selected epoch keeps (those it has).
 SCORES = ("val_loss", "val_accuracy", "test_loss", "test_accuracy")
@@ -97,9 +106,19 @@ class Selection:
         for name in kept:  # the settings are this run's (a resume insists they match)
             setattr(self, name, state[name])
 
-    def describe(self) -> str:
-        """`epoch 3 (val_accuracy 99.12%)`."""
-        return f"epoch {self.best_epoch} ({self.metric} {show(self.metric, self.best_value)})"
+    def final_test(self, engine, evals: EvalSets, last: dict, best: Checkpoints | None) -> dict:
+        """Test the model the run ends with on `engine` (see the module's text; a collective),
+        `last` the last epoch's record, `best` None where checkpoint.keep_best is off."""
+        if best is not None and self.best_epoch is not None:
+            if not evals.has_val:
+                return tested(self.best_scores, BEST, self.best_epoch, self.best_step)
+            state = best.load_best()
+            if state is not None:
+                engine.model.load_state_dict(state["model"])
+                epoch, step = state["best"]["epoch"], state["best"]["step"]
+                return tested(evals.test(engine), BEST, epoch, step)
+        scores = evals.test(engine) if evals.has_val else last
+        return tested(scores, "the last model", last["epoch"], last["step"])
 
     def summary(self) -> dict:
         """The selection's fields of summary.json."""
@@ -115,10 +134,16 @@ class Selection:
         }
 
 
-def show(metric: str, value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value * 100:.2f}%" if metric.endswith("accuracy") else f"{value:.4f}"
+def tested(scores: dict, what: str, epoch: int, step: int) -> dict:
+    """summary.json's fields of the test: its numbers and which model they are of."""
+    which = f"epoch {epoch}" if what == BEST else f"epoch {epoch}, step {step}"
+    return {
+        "test_accuracy": scores["test_accuracy"],
+        "test_loss": scores["test_loss"],
+        "test_of": f"{what} ({which})",
+        "test_epoch": epoch,
+        "test_step": step,
+    }
 
 
 def closing_line(summary: dict, patience: int, min_delta: float) -> str:
@@ -131,13 +156,13 @@ def closing_line(summary: dict, patience: int, min_delta: float) -> str:
         "max_steps": f"stopped at train.max_steps (epoch {summary['epochs']}, step "
         f"{summary['global_step']})",
     }.get(summary["stop_reason"], f"finished {summary['epochs']} epoch(s)")
-    chosen = f"selected epoch {epoch} ({metric} {show(metric, summary['selected_value'])})"
+    chosen = f"selected epoch {epoch} ({metric} {metric_text(metric, summary['selected_value'])})"
     if epoch is None:
         chosen = "no whole epoch to select from"
     elif summary["selection_split"] == "test":
         chosen += " on the test set: no validation split (data.val_size=0)"
     tested = (
-        f"test accuracy of {summary['test_of']}: {summary['test_accuracy'] * 100:.2f}% "
+        f"test accuracy of {summary['test_of']}: {percent(summary['test_accuracy'])} "
         f"(test loss {summary['test_loss']:.4f})"
     )
     return f"{how}; {chosen}; {tested}"

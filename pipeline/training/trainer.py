@@ -1,120 +1,192 @@
-"""The training run: build its parts, resume, train epochs, evaluate, select, save, report.
+"""The training run: resume, train epochs, evaluate, select, save, report.
 
-A `Trainer` wires the parts of a run: the device-resident data of this rank (`RunData`: the
-training batches, and the validation and test images), the `Engine` (model, optimizer,
-schedule, scaler), the `TrainState` (where the run is), the `Selection` (the best epoch so far,
-early stopping) and the tracker. The engine, the state and the selection each give
-`state_dict()` / `load_state_dict()`; a checkpoint is what `Trainer.state_dict()` gathers from
-them, with the RNG states and the facts a resume checks.
+`build_trainer` builds a run's parts in the order it needs them: the run directory's lock, the
+data (`RunData`), the checkpoint to resume from (checked before the `Engine` is built), the
+tracker, the `Checkpoints` and the `Selection`; a `Trainer` is given them (a test gives it fakes,
+tests/fakes.py) and owns the `TrainState` (where the run is). The engine, the state and the
+selection each give `state_dict()` / `load_state_dict()`; a checkpoint is what
+`Trainer.state_dict()` gathers from them, with the RNG states and the facts a resume checks.
 
 The loop is small named steps: `train_epoch` runs `step` and then `after_step`, the cadence of
 the run (report every train.log_every steps, save by steps and by the clock, the ranks' stop
 vote), each in a method of its own; the epoch's train time has one owner, `EpochClock`.
 `end_epoch` evaluates (the validation split, or the test set without one) and judges the epoch;
 the best one is saved as best.pt, and `finish` tests the model the run ends with, once
-(`pipeline.training.final_test`).
+(`Selection.final_test`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pipeline.config.schema import Config, to_dict
+from pipeline.config.schema import Config, micro_batch, to_dict
 from pipeline.data.device import load_splits
 from pipeline.data.sets import RunData
 from pipeline.dist import group
-from pipeline.errors import (
-    EXIT_INTERRUPTED,
-    EXIT_PREEMPTED,
-    NonFiniteLossError,
-    Stopped,
-)
+from pipeline.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, NonFiniteLossError, Stopped
 from pipeline.model import LeNet
 from pipeline.speed.cpu_memory import reuse_freed_memory
 from pipeline.tracking.header import header, meta
-from pipeline.tracking.tracker import make_tracker, wandb_status
+from pipeline.tracking.tracker import Tracker, make_tracker, wandb_status
 from pipeline.training import checkpoint, lock
 from pipeline.training.engine import Engine
-from pipeline.training.final_test import final_test
 from pipeline.training.profiling import make as make_profiler
 from pipeline.training.selection import Selection, closing_line
-from pipeline.training.state import EpochClock, TrainState
 from pipeline.training.stop import StopRequest
 
 log = logging.getLogger(__name__)
 
 
-class Trainer:
-    """One training run of `cfg` on this rank of `ctx`."""
+@dataclass
+class TrainState:
+    """Where the run is. The epoch totals are global over ranks, and carried in checkpoints so
+    that an epoch interrupted and resumed reports the same numbers as one that was not."""
 
-    def __init__(
-        self,
-        cfg: Config,
-        ctx: group.DistContext,
-        overrides: str = "",
-        print_config: bool = False,
-        stop: StopRequest | None = None,
-    ):
-        self.cfg, self.ctx = cfg, ctx
-        # Shown after the header: the overrides line, and every setting with --print-config.
-        self.overrides, self.print_config = overrides, print_config
-        self.stop = stop or StopRequest()
-        self.run_dir = Path(cfg.train.run_dir)
-        self.tracker = make_tracker(ctx, self.run_dir)
-        self.state = TrainState()
-        self.selection = Selection.from_config(cfg)
-        self.clock = EpochClock(self.state)
-        self.last_eval: dict | None = None
-        self.resumed = False  # whether build() loaded a checkpoint
-        self.git_revision = checkpoint.git_revision()
-        self.pending, self.interval_started = 0, 0.0  # steps not yet reported, and since when
-        self.saved_at = time.monotonic()  # for checkpoint.every_seconds
-        self.lock: lock.Held | None = None  # the run directory's, rank 0's for the whole run
-        self.profiler = None  # train.profile's, where this rank profiles
+    epoch: int = 0  # epochs finished
+    step_in_epoch: int = 0  # optimizer steps done in the current epoch
+    global_step: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_micro_steps: int = 0
+    epoch_time: float = 0.0  # train seconds of the current epoch so far
 
-    # -- parts and their state ---------------------------------------------------------------
-    def build(self) -> None:
-        """Data, model and engine on this rank's device; the state of a checkpoint if any."""
-        cfg, ctx = self.cfg, self.ctx
-        reused_memory = (
-            cfg.train.reuse_host_memory and ctx.device.type == "cpu" and reuse_freed_memory()
-        )
-        self.lock = group.on_main(ctx, lambda: lock.acquire(self.run_dir))
-        self.build_data(load_splits(cfg.data, ctx))
-        path, saved = checkpoint.load_for_resume(self.run_dir, cfg.train.resume, ctx)
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, state[f.name])
+
+    def next_epoch(self) -> None:
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.epoch_loss_sum, self.epoch_micro_steps, self.epoch_time = 0.0, 0, 0.0
+
+
+class EpochClock:
+    """The train time of the current epoch, kept in `state.epoch_time`: it runs while steps
+    run, and is paused around what is not training (saving, evaluating), so that a checkpoint
+    holds the epoch's train time so far and a resumed epoch reports the whole epoch's speed."""
+
+    def __init__(self, state: TrainState):
+        self.state = state
+        self.since: float | None = None
+
+    def start(self) -> None:
+        self.since = time.perf_counter()
+
+    def pause(self) -> None:
+        if self.since is not None:
+            self.state.epoch_time += time.perf_counter() - self.since
+            self.since = None
+
+
+def build_trainer(
+    cfg: Config,
+    ctx: group.DistContext,
+    stop: StopRequest,
+    overrides: str = "",
+    print_config: bool = False,
+) -> Trainer:
+    """The parts of a run on this rank's device, and its Trainer (see the module's text); the
+    run header is logged before a resume's line. Where building fails, the lock is let go here;
+    otherwise `Trainer.close` lets it go."""
+    run_dir = Path(cfg.train.run_dir)
+    reused_memory = (
+        cfg.train.reuse_host_memory and ctx.device.type == "cpu" and reuse_freed_memory()
+    )
+    held = group.on_main(ctx, lambda: lock.acquire(run_dir))
+    try:
+        data = RunData.build(load_splits(cfg.data, ctx), cfg, ctx)
+        path, saved = checkpoint.load_for_resume(run_dir, cfg.train.resume, ctx)
         if saved is not None:
             # One check, on rank 0: a refusal is reported once, however many ranks there are.
             group.on_main(
                 ctx,
                 lambda: checkpoint.check_compatible(
-                    saved, to_dict(cfg), ctx.world_size, self.steps_per_epoch, path, self.split
+                    saved, to_dict(cfg), ctx.world_size, data.steps_per_epoch, path, data.split
                 ),
             )
         torch.manual_seed(cfg.train.seed)
         model = LeNet(cfg.model.kernel_size, cfg.model.fc1_width).to(ctx.device)
-        total = self.steps_per_epoch * cfg.train.epochs
-        self.engine = Engine(model, cfg, ctx, self.steps_per_epoch, total)
+        engine = Engine(
+            model, cfg, ctx, data.steps_per_epoch, data.steps_per_epoch * cfg.train.epochs
+        )
         notes = ["malloc reuses freed memory"] if reused_memory else []
-        notes += [self.engine.conv_path] if ctx.device.type == "cpu" else []
-        log.info(header(ctx, self.run_dir, notes, cfg.data.dataset, wandb_status(cfg.tracking)))
+        notes += [engine.conv_path] if ctx.device.type == "cpu" else []
+        log.info(header(ctx, run_dir, notes, cfg.data.dataset, wandb_status(cfg.tracking)))
+        trainer = Trainer(
+            cfg,
+            ctx,
+            engine,
+            data,
+            make_tracker(ctx, cfg),
+            checkpoint.Checkpoints(ctx, run_dir, cfg.checkpoint.keep),
+            Selection.from_config(cfg),
+            stop,
+            overrides=overrides,
+            print_config=print_config,
+            git_revision=checkpoint.git_revision(),
+            held=held,
+        )
         if saved is not None:
-            self.load_state_dict(saved)
-            if not self.finished():
-                self.announce_resume(path, saved["world_size"])
-        self.resumed = saved is not None
+            trainer.resume(path, saved)
+        return trainer
+    except BaseException:
+        lock.release(held)
+        raise
 
-    def build_data(self, raw: dict[str, torch.Tensor]) -> None:
-        """This rank's training batches and evaluation sets, on its device (`RunData`)."""
-        data = RunData.build(raw, self.cfg, self.ctx)
-        self.batches, self.evals, self.split = data.batches, data.evals, data.split
+
+class Trainer:
+    """One training run of `cfg` on this rank of `ctx`, with the parts `build_trainer` builds
+    (or a test's fakes)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        ctx: group.DistContext,
+        engine: Engine,
+        data: RunData,
+        tracker: Tracker,
+        checkpoints: checkpoint.Checkpoints,
+        selection: Selection,
+        stop: StopRequest,
+        *,
+        overrides: str = "",
+        print_config: bool = False,
+        git_revision: str | None = None,
+        held: lock.Held | None = None,
+    ):
+        self.cfg, self.ctx, self.engine, self.data = cfg, ctx, engine, data
+        self.tracker, self.checkpoints, self.selection = tracker, checkpoints, selection
+        self.stop = stop
+        # Shown after the header: the overrides line, and every setting with --print-config.
+        self.overrides, self.print_config = overrides, print_config
+        self.git_revision = git_revision
+        self.lock = held  # the run directory's, rank 0's for the whole run
+        self.run_dir = Path(cfg.train.run_dir)
         self.steps_per_epoch = data.steps_per_epoch
+        self.state = TrainState()
+        self.clock = EpochClock(self.state)
+        self.last_eval: dict | None = None
+        self.resumed = False  # whether resume() loaded a checkpoint
+        self.pending, self.interval_started = 0, 0.0  # steps not yet reported, and since when
+        self.saved_at = time.monotonic()  # for checkpoint.every_seconds
+        self.profiler = None  # train.profile's, where this rank profiles
 
-    def announce_resume(self, path: Path, saved_world: int) -> None:
+    # -- parts and their state ---------------------------------------------------------------
+    def resume(self, path: Path, saved: dict) -> None:
+        """Take the run up where checkpoint `saved` (read from `path`) left it."""
+        self.load_state_dict(saved)
+        self.resumed = True
+        if self.finished():
+            return  # run() says so
         s, t, world = self.state, self.cfg.train, self.ctx.world_size
+        saved_world = saved["world_size"]
         log.info(
             f"resumed from {path} (epoch {s.epoch + 1}, step {s.step_in_epoch}/"
             f"{self.steps_per_epoch}, global step {s.global_step})"
@@ -123,7 +195,7 @@ class Trainer:
             log.info(
                 f"world {saved_world} -> {world}: the same global batch of {t.batch_size} per "
                 f"step, now {world} rank(s) x {t.grad_accum} micro-step(s) x "
-                f"{t.batch_size // (world * t.grad_accum)} images"
+                f"{micro_batch(t, world)} images"
             )
 
     def close(self) -> None:
@@ -138,7 +210,7 @@ class Trainer:
             **self.engine.state_dict(),
             **self.state.state_dict(),
             "selection": self.selection.state_dict(),
-            "split": self.split,
+            "split": self.data.split,
             "rng": checkpoint.rng_state(self.ctx.device),
             "config": to_dict(self.cfg),
             "world_size": self.ctx.world_size,
@@ -151,8 +223,7 @@ class Trainer:
     def load_state_dict(self, saved: dict) -> None:
         self.engine.load_state_dict(saved)
         self.state.load_state_dict(saved)
-        if "selection" in saved:  # checkpoints of earlier versions had none
-            self.selection.load_state_dict(saved["selection"])
+        self.selection.load_state_dict(saved["selection"])
         # The epoch's micro-steps are counted over all ranks; on another split of the global
         # batch, count the steps already done in the new unit (the mean loss is unchanged).
         old_split = saved["world_size"] * saved["config"]["train"]["grad_accum"]
@@ -168,13 +239,7 @@ class Trainer:
 
     def save(self) -> None:
         """A checkpoint of the current step (a collective: every rank calls it)."""
-        checkpoint.save_all_ranks(
-            self.ctx,
-            self.run_dir,
-            self.state.global_step,
-            self.state_dict(),
-            self.cfg.checkpoint.keep,
-        )
+        self.checkpoints.save(self.state.global_step, self.state_dict())
         self.saved_at = time.monotonic()
 
     def save_best(self) -> None:
@@ -182,9 +247,7 @@ class Trainer:
         sel = self.selection
         best = {"epoch": sel.best_epoch, "step": sel.best_step, "metric": sel.metric}
         best["value"] = sel.best_value
-        checkpoint.save_all_ranks(
-            self.ctx, self.run_dir, self.state.global_step, self.state_dict(), 0, best
-        )
+        self.checkpoints.save(self.state.global_step, self.state_dict(), best)
 
     # -- the run ------------------------------------------------------------------------------
     def finished(self) -> bool:
@@ -197,7 +260,6 @@ class Trainer:
 
     def run(self) -> None:
         """Train to the end of the configured epochs (or train.max_steps), then finish."""
-        self.build()
         cfg = self.cfg
         if self.finished():
             early = f", stopped early after epoch {self.state.epoch}"
@@ -210,7 +272,7 @@ class Trainer:
         self.tracker.start(
             cfg,
             meta(self.ctx, cfg.data.dataset, self.steps_per_epoch, self.git_revision),
-            split=self.split,
+            split=self.data.split,
             resumed=self.resumed,
             global_step=self.state.global_step,
             epochs_done=self.state.epoch,
@@ -251,7 +313,7 @@ class Trainer:
         self.tracker.start_epoch(
             s.epoch, self.cfg.train.epochs, self.steps_per_epoch, s.step_in_epoch
         )
-        micro_batches = self.batches.epoch(
+        micro_batches = self.data.batches.epoch(
             s.epoch, start=s.step_in_epoch * self.cfg.train.grad_accum
         )
         self.pending, self.interval_started = 0, time.perf_counter()
@@ -373,13 +435,13 @@ class Trainer:
         """Evaluate and log the epoch, and judge it for selection and early stopping (every
         rank agrees on the verdict); whether it is the best epoch so far."""
         cfg, s = self.cfg, self.state
-        per_micro_step = cfg.train.batch_size // cfg.train.grad_accum // self.ctx.world_size
+        per_micro_step = micro_batch(cfg, self.ctx.world_size)
         images = s.epoch_micro_steps * per_micro_step  # micro-steps are counted over all ranks
         record = {
             "epoch": s.epoch + 1,
             "step": s.global_step,
             "train_loss": s.epoch_loss_sum / max(1, s.epoch_micro_steps),
-            **self.evals.epoch(self.engine),
+            **self.data.evals.epoch(self.engine),
             "epoch_time_s": s.epoch_time,
             "images_per_s": images / max(s.epoch_time, 1e-9),
             "lr": self.engine.lr,
@@ -395,11 +457,6 @@ class Trainer:
         self.tracker.log_epoch(record)
         return improved
 
-    def final_test(self) -> dict:
-        """The one test of the run, of the model it ends with (`pipeline.training.final_test`)."""
-        parts = (self.engine, self.evals, self.selection, self.last_eval)
-        return final_test(self.ctx, self.run_dir, *parts, self.cfg.checkpoint.keep_best)
-
     def stop_reason(self) -> str:
         if self.selection.stopped:
             return "early_stop"
@@ -409,6 +466,7 @@ class Trainer:
         """Test the model the run ends with; the run's summary (summary.json, and W&B's) and
         its last line."""
         t = self.cfg.train
+        best = self.checkpoints if self.cfg.checkpoint.keep_best else None
         summary = {
             "dataset": self.cfg.data.dataset,
             "epochs": self.last_eval["epoch"],
@@ -416,7 +474,7 @@ class Trainer:
             "stop_reason": self.stop_reason(),
             "val_size": self.cfg.data.val_size,
             **self.selection.summary(),
-            **self.final_test(),
+            **self.selection.final_test(self.engine, self.data.evals, self.last_eval, best),
             "train_time_s": train_time_s,
             "first_step_s": self.engine.first_step_s,
         }

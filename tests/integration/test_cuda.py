@@ -185,35 +185,6 @@ def gpu_checkpoint(tiny_4096, tmp_path_factory):
     return run_dir
 
 
-def test_a_checkpoint_of_more_gpus_than_visible_resumes(tiny_4096, gpu_checkpoint, tmp_path):
-    """A checkpoint keeps the CUDA generator of each rank's own GPU; those of earlier versions
-    kept one per GPU the process saw, and torch.cuda.set_rng_state_all failed with IndexError
-    on a process that sees fewer. Here: a state saved as a process seeing 3 GPUs wrote it,
-    resumed with one visible."""
-    from pipeline.training import checkpoint
-
-    (path,) = checkpoint.list_checkpoints(gpu_checkpoint)
-    state = checkpoint.load(path)
-    (own,) = state["rng"][0]["cuda"]  # this version: the rank's own GPU only
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    state["rng"][0]["cuda"] = [own, own.clone(), own.clone()]
-    checkpoint.save(run_dir, state["global_step"], state, keep=3)
-    args = [
-        *TINY_ARGS,
-        f"data.root={tiny_4096}",
-        f"train.run_dir={run_dir}",
-        "train.epochs=2",
-        "train.batch_size=1024",
-        "optim.lr=0.1",
-        "dist.device=cuda",
-    ]
-    proc = run_pipeline(args, env={"CUDA_VISIBLE_DEVICES": "0"})
-    assert_ok(proc)
-    assert f"resumed from {run_dir / path.name}" in proc.stdout
-    assert checkpoint.load(checkpoint.list_checkpoints(run_dir)[0])["global_step"] == 8
-
-
 def test_a_gpu_checkpoint_opens_with_plain_torch_load_without_cuda(gpu_checkpoint):
     """Every tensor of a GPU run's checkpoint is saved on the CPU: a machine without CUDA opens
     it with plain torch.load(path, weights_only=True), no map_location."""

@@ -1,6 +1,6 @@
 """Behaviour the README promises that no other test checked, on real training processes.
 
-Ctrl-C ends a run with exit code 130; `train.resume=<path>` continues from an older checkpoint
+Ctrl-C ends a run with exit code 130; `train.resume=<path>` continues from a previous checkpoint
 in another run directory and ends where the uninterrupted run ended; `checkpoint.every_epochs`
 chooses the epochs that leave a checkpoint; the step and one-cycle schedules show in the logged
 learning rate; and the same seed, world size and thread count give the same run bit for bit.

@@ -201,8 +201,6 @@ def test_each_cpu_gets_the_widest_build_it_runs(monkeypatch):
         assert kernels.cpu_variant() == want, isa
         assert kernels.runs_here("portable") and kernels.runs_here(want)
         assert kernels.runs_here("avx512") is (want == "avx512")
-    assert kernels.wanted("auto") and kernels.wanted("true") and not kernels.wanted("false")
-    assert kernels.wanted(True) and not kernels.wanted(False)  # older checkpoints' configs
 
 
 def test_the_build_directory_follows_torchs(monkeypatch, tmp_path):

@@ -1,7 +1,7 @@
 """Checkpoints of real processes: a writer killed mid-write leaves the previous checkpoint intact;
-training runs fall back from a corrupt newest checkpoint, resume from the earlier format, refuse
-an incompatible one before overwriting anything, and save what resume needs in files plain
-torch.load opens. (The file format itself: tests/unit/test_checkpoint.py.)"""
+training runs fall back from a corrupt newest checkpoint, refuse an incompatible one before
+overwriting anything, and save what resume needs in files plain torch.load opens. (The file
+format itself: tests/unit/test_checkpoint.py.)"""
 
 import os
 import signal
@@ -20,7 +20,6 @@ from helpers import (
     TINY_ARGS,
     assert_ok,
     final_model,
-    legacy_checkpoint,
     run_pipeline,
     same_state,
 )
@@ -106,20 +105,6 @@ def test_a_checkpoint_within_an_epoch_holds_the_epochs_train_time_so_far(tiny_mn
     at4, at8 = (checkpoint.load(run_dir / checkpoint.checkpoint_name(n)) for n in (4, 8))
     assert (at4["epoch_micro_steps"], at8["epoch_micro_steps"]) == (4, 8)
     assert 0 < at4["epoch_time"] < at8["epoch_time"], (at4["epoch_time"], at8["epoch_time"])
-
-
-def test_a_run_resumes_from_a_checkpoint_of_the_earlier_format(tiny_mnist, tmp_path):
-    run_dir = tmp_path / "run"
-    assert_ok(run_pipeline(_tiny(tiny_mnist, run_dir, "train.max_steps=4")))
-    path = run_dir / checkpoint.checkpoint_name(4)
-    path.write_bytes(legacy_checkpoint(checkpoint.load(path)))
-    proc = run_pipeline(_tiny(tiny_mnist, run_dir, "train.max_steps=8"))
-    assert_ok(proc)
-    assert f"resumed from {path}" in proc.stdout
-    straight = tmp_path / "straight"
-    assert_ok(run_pipeline(_tiny(tiny_mnist, straight, "train.max_steps=8")))
-    a, b = final_model(run_dir), final_model(straight)
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_incompatible_checkpoint_is_refused_before_anything_is_overwritten(tiny_mnist, tmp_path):

@@ -1,7 +1,6 @@
-"""The GPU paths' decisions on real CPU processes: a real run's checkpoint holds CPU tensors only
-and one whose CUDA generator list is longer (earlier versions, 3 GPUs) resumes; the benchmark and
-bench/gpu.sh refuse CUDA without a GPU at once, in one line. (The decisions in this process:
-tests/unit/test_gpu_readiness.py; the GPU runs: tests/integration/test_cuda.py.)"""
+"""The GPU paths' decisions on real CPU processes: a real run's checkpoint holds CPU tensors only;
+the benchmark and bench/gpu.sh refuse CUDA without a GPU at once, in one line. (The decisions in
+this process: tests/unit/test_gpu_readiness.py; the GPU runs: tests/integration/test_cuda.py.)"""
 
 import subprocess
 import sys
@@ -45,21 +44,6 @@ def test_a_real_runs_checkpoint_holds_cpu_tensors_only(cpu_run):
     found = list(_tensors(state))
     assert len(found) > 10 and {t.device.type for t in found} == {"cpu"}
     assert state["rng"][0]["cuda"] == []  # a CPU rank has no CUDA generator to keep
-
-
-def test_a_checkpoint_whose_cuda_rng_list_is_longer_resumes(tiny_mnist, cpu_run, tmp_path):
-    """A state written by earlier versions on a machine with 3 GPUs (one CUDA generator per
-    GPU) resumes here, and the run finishes."""
-    (path,) = checkpoint.list_checkpoints(cpu_run)
-    state = checkpoint.load(path)
-    state["rng"][0]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 3
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    checkpoint.save(run_dir, state["global_step"], state, keep=3)
-    proc = run_pipeline(_args(tiny_mnist, run_dir, "dist.device=cpu"))
-    assert_ok(proc)
-    assert f"resumed from {run_dir / path.name}" in proc.stdout
-    assert checkpoint.load(checkpoint.list_checkpoints(run_dir)[0])["global_step"] == 16
 
 
 def test_bench_refuses_cuda_without_a_gpu_in_one_line(tmp_path):

@@ -121,7 +121,6 @@ def offline_job(tiny_mnist, tmp_path_factory):
         f"train.run_dir={run_dir}",
         "train.log_every=2",
         "tracking.mode=offline",
-        "tracking.log_every=4",
     ]
     first = run_pipeline([*args, "train.max_steps=8"], nproc=2, env=wandb_env(tmp))
     assert_ok(first)
@@ -146,12 +145,14 @@ def test_two_rank_job_writes_one_offline_run_with_config_and_metrics(offline_job
     # The resolved config and the job's facts.
     assert run.config["train"]["max_steps"] == 8 and run.config["tracking"]["mode"] == "offline"
     assert run.config["meta"]["world_size"] == 2 and run.config["meta"]["backend"] == "gloo"
-    # Step rows every tracking.log_every=4 steps, each the mean of the two 2-step records.
-    loss = {r["step"]: r["loss"] for r in after["steps"]}
-    assert sorted(s for s, row in run.history.items() if "train/loss" in row) == [4, 8]
-    for step in (4, 8):
-        assert run.history[step]["train/loss"] == pytest.approx((loss[step - 2] + loss[step]) / 2)
-        assert run.history[step]["train/lr"] > 0 and run.history[step]["train/images_per_s"] > 0
+    # A step row for each record of steps.jsonl (every train.log_every=2 steps), its numbers.
+    records = {r["step"]: r for r in after["steps"]}
+    assert sorted(s for s, row in run.history.items() if "train/loss" in row) == [2, 4, 6, 8]
+    for step, r in records.items():
+        row = run.history[step]
+        assert row["train/loss"] == pytest.approx(r["loss"]) and row["train/lr"] == r["lr"]
+        assert row["train/images_per_s"] == pytest.approx(r["images_per_s"])
+        assert row["train/epoch"] == pytest.approx(step / 16)  # 16 steps per epoch
     # The epoch record at its global step, and the summary.
     (epoch,) = after["metrics"]
     assert run.history[8]["epoch/test_accuracy"] == epoch["test_accuracy"]
@@ -167,9 +168,9 @@ def test_resumed_job_continues_the_same_run(offline_job):
     assert len(runs) == 2 and {r.id for r in runs} == {after["run_id"]}
     final = checkpoint.load(checkpoint.list_checkpoints(run_dir)[0])
     assert final["run_id"] == after["run_id"] and final["global_step"] == 16
-    # The second part logs where the first stopped: steps 12 and 16, never back at 0.
+    # The second part logs where the first stopped: steps 10 to 16, never back at 0.
     resumed = runs[1].history
-    assert sorted(s for s, row in resumed.items() if "train/loss" in row) == [12, 16]
+    assert sorted(s for s, row in resumed.items() if "train/loss" in row) == [10, 12, 14, 16]
     (epoch,) = read_jsonl(run_dir / "metrics.jsonl")
     assert resumed[16]["epoch/test_accuracy"] == epoch["test_accuracy"]
 

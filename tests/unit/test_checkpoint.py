@@ -1,5 +1,5 @@
-"""Checkpoint files, in this process: plain torch files, corruption detection, the earlier
-format, keeping the newest k. Writes killed mid-way and runs that resume from checkpoints are in
+"""Checkpoint files, in this process: plain torch files, corruption detection, keeping the
+newest k. Writes killed mid-way and runs that resume from checkpoints are in
 tests/multiproc/test_checkpoint_runs.py."""
 
 import io
@@ -13,7 +13,7 @@ from pipeline.errors import CheckpointError
 from pipeline.model import LeNet
 from pipeline.training import checkpoint
 
-from helpers import legacy_checkpoint, same_state
+from helpers import same_state
 
 
 def test_corrupt_and_truncated_files_are_detected(tmp_path, caplog):
@@ -84,18 +84,6 @@ def test_a_plain_torch_file_is_not_taken_for_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError) as e:
         checkpoint.load(path)
     assert "not a checkpoint of this pipeline" in str(e.value) and "\n" not in str(e.value)
-
-
-def test_checkpoints_of_the_earlier_format_are_still_read(tmp_path):
-    path = tmp_path / checkpoint.checkpoint_name(3)
-    path.write_bytes(legacy_checkpoint({"model": {"w": torch.arange(4.0)}, "global_step": 3}))
-    state = checkpoint.load(path)
-    assert state["global_step"] == 3 and torch.equal(state["model"]["w"], torch.arange(4.0))
-    damaged = bytearray(path.read_bytes())
-    damaged[-30] ^= 0x01
-    path.write_bytes(bytes(damaged))
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        checkpoint.load(path)
 
 
 def test_only_the_newest_k_are_kept(tmp_path):

@@ -1,8 +1,11 @@
 """Every command ends alike, called in this process: the README's exit code for each kind of
-error, one `error:` line, and an old checkpoint's test-only keys left out. (`--version`,
+error, one `error:` line, also for a checkpoint of another format. (`--version`,
 `--help` and a closed pipe, in fresh processes: tests/multiproc/test_command_processes.py.)"""
 
 from __future__ import annotations
+
+import hashlib
+import io
 
 import pytest
 import torch
@@ -96,15 +99,26 @@ def test_an_output_that_cannot_be_written_exits_7(run_dir, tmp_path, capsys):
         assert "a-file" in one_error_line(capsys), name
 
 
-def test_an_old_checkpoint_with_a_debug_section_still_loads(run_dir, capsys):
-    """Checkpoints of earlier versions hold test-only keys (a `debug` section) that this one
-    does not have: they are left out, not refused."""
-    path = run_dir / checkpoint.checkpoint_name(1)
-    state = checkpoint.load(path)
-    state["config"]["debug"] = {"fail_rank": -1, "fail_step": -1}
-    state["config"]["train"]["fused_conv"] = True  # a bool, as earlier versions saved it
-    checkpoint.save(run_dir, 2, state, keep=3)
-    out = run_dir / "m.pt"
-    assert export.main([str(run_dir), "--format", "state_dict", "--out", str(out)]) == 0
-    saved = torch.load(out, weights_only=True)
-    assert all(torch.equal(saved[k], state["model"][k]) for k in state["model"])
+def test_a_checkpoint_of_another_format_is_refused_in_one_line(run_dir, tmp_path, capsys):
+    """A file of a format this version does not write ends a resume and evaluate like any
+    foreign file: one line, exit 4. The formats: a header and a SHA-256 before the torch.save
+    bytes; an archive whose config has a section this version lacks; an archive without the
+    selection's state, the split and the epoch length."""
+    state = checkpoint.load(run_dir / checkpoint.checkpoint_name(1))
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    headed = tmp_path / "headed.pt"
+    digest = hashlib.sha256(buf.getvalue()).hexdigest().encode()
+    headed.write_bytes(b"LENET-DDP-CKPT-1\n" + digest + b"\n" + buf.getvalue())
+    state.update(world_size=1, rng=[checkpoint.rng_state(torch.device("cpu"))])
+    other = {**state, "config": {**state["config"], "debug": {"fail_rank": -1}}}
+    other = checkpoint.save(tmp_path / "other", 1, other, keep=1)
+    bare = checkpoint.save(tmp_path / "bare", 1, state, keep=1)
+    tiny = write_tiny_mnist(tmp_path / "tiny")
+    for path in (headed, other, bare):
+        resume = [f"train.resume={path}", f"train.run_dir={tmp_path / 'run2'}"]
+        assert train.main([*TINY_ARGS, f"data.root={tiny}", *resume]) == EXIT_CHECKPOINT
+        assert f"{path} is not a checkpoint of this pipeline" in one_error_line(capsys)
+    for path in (headed, other):
+        assert evaluate.main([str(path), "--tracking", "disabled"]) == EXIT_CHECKPOINT
+        assert str(path) in one_error_line(capsys)

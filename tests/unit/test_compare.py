@@ -30,6 +30,8 @@ def make_run(
          f"{which}_accuracy": a, "epoch_time_s": 2.0, "images_per_s": 500.0}
         for i, a in enumerate(accuracies)
     ]  # fmt: skip
+    for e in epochs:  # as training records it: the first of the best epochs so far
+        e["best_epoch"] = max(epochs[: e["epoch"]], key=lambda r: r[f"{which}_accuracy"])["epoch"]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
     steps = [{"step": s, "loss": 2.0 / s} for s in (5, 10, 15, 20)]
     (run_dir / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))

@@ -23,6 +23,10 @@ from pipeline.dist import group
             torch_dist.DistNetworkError("failed to recv, got 0 bytes"),
             "lost contact with a peer rank (failed to recv, got 0 bytes)",
         ),
+        (  # the rendezvous store, a rank missing
+            torch_dist.DistStoreError("Timed out after 6 seconds waiting for clients. 1/2 joined"),
+            "waited more than dist.timeout_s=5 s",
+        ),
     ],
 )
 def test_a_collective_failure_becomes_one_line_that_says_what_happened(error, says):
@@ -32,10 +36,8 @@ def test_a_collective_failure_becomes_one_line_that_says_what_happened(error, sa
 
 
 def test_other_errors_are_not_taken_for_collective_failures():
-    assert (
-        group.collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), 5)
-        is None
-    )
+    for text in ("mat1 and mat2 shapes cannot be multiplied", "the request timed out"):
+        assert group.collective_failure(RuntimeError(text), 5) is None
 
 
 def test_the_reporting_rank_comes_from_the_launchers_environment(monkeypatch):

@@ -98,24 +98,14 @@ def test_on_cpu_gives_plain_cpu_tensors():
 
 
 # -- each rank's own CUDA generator ----------------------------------------------------------------
-def test_a_rank_takes_the_cuda_generator_of_its_own_gpu():
-    a, b, c = torch.tensor([1]), torch.tensor([2]), torch.tensor([3])
-    assert checkpoint.cuda_rng_for([a], 0) is a  # this version: the saving rank's own GPU
-    assert checkpoint.cuda_rng_for([a], 3) is a  # on whichever GPU the resuming rank is
-    # Earlier versions: one per GPU the saving process saw, its own at its local rank.
-    assert checkpoint.cuda_rng_for([a, b, c], 1) is b
-    assert checkpoint.cuda_rng_for([a, b], 2) is a  # fewer saved than this GPU's index
-    assert checkpoint.cuda_rng_for([], 0) is None  # saved on CPU: the generator stays seeded
-
-
 def _draws() -> tuple:
     return random.random(), float(np.random.rand()), torch.rand(3).tolist()
 
 
-def test_rng_states_come_back_with_a_cuda_list_of_any_length():
+def test_rng_states_come_back_with_or_without_a_cuda_generator():
     state = checkpoint.rng_state(CPU)
     expected = _draws()
-    for cuda in ([], [torch.zeros(16, dtype=torch.uint8)] * 3):
+    for cuda in ([], [torch.zeros(16, dtype=torch.uint8)]):
         random.seed(1), np.random.seed(1), torch.manual_seed(1)
         checkpoint.set_rng_state({**state, "cuda": cuda}, CPU)
         assert _draws() == expected

@@ -7,9 +7,10 @@ from __future__ import annotations
 import io
 import os
 import sys
+from types import SimpleNamespace
 
 from pipeline.config.schema import load_config
-from pipeline.tracking.tracker import Progress, Tracker, wandb_status
+from pipeline.tracking.tracker import Console, Progress, make_tracker, wandb_status
 
 from helpers import no_credentials
 
@@ -20,10 +21,11 @@ def test_auto_without_credentials_is_off_and_never_imports_wandb(tmp_path, monke
     monkeypatch.setitem(sys.modules, "wandb", None)  # any `import wandb` would now fail loudly
     cfg = load_config(None, ["tracking.mode=auto"])
     assert wandb_status(cfg.tracking) == "W&B off"
-    tracker = Tracker(tmp_path)
+    cfg.train.run_dir = str(tmp_path)
+    tracker = make_tracker(SimpleNamespace(is_main=True), cfg)
     tracker.start(cfg, {"steps_per_epoch": 4}, False, 0, 0)
     tracker.close()
-    assert tracker.run_id is None and tracker.wandb is None
+    assert tracker.run_id is None and [type(s) for s in tracker.sinks] == [Console]
     assert capsys.readouterr().err == ""
     assert not (tmp_path / "wandb").exists()
     # Asked for, W&B is named in the header: with credentials, or by tracking.mode.

@@ -1,7 +1,6 @@
 """The report follows the split: the validation metric that selected the model and the test
-accuracy of the selected model, for a finished run, one still running, and a run directory of
-an earlier version (no selection in its summary); the plots take validation and per-epoch test
-curves. Run directories written here as training writes them."""
+accuracy of the selected model, for a finished run and one still running; the plots take
+validation and per-epoch test curves. Run directories written here as training writes them."""
 
 from __future__ import annotations
 
@@ -71,18 +70,3 @@ def test_a_running_run_shows_the_epoch_selected_so_far_and_no_test_yet(tmp_path)
     assert f["status"].startswith("not finished")
     assert f["selected"] == "epoch 2 by val_accuracy (98.50%) so far"
     assert f["test accuracy"] == "n/a (the selected model is tested when the run ends)"
-
-
-def test_a_run_of_an_earlier_version_is_read_from_its_records(tmp_path):
-    epochs = [
-        epoch(1, test_loss=0.05, test_accuracy=0.98),
-        epoch(2, test_loss=0.04, test_accuracy=0.99),
-        epoch(3, test_loss=0.045, test_accuracy=0.99),  # a tie: epoch 2 stays selected
-    ]
-    old = {"final_accuracy": 0.99, "best_accuracy": 0.99, "epochs": 3, "global_step": 30}
-    run = load_run(write_run(tmp_path / "run", epochs, old))
-    f = fields(summary_text(run, summarize(run)))
-    assert (
-        f["selected"] == "epoch 2 by test_accuracy (99.00%), on the test set: no validation split"
-    )
-    assert f["test accuracy"] == "99.00% (test loss 0.0400, of epoch 2)"

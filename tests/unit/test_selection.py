@@ -7,19 +7,17 @@ fields."""
 from __future__ import annotations
 
 import math
-import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
+from fakes import Agreement, FakeCheckpoints, FakeEvals, make_trainer
 
 from pipeline.config.schema import load_config
 from pipeline.dist.group import DistContext
-from pipeline.training import trainer as trainer_module
+from pipeline.training import checkpoint
 from pipeline.training.selection import Selection, closing_line
 from pipeline.training.stop import StopRequest
-from pipeline.training.trainer import EpochClock, Trainer, TrainState
+from pipeline.training.trainer import Trainer
 
 
 def selection(*overrides: str) -> Selection:
@@ -74,104 +72,32 @@ def test_without_a_split_the_test_set_selects_and_says_so():
 
 
 # -- the Trainer's epoch loop, with fakes ------------------------------------------------------
-class FakeEngine:
-    def __init__(self):
-        self.first_step_s, self.micro, self.lr = None, 0, 0.1
-        self.model = torch.nn.Linear(1, 1)
-
-    def train_step(self, micro_batches) -> None:
-        self.micro += len(micro_batches)
-        self.first_step_s = self.first_step_s or 0.001
-
-    def read_loss(self) -> tuple[float, int]:
-        micro, self.micro = self.micro, 0
-        return 1.0 * micro, micro
-
-
-class FakeEvals:
-    """An epoch's evaluation gives the next scripted validation accuracy (and loss 1 - it)."""
-
-    has_val = True
-
-    def __init__(self, accuracies: list[float]):
-        self.accuracies, self.epochs, self.tests = list(accuracies), 0, 0
-
-    def epoch(self, engine) -> dict:
-        value = self.accuracies[self.epochs]
-        self.epochs += 1
-        return {"val_loss": 1 - value, "val_accuracy": value, "val_count": 100}
-
-    def test(self, engine) -> dict:
-        self.tests += 1
-        return {"test_loss": 0.25, "test_accuracy": 0.75, "test_count": 100}
-
-
-class FakeTracker:
-    def __init__(self):
-        self.epochs, self.run_id, self.summary, self.line = [], None, None, None
-
-    def log_step(self, record: dict) -> None:
-        pass
-
-    def log_epoch(self, record: dict) -> None:
-        self.epochs.append(record)
-
-    def start_epoch(self, *args) -> None:
-        pass
-
-    def start(self, *args, **kwargs) -> None:
-        pass
-
-    def finish(self, summary: dict, line: str = "") -> None:
-        self.summary, self.line = summary, line
-
-
 @pytest.fixture
-def agreed(monkeypatch):
-    """dist.any_rank without a process group: each call's flags are recorded, and answered
-    with `answer` where a test sets one (what the other ranks made of it), else as given."""
-    calls = SimpleNamespace(flags=[], answer=None)
-
-    def any_rank(ctx, *flags):
-        calls.flags.append(flags)
-        return calls.answer or flags
-
-    monkeypatch.setattr(trainer_module.group, "any_rank", any_rank)
-    monkeypatch.setattr(trainer_module.group, "barrier", lambda ctx: None)
-    return calls
+def agreed(monkeypatch) -> Agreement:
+    return Agreement.install(monkeypatch)
 
 
-def make(accuracies: list[float], *overrides: str, steps_per_epoch: int = 4) -> Trainer:
-    """A Trainer whose parts are fakes; `saves` and `best_saves` hold the global steps of the
-    rotating and best.pt checkpoints it asked for."""
-    t = Trainer.__new__(Trainer)
+def make(
+    accuracies: list[float], *overrides: str, checkpoints: FakeCheckpoints | None = None
+) -> Trainer:
+    """A Trainer whose parts are fakes (tests/fakes.py), 4 steps an epoch; its `checkpoints`
+    hold the global steps of the rotating and best.pt checkpoints it asked for."""
     # No stop vote (dist.any_rank too) within these short runs: `agreed` sees the verdicts only.
     base = ["data.val_size=100", "train.epochs=10", "train.stop_check_every=1000"]
-    t.cfg = load_config(None, [*base, *overrides])
-    t.ctx, t.run_dir = DistContext(), Path("runs/test")
-    t.overrides, t.print_config, t.resumed = "", False, False
-    t.state, t.selection = TrainState(), Selection.from_config(t.cfg)
-    t.clock = EpochClock(t.state)
-    t.stop = StopRequest(())
-    t.steps_per_epoch, t.git_revision, t.split = steps_per_epoch, None, {}
-    t.engine, t.tracker, t.evals = FakeEngine(), FakeTracker(), FakeEvals(accuracies)
-    t.last_eval = None
-    t.pending, t.interval_started, t.saved_at = 0, time.perf_counter(), time.monotonic()
-    t.batches = SimpleNamespace(epoch=lambda epoch, start=0: iter([(None, None)] * 10_000))
-    t.saves, t.best_saves = [], []
-    t.build = lambda: None
-    t.save = lambda: t.saves.append(t.state.global_step)
-    t.save_best = lambda: t.best_saves.append(t.state.global_step)
-    t.final_test = lambda: {"test_accuracy": 0.75, "test_loss": 0.25, "test_of": "best.pt"}
-    return t
+    return make_trainer(
+        [*base, *overrides],
+        steps_per_epoch=4,
+        evals=FakeEvals(accuracies),
+        checkpoints=checkpoints,
+    )
 
 
 def test_the_best_epoch_is_saved_as_best_pt_and_patience_ends_the_run(agreed):
     t = make([0.5, 0.7, 0.6, 0.7, 0.9], "train.early_stop_patience=2", "checkpoint.keep=1")
     t.run()
     assert t.state.epoch == 4 and t.selection.stopped and t.finished()
-    assert t.best_saves == [4, 8]  # epochs 1 and 2, before their rotating checkpoints
-    assert t.saves == [4, 8, 12, 16]
+    assert t.checkpoints.best_saves == [4, 8]  # epochs 1 and 2, before their rotating ones
+    assert t.checkpoints.saves == [4, 8, 12, 16]
     assert len(agreed.flags) == 4  # one agreement per epoch, at its end
     assert [r["best_epoch"] for r in t.tracker.epochs] == [1, 2, 2, 2]
     s = t.tracker.summary
@@ -193,7 +119,7 @@ def test_every_rank_follows_the_agreed_verdict_not_its_own(agreed):
     agreed.answer = (False, True)  # another rank saw no improvement and asked to stop
     t.run()
     assert agreed.flags == [(True, False)]  # this rank's own proposal
-    assert t.state.epoch == 1 and t.selection.stopped and t.best_saves == []
+    assert t.state.epoch == 1 and t.selection.stopped and t.checkpoints.best_saves == []
     assert t.tracker.summary["stop_reason"] == "early_stop"
 
 
@@ -237,11 +163,14 @@ def test_the_final_test_is_of_best_pt_with_a_split(agreed, monkeypatch, tmp_path
         read.append(path)
         return (path, best) if path is not None else (None, None)
 
-    monkeypatch.setattr(trainer_module.checkpoint, "load_on_main", load_on_main)
-    t = make([0.5, 0.7, 0.6], "train.epochs=3")
-    t.run_dir = tmp_path
+    def reading_best_pt(run_dir):  # the run's own reader of best.pt, the saves faked
+        fake = FakeCheckpoints()
+        fake.load_best = checkpoint.Checkpoints(DistContext(), run_dir, 1).load_best
+        return fake
+
+    monkeypatch.setattr(checkpoint, "load_on_main", load_on_main)
+    t = make([0.5, 0.7, 0.6], "train.epochs=3", checkpoints=reading_best_pt(tmp_path))
     (tmp_path / "best.pt").write_bytes(b"")  # what exists decides; the fake gives the state
-    del t.final_test
     t.run()
     assert read == [tmp_path / "best.pt"]
     assert t.engine.model.weight.item() == 3.0  # best.pt's weights were tested
@@ -252,12 +181,10 @@ def test_the_final_test_is_of_best_pt_with_a_split(agreed, monkeypatch, tmp_path
         2,
         8,
     )
-    assert t.evals.tests == 1  # the test set once, at the end
+    assert t.data.evals.tests == 1  # the test set once, at the end
     # A best.pt gone missing (a resume that turned checkpoint.keep_best on late): the last
     # model is tested, with a warning.
-    t = make([0.5, 0.7, 0.6], "train.epochs=3")
-    t.run_dir = tmp_path / "other"
-    del t.final_test
+    t = make([0.5, 0.7, 0.6], "train.epochs=3", checkpoints=reading_best_pt(tmp_path / "x"))
     t.run()
     assert t.tracker.summary["test_of"] == "the last model (epoch 3, step 12)"
     assert "best.pt is missing: the test is of the last model" in capsys.readouterr().err
@@ -265,9 +192,8 @@ def test_the_final_test_is_of_best_pt_with_a_split(agreed, monkeypatch, tmp_path
 
 def test_without_best_pt_the_last_model_is_tested(agreed):
     t = make([0.5, 0.7, 0.6], "checkpoint.keep_best=false", "train.epochs=3")
-    del t.final_test
     t.run()
-    assert t.best_saves == [] and t.evals.tests == 1
+    assert t.checkpoints.best_saves == [] and t.data.evals.tests == 1
     s = t.tracker.summary
     assert s["test_of"] == "the last model (epoch 3, step 12)" and s["selected_epoch"] == 2
     assert math.isclose(s["val_accuracy"], 0.7) and s["val_loss"] == pytest.approx(0.3)

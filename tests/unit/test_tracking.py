@@ -1,6 +1,6 @@
 """Experiment tracking, in this process with a stand-in wandb: the W&B mode, step rows, the
 fall-back to offline, the init timeout, a failing log call, resume by run id, the artifact, and
-the do-nothing tracker. Real jobs writing real offline runs are in
+the tracker of ranks that do not report. Real jobs writing real offline runs are in
 tests/multiproc/test_tracking_jobs.py."""
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ import json
 import sys
 import types
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from pipeline.config.schema import Config, load_config
-from pipeline.tracking.tracker import NullTracker, StepWindow, Tracker
+from pipeline.tracking.tracker import Tracker, make_tracker
 from pipeline.tracking.wandb_run import has_credentials, resolve_mode
 from pipeline.training import checkpoint
 
@@ -40,25 +41,6 @@ def test_mode_auto_is_online_only_with_credentials(tmp_path):
     assert resolve_mode("auto", {**no_netrc, "WANDB_MODE": "disabled"}) == "disabled"
     assert resolve_mode("offline", {"WANDB_API_KEY": "k" * 40}) == "offline"
     assert resolve_mode("disabled", {"WANDB_MODE": "online"}) == "disabled"
-
-
-# -- step rows ------------------------------------------------------------------------------
-def test_step_rows_average_every_record_since_the_last_row():
-    window = StepWindow(every=5, step=0, steps_per_epoch=10)
-    rows = []
-    for step, loss, ips in [(2, 4.0, 100.0), (4, 2.0, 300.0), (6, 1.0, 200.0), (8, 3.0, 100.0)]:
-        rec = {"step": step, "epoch": 1, "step_in_epoch": step, "loss": loss, "lr": 0.1}
-        rows.append(window.add({**rec, "images_per_s": ips}))
-    # Nothing until the step passes 5; then the mean over steps 1-6 of all three records.
-    assert rows[:2] == [None, None] and rows[3] is None
-    step, row = rows[2]
-    assert step == 6
-    assert row["train/loss"] == pytest.approx((4.0 + 2.0 + 1.0) / 3)
-    # Same images per step: total images / total time = 6 / (2/100 + 2/300 + 2/200).
-    assert row["train/images_per_s"] == pytest.approx(6 / (2 / 100 + 2 / 300 + 2 / 200))
-    assert row["train/epoch"] == pytest.approx(0.6)
-    # What is left when training ends goes out as a last row at its own step.
-    assert window.drain()[0] == 8 and window.drain() is None
 
 
 # -- the tracker with a stand-in wandb ------------------------------------------------------
@@ -106,49 +88,74 @@ def fake_wandb(fail_online: bool = False, fail_log_at: int | None = None):
     return module
 
 
-def tiny_config(mode: str, artifact: bool = False) -> Config:
+def tiny_config(mode: str, run_dir: Path, *overrides: str) -> Config:
     return load_config(
         None,
-        [
-            f"tracking.mode={mode}",
-            "tracking.project=p",
-            "tracking.log_every=4",
-            f"tracking.artifact={artifact}",
-            "train.epochs=1",
-        ],
+        [f"tracking.mode={mode}", "tracking.project=p", "train.epochs=1", *overrides]
+        + [f"train.run_dir={run_dir}"],
     )
 
 
-def drive(tracker: Tracker, config: Config, steps=range(2, 17, 2), resumed_at: int = 0) -> None:
-    """What the trainer does: start, step records every 2 steps, an epoch record, finish."""
+def drive(
+    config: Config,
+    steps=range(2, 17, 2),
+    resumed_at: int = 0,
+    run_id: str | None = None,
+    main: bool = True,
+) -> Tracker:
+    """What the trainer does with the tracker of a rank: the checkpoint's run id, start, step
+    records every 2 steps, an epoch record, finish."""
+    tracker = make_tracker(SimpleNamespace(is_main=main), config)
+    tracker.run_id = run_id
     meta = {"world_size": 2, "steps_per_epoch": 16}
     tracker.start(config, meta, resumed_at > 0, resumed_at, 0)
     for s in steps:
         tracker.log_step(
             {"step": s, "epoch": 1, "step_in_epoch": s, "loss": 1.0 / s, "lr": 0.1}
-            | {"images_per_s": 1000.0, "time_s": 0.0}
+            | {"images_per_s": 1000.0 * s, "time_s": 0.0}
         )
     tracker.log_epoch(
         {"epoch": 1, "step": 16, "train_loss": 0.5, "test_loss": 0.4, "test_accuracy": 0.9}
         | {"test_count": 128, "epoch_time_s": 1.0, "images_per_s": 1000.0, "lr": 0.1}
     )
     tracker.finish({"final_accuracy": 0.9, "best_accuracy": 0.9, "epochs": 1, "global_step": 16})
+    return tracker
+
+
+def step_rows(run) -> dict[int, dict]:
+    return {step: row for step, row in run.rows if "train/loss" in row}
 
 
 def test_unreachable_server_falls_back_to_offline_with_one_warning(tmp_path, monkeypatch, capsys):
     wandb = fake_wandb(fail_online=True)
     monkeypatch.setitem(sys.modules, "wandb", wandb)
     monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
-    tracker = Tracker(tmp_path)
-    drive(tracker, tiny_config("online"))
+    tracker = drive(tiny_config("online", tmp_path))
     (run,) = wandb.runs
     assert run.kwargs["mode"] == "offline" and run.kwargs["dir"] == str(tmp_path)
     assert run.kwargs["settings"]["init_timeout"] == 30.0
     assert run.kwargs["id"] == tracker.run_id and run.kwargs["resume"] == "allow"
     (warning,) = warnings(capsys.readouterr().err)
     assert "timed out" in warning and "wandb sync" in warning and "more" not in warning
-    assert [s for s, _ in run.rows if "train/loss" in _] == [4, 8, 12, 16]
     assert run.summary["best_accuracy"] == 0.9 and run.finished == 0
+
+
+def test_step_rows_are_the_step_records(tmp_path, monkeypatch):
+    wandb = fake_wandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    drive(tiny_config("offline", tmp_path))
+    rows = step_rows(wandb.runs[0])
+    # One row per record of steps.jsonl, at its global step, with its numbers.
+    records = read_jsonl(tmp_path / "steps.jsonl")
+    assert list(rows) == [r["step"] for r in records] == list(range(2, 17, 2))
+    for r in records:
+        row = rows[r["step"]]
+        assert row["train/loss"] == r["loss"] and row["train/lr"] == r["lr"]
+        assert row["train/images_per_s"] == r["images_per_s"]
+        assert row["train/epoch"] == pytest.approx(r["step"] / 16)  # 16 steps per epoch
+    # The epoch record at its global step, without the fields that are not metrics.
+    (epoch,) = [row for _, row in wandb.runs[0].rows if "epoch/test_accuracy" in row]
+    assert epoch["epoch/epoch"] == 1 and "epoch/test_count" not in epoch
 
 
 @pytest.mark.parametrize(
@@ -163,7 +170,7 @@ def test_wandb_init_timeout_is_30s_unless_set(tmp_path, monkeypatch, value, seco
         monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
     else:
         monkeypatch.setenv("WANDB_INIT_TIMEOUT", value)
-    drive(Tracker(tmp_path), tiny_config("offline"))
+    drive(tiny_config("offline", tmp_path))
     (run,) = wandb.runs
     timeout = run.kwargs["settings"]["init_timeout"]
     assert timeout == seconds and type(timeout) is float, timeout
@@ -172,10 +179,9 @@ def test_wandb_init_timeout_is_30s_unless_set(tmp_path, monkeypatch, value, seco
 def test_a_failing_log_call_stops_wandb_once_and_training_goes_on(tmp_path, monkeypatch, capsys):
     wandb = fake_wandb(fail_log_at=8)
     monkeypatch.setitem(sys.modules, "wandb", wandb)
-    tracker = Tracker(tmp_path)
-    drive(tracker, tiny_config("offline"))
+    drive(tiny_config("offline", tmp_path))
     (run,) = wandb.runs
-    assert [s for s, _ in run.rows] == [4]  # nothing is sent after the failure
+    assert [s for s, _ in run.rows] == [2, 4, 6]  # nothing is sent after the failure
     (warning,) = warnings(capsys.readouterr().err)
     assert "W&B logging stopped" in warning and "stream closed" in warning
     assert [r["step"] for r in read_jsonl(tmp_path / "steps.jsonl")] == list(range(2, 17, 2))
@@ -185,14 +191,14 @@ def test_a_failing_log_call_stops_wandb_once_and_training_goes_on(tmp_path, monk
 def test_resume_continues_the_run_id_from_the_checkpoint(tmp_path, monkeypatch):
     wandb = fake_wandb()
     monkeypatch.setitem(sys.modules, "wandb", wandb)
-    tracker = Tracker(tmp_path)
-    tracker.run_id = "abc12345"  # what train.py restores from the checkpoint
-    drive(tracker, tiny_config("offline"), steps=range(10, 17, 2), resumed_at=8)
+    # "abc12345": what the trainer restores from the checkpoint.
+    config = tiny_config("offline", tmp_path)
+    tracker = drive(config, steps=range(10, 17, 2), resumed_at=8, run_id="abc12345")
     (run,) = wandb.runs
     assert run.kwargs["id"] == "abc12345" and tracker.run_id == "abc12345"
-    # Rows continue from the checkpoint's step; the first covers steps 9-12 only.
-    assert [s for s, r in run.rows if "train/loss" in r] == [12, 16]
-    assert run.rows[0][1]["train/loss"] == pytest.approx((1 / 10 + 1 / 12) / 2)
+    # Rows continue from the checkpoint's step.
+    rows = step_rows(run)
+    assert list(rows) == [10, 12, 14, 16] and rows[10]["train/loss"] == pytest.approx(1 / 10)
 
 
 def test_artifact_is_the_newest_checkpoint(tmp_path, monkeypatch):
@@ -200,7 +206,7 @@ def test_artifact_is_the_newest_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", wandb)
     for step in (8, 16):
         (tmp_path / checkpoint.checkpoint_name(step)).write_bytes(b"x")
-    drive(Tracker(tmp_path), tiny_config("offline", artifact=True))
+    drive(tiny_config("offline", tmp_path, "tracking.artifact=true"))
     (artifact,) = wandb.runs[0].artifacts
     assert artifact.files == [str(tmp_path / checkpoint.checkpoint_name(16))]
 
@@ -208,20 +214,19 @@ def test_artifact_is_the_newest_checkpoint(tmp_path, monkeypatch):
 def test_disabled_never_starts_wandb(tmp_path, monkeypatch, capsys):
     wandb = fake_wandb()
     monkeypatch.setitem(sys.modules, "wandb", wandb)
-    tracker = Tracker(tmp_path)
-    drive(tracker, tiny_config("disabled"))
+    tracker = drive(tiny_config("disabled", tmp_path))
     assert wandb.runs == [] and tracker.run_id is None
     assert warnings(capsys.readouterr().err) == []
 
 
-def test_null_tracker_does_nothing_for_every_method_and_refuses_unknown_ones():
-    public = {n for n in vars(Tracker) if not n.startswith("_") and callable(vars(Tracker)[n])}
-    assert public <= set(vars(NullTracker)), public - set(vars(NullTracker))
-    null = NullTracker()
-    drive(null, tiny_config("offline"))
-    assert null.run_id is None
-    with pytest.raises(AttributeError):
-        null.log_stepp({"step": 1})
+def test_ranks_that_do_not_report_have_no_sinks_and_write_nothing(tmp_path, monkeypatch, capsys):
+    wandb = fake_wandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    tracker = drive(tiny_config("offline", tmp_path / "run"), main=False)
+    tracker.close(1)
+    assert tracker.sinks == [] and tracker.run_id is None
+    assert wandb.runs == [] and not (tmp_path / "run").exists()
+    assert capsys.readouterr() == ("", "")
 
 
 def test_under_a_wandb_agent_the_run_is_the_agents_in_the_sweeps_group(tmp_path, monkeypatch):
@@ -229,16 +234,14 @@ def test_under_a_wandb_agent_the_run_is_the_agents_in_the_sweeps_group(tmp_path,
     monkeypatch.setitem(sys.modules, "wandb", wandb)
     monkeypatch.setenv("WANDB_SWEEP_ID", "sweep42x")
     monkeypatch.setenv("WANDB_RUN_ID", "agentrun7")
-    tracker = Tracker(tmp_path)
-    tracker.run_id = "fromckpt"  # an earlier checkpoint's: the agent's run wins
-    drive(tracker, tiny_config("offline"))
+    # An earlier checkpoint's run id: the agent's run wins.
+    tracker = drive(tiny_config("offline", tmp_path), run_id="fromckpt")
     (run,) = wandb.runs
     assert run.kwargs["id"] == tracker.run_id == "agentrun7"
     assert run.kwargs["group"] == "sweep42x"
     # A sweep of pipeline.sweep names its group itself, agent or not.
     monkeypatch.delenv("WANDB_SWEEP_ID")
     wandb.runs.clear()
-    named = load_config(None, ["tracking.mode=offline", "tracking.group=lr_seeds"])
-    drive(Tracker(tmp_path / "b"), named)
+    drive(tiny_config("offline", tmp_path / "b", "tracking.group=lr_seeds"))
     assert wandb.runs[0].kwargs["group"] == "lr_seeds"
     assert wandb.runs[0].kwargs["id"] != "agentrun7"  # no agent: an id of its own

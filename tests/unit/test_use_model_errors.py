@@ -6,9 +6,7 @@ tests/multiproc/test_use_model_missing_packages.py.)"""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import io
 import sys
 
 import pytest
@@ -82,20 +80,6 @@ def test_a_run_directory_with_a_damaged_newest_checkpoint_falls_back(run_dir, tm
     expected = checkpoint.load(run_dir / checkpoint.checkpoint_name(1))["model"]
     saved = torch.load(out, weights_only=True)
     assert all(torch.equal(saved[k], expected[k]) for k in expected)
-
-
-def test_a_checkpoint_of_the_earlier_format_is_used(run_dir, tmp_path, capsys):
-    state = checkpoint.load(run_dir / checkpoint.checkpoint_name(1))
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    payload = buf.getvalue()
-    old = tmp_path / "old.pt"
-    digest = hashlib.sha256(payload).hexdigest().encode()
-    old.write_bytes(checkpoint.LEGACY_MAGIC + digest + b"\n" + payload)
-    out = tmp_path / "m.pt"
-    assert export.main([str(old), "--format", "state_dict", "--out", str(out)]) == 0
-    saved = torch.load(out, weights_only=True)
-    assert all(torch.equal(saved[k], state["model"][k]) for k in state["model"])
 
 
 def test_bad_images_are_one_line(run_dir, tmp_path, capsys):

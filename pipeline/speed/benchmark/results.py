@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.results.records import percent
 from pipeline.speed import kernels
 
 THRESHOLDS = ("98%", "99%")  # test accuracies whose train time is reported
@@ -258,7 +259,7 @@ def markdown(result: dict) -> str:
     for r in result["records"]:
         ep = r["epoch_s"]
         rest = statistics.mean(ep[1:]) if len(ep) > 1 else None
-        accs = " ".join(f"{a:.2%}" for a in r["accuracy"])
+        accs = " ".join(percent(a) for a in r["accuracy"])
         lines.append(
             f"| {r['name']} | {r['world']} x {r['threads']} | {r['batch_size']} | "
             f"{r['precision']} | {r['compile']} | {_conv(r)} | "

@@ -32,13 +32,15 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from pipeline.config.schema import Config, load_config, validate_for_world
+from pipeline.config.schema import Config, load_config, micro_batch, validate_for_world
 from pipeline.data import store
-from pipeline.data.device import eval_indices, load_splits, to_device
+from pipeline.data.device import load_splits, to_device
+from pipeline.data.sets import eval_share
 from pipeline.dist import group
 from pipeline.dist.group import DistContext
 from pipeline.errors import ConfigError, DataError
 from pipeline.model import LeNet
+from pipeline.results.records import percent
 from pipeline.speed import kernels
 from pipeline.speed.benchmark.results import aggregate, machine, markdown, summarize
 from pipeline.speed.benchmark.trainers import baseline_trainer, pipeline_trainer
@@ -157,10 +159,10 @@ def _measure(ctx: DistContext, case: Case, cfg: Config, max_steps: int, out: str
     rank, world, device = ctx.rank, ctx.world_size, ctx.device
     raw = load_splits(cfg.data, ctx)
     data = to_device(raw, device)
-    test = eval_indices(len(data.test_y), rank, world).to(device)
+    test_x, test_y, _ = eval_share(raw, "test", ctx)
     torch.manual_seed(cfg.train.seed)
     model = LeNet(cfg.model.kernel_size, cfg.model.fc1_width).to(device)
-    micro = cfg.train.batch_size // (world * cfg.train.grad_accum)
+    micro = micro_batch(cfg, world)
     make = pipeline_trainer if case.kind == "pipeline" else baseline_trainer
     epoch_steps, flush, evaluate, record = make(cfg, ctx, data, raw, model, micro, case.workers)
 
@@ -176,7 +178,7 @@ def _measure(ctx: DistContext, case: Case, cfg: Config, max_steps: int, out: str
                 break
         flush()
         clock.stop()
-        accuracy = evaluate(data.test_x[test], data.test_y[test])
+        accuracy = evaluate(test_x, test_y)
         epochs.append({"train_s": clock.train_s, "test_accuracy": accuracy})
         if clock.steps == max_steps:
             break
@@ -284,6 +286,11 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
     ]
     for c in todo:
         c.overrides = [*c.overrides, *args.set]
+        if c.kind == "baseline" and load_config(c.config, c.overrides).train.grad_accum != 1:
+            raise ConfigError(
+                "config key train.grad_accum: the benchmark's baseline has no gradient "
+                "accumulation; leave it at 1, or leave the baseline out with --only pipeline"
+            )
     # The datasets of the cases' configs, checked (and cached) once here, not in every case.
     for dataset in sorted({load_config(c.config, c.overrides).data.dataset for c in todo}):
         try:
@@ -312,7 +319,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
             runs[case.name].append(r)
             print(
                 f"{r['images_per_s']:,.0f} img/s, first step {r['first_step_s']:.2f} s, "
-                f"accuracy {r['accuracy'][-1]:.2%}, other load {r['other_load']:.2f}",
+                f"accuracy {percent(r['accuracy'][-1])}, other load {r['other_load']:.2f}",
                 flush=True,
             )
     records = summarize([aggregate(v) for v in runs.values()])

@@ -2,12 +2,15 @@
 
 Each trainer gives the benchmark's loop the same four things: the steps of an epoch (each
 yielding the images it trained on), a logging-interval read-back, an evaluation, and facts for
-the record. The baseline reads MNIST the classic way: a per-sample `Dataset` doing
+the record. The pipeline's steps and read-backs are the training run's own (`Trainer.step`,
+`Trainer.report_steps`). The baseline reads MNIST the classic way: a per-sample `Dataset` doing
 Pad/ToTensor/Normalize in Python, a `DataLoader` with a `DistributedSampler`, the tutorial's
 loop, fp32 eager, torch's default (unfused) optimizer.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,10 +19,16 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pipeline.config.schema import Config
 from pipeline.data.device import MEAN, STD, TrainBatches
+from pipeline.data.sets import RunData
 from pipeline.speed import kernels
 from pipeline.speed.cpu_memory import reuse_freed_memory
+from pipeline.tracking.tracker import Tracker
+from pipeline.training.checkpoint import Checkpoints
 from pipeline.training.engine import Engine, build_scheduler, loss_function
 from pipeline.training.engine import evaluate as evaluate_model
+from pipeline.training.selection import Selection
+from pipeline.training.stop import StopRequest
+from pipeline.training.trainer import Trainer
 
 
 def conv_impl(fused: bool) -> str:
@@ -86,23 +95,34 @@ def pipeline_trainer(cfg, ctx, data, raw, model, micro, workers):
     )
     steps = batches.micro_steps_per_epoch // cfg.train.grad_accum
     engine = Engine(model, cfg, ctx, steps, steps * cfg.train.epochs)
+    trainer = Trainer(
+        cfg,
+        ctx,
+        engine,
+        RunData(batches, None, steps, {}),
+        Tracker([]),  # reports to no sink
+        Checkpoints(ctx, Path(cfg.train.run_dir), cfg.checkpoint.keep),  # never written here
+        Selection.from_config(cfg),
+        StopRequest(()),
+    )
 
     def epoch_steps(epoch: int):
+        if epoch:
+            trainer.state.next_epoch()
         it = batches.epoch(epoch)
-        for _ in range(steps):  # the trainer's loop
-            engine.train_step([next(it) for _ in range(cfg.train.grad_accum)])
+        for _ in range(steps):
+            trainer.step(it)
             yield cfg.train.batch_size
 
     def evaluate(x, y):
         return engine.evaluate(x, y, cfg.train.eval_batch_size)["test_accuracy"]
 
-    # What the trainer does at each logging interval: one read-back of the loss.
     record = {
         "conv": conv_impl(engine.fused_conv),
         "kernels_variant": kernels.cpu_variant() if engine.fused_conv else None,
         "conv_path": engine.conv_path,
     }
-    return epoch_steps, engine.read_loss, evaluate, record
+    return epoch_steps, trainer.report_steps, evaluate, record
 
 
 def baseline_trainer(cfg, ctx, data, raw, model, micro, workers):
