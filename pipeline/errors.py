@@ -7,15 +7,15 @@ Each error carries its exit code; `pipeline.cli.outcome` maps any exception to i
 
 from __future__ import annotations
 
-# Exit codes, and what ends in each.
+# Exit codes, and what ends in each (the error classes below say when they are raised).
 EXIT_OK = 0  # finished, or nothing left to do; also a closed pipe (`report | head`)
 EXIT_UNEXPECTED = 1  # a bug: any exception not named below; its traceback is printed
 EXIT_CONFIG = 2  # ConfigError; a bad command line (argparse)
-EXIT_DATA = 3  # DataError: bad or missing data
-EXIT_CHECKPOINT = 4  # CheckpointError: none usable, damaged, incompatible, or of another format
+EXIT_DATA = 3  # DataError
+EXIT_CHECKPOINT = 4  # CheckpointError
 EXIT_NONFINITE = 5  # NonFiniteLossError
 EXIT_DISTRIBUTED = 6  # DistributedError; a failed collective (a lost peer, a timeout, NCCL)
-EXIT_RUN_DIR = 7  # RunDirError: the run directory is in use; any OSError: an output unwritable
+EXIT_RUN_DIR = 7  # RunDirError; any OSError: an output that cannot be written
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: Stopped by a signal after saving a checkpoint; run again
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C; Stopped after saving, too
 
@@ -36,22 +36,33 @@ class PipelineError(Exception):
 
 
 class ConfigError(PipelineError):
+    """A config key or value that is unknown or not allowed, or that does not fit the world."""
+
     exit_code = EXIT_CONFIG
 
 
 class DataError(PipelineError):
+    """Data that is missing, cannot be downloaded, or fails its checks (size, checksum, IDX
+    header), or an image `predict` cannot read."""
+
     exit_code = EXIT_DATA
 
 
 class CheckpointError(PipelineError):
+    """No usable checkpoint, a damaged one, one of another run, or a file of another format."""
+
     exit_code = EXIT_CHECKPOINT
 
 
 class NonFiniteLossError(PipelineError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
     exit_code = EXIT_NONFINITE
 
 
 class DistributedError(PipelineError):
+    """The process group cannot start, or a collective failed: a lost peer, a timeout."""
+
     exit_code = EXIT_DISTRIBUTED
 
 
@@ -62,6 +73,9 @@ class RankError(DistributedError):
 
 
 class RunDirError(PipelineError):
+    """The run directory is in use by another job, or an output cannot be written there
+    (no space, no permission)."""
+
     exit_code = EXIT_RUN_DIR
 
 

@@ -10,6 +10,7 @@ Imported by name (`from helpers import ...`): pyproject.toml puts tests/ on pyte
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import socket
@@ -26,7 +27,7 @@ import torch
 from pipeline.config.schema import Config, to_dict
 from pipeline.data import store
 from pipeline.data.catalog import FILES
-from pipeline.data.idx import write_idx
+from pipeline.data.idx import MAGIC
 from pipeline.model import LeNet
 from pipeline.training import checkpoint
 
@@ -321,3 +322,25 @@ def same_state(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(map(same_state, a, b))
     return type(a) is type(b) and a == b
+
+
+def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> None:
+    """Write uint8 images [N, 28, 28] or labels [N] as an IDX file, atomically.
+
+    With `gz=True` the content is gzip-compressed and `.gz` is appended to the name unless it
+    already ends so.
+    """
+    if array.dtype != np.uint8 or not (array.ndim == 1 or array.shape[1:] == (28, 28)):
+        raise ValueError(
+            "write_idx needs uint8 labels [N] or images [N, 28, 28], "
+            f"got {array.dtype} {list(array.shape)}"
+        )
+    magic = MAGIC["labels"] if array.ndim == 1 else MAGIC["images"]
+    data = b"".join(int(v).to_bytes(4, "big") for v in (magic, *array.shape))
+    data += np.ascontiguousarray(array).tobytes()
+    path = Path(path)
+    if gz:
+        path = path if path.name.endswith(".gz") else path.with_name(path.name + ".gz")
+        data = gzip.compress(data, mtime=0)  # mtime=0: same array, same bytes
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)

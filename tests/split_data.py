@@ -17,8 +17,9 @@ import torch
 
 from pipeline.data.catalog import FILES
 from pipeline.data.device import MEAN, STD
-from pipeline.data.idx import write_idx
 from pipeline.data.split import split
+
+from helpers import write_idx
 
 
 def _images(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:

@@ -1,9 +1,9 @@
-"""The IDX files of MNIST-format datasets: read with every check, and written (for tests and
-custom subsets).
+"""The IDX files of MNIST-format datasets, read with every check.
 
-`read_idx` finds a file in either form (`.gz` or uncompressed), checks its magic number, its
-28x28 images, that its length is what the header implies, its count and MD5 where expected,
-and returns a uint8 array; every problem is a `DataError` of one line that names the file.
+`read_bytes` finds a file in either form (`.gz` or uncompressed); `parse` checks its magic
+number, its 28x28 images, that its length is what the header implies, its count and MD5 where
+expected, and returns a uint8 array; every problem is a `DataError` of one line that names the
+file.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import write_atomic
 from pipeline.errors import DataError, describe
 
 MAGIC: dict[str, int] = {"images": 2051, "labels": 2049}  # IDX: ubyte data, 3 dims / 1 dim
@@ -106,47 +105,3 @@ def parse(
     if kind == "labels" and array.size and (top := int(array.max())) > 9:
         raise fail(f"holds label {top}, but MNIST labels are 0-9")
     return array
-
-
-def read_idx(
-    path: Path,
-    *,
-    expected_magic: int,
-    expected_count: int | None = None,
-    expected_md5: str | None = None,
-) -> np.ndarray:
-    """Read an MNIST IDX file (`.gz` or not; the other form is tried when `path` is absent).
-
-    Checks the magic number (2051 images, 2049 labels), 28x28 images, that the byte length is
-    exactly what the header implies, the item count and the MD5 of the decompressed bytes
-    (each when expected). Returns uint8 [N, 28, 28] images or uint8 [N] labels.
-    """
-    found, data = read_bytes(Path(path))
-    return parse(
-        found,
-        data,
-        expected_magic=expected_magic,
-        expected_count=expected_count,
-        expected_md5=expected_md5,
-    )
-
-
-def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> None:
-    """Write uint8 images [N, 28, 28] or labels [N] as an IDX file, atomically.
-
-    With `gz=True` the content is gzip-compressed and `.gz` is appended to the name unless it
-    already ends so.
-    """
-    if array.dtype != np.uint8 or not (array.ndim == 1 or array.shape[1:] == (28, 28)):
-        raise ValueError(
-            "write_idx needs uint8 labels [N] or images [N, 28, 28], "
-            f"got {array.dtype} {list(array.shape)}"
-        )
-    magic = MAGIC["labels"] if array.ndim == 1 else MAGIC["images"]
-    data = b"".join(int(v).to_bytes(4, "big") for v in (magic, *array.shape))
-    data += np.ascontiguousarray(array).tobytes()
-    path = Path(path)
-    if gz:
-        path = path if path.name.endswith(".gz") else path.with_name(path.name + ".gz")
-        data = gzip.compress(data, mtime=0)  # mtime=0: same array, same bytes
-    write_atomic(path, data)

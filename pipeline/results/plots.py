@@ -68,7 +68,10 @@ def plot(run: RunRecords, out: Path) -> list[Path]:
     title = run.run_dir.resolve().name
     written = []
 
-    def save(fig, name: str) -> None:
+    def save(fig, ax, name: str, xlabel: str, ylabel: str, what: str) -> None:
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{what} - {title}")
+        ax.grid(alpha=0.3)
+        ax.legend()
         fig.tight_layout()
         fig.savefig(out / name, dpi=100)
         plt.close(fig)
@@ -92,10 +95,7 @@ def plot(run: RunRecords, out: Path) -> list[Path]:
         if values and min(values) > 0 and max(values) / min(values) > 20:
             ax.set_yscale("log")
         _epoch_lines(ax, run)
-        ax.set(xlabel="optimizer step", ylabel="loss", title=f"Loss - {title}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        save(fig, "loss.png")
+        save(fig, ax, "loss.png", "optimizer step", "loss", "Loss")
 
     if run.epochs:
         fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -120,10 +120,7 @@ def plot(run: RunRecords, out: Path) -> list[Path]:
                 ax.plot([], [], "--", color="0.6", label=label)
         ax.set_xticks([r["epoch"] for r in run.epochs])
         ax.set_ylim(max(0.0, min(shown) - 2), 100.5)
-        ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"Accuracy - {title}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        save(fig, "accuracy.png")
+        save(fig, ax, "accuracy.png", "epoch", "accuracy (%)", "Accuracy")
 
     if run.steps:
         fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -138,8 +135,5 @@ def plot(run: RunRecords, out: Path) -> list[Path]:
             ax.axhline(mean, color="C1", linestyle="--", label=f"mean over epochs ({mean:,.0f})")
         _epoch_lines(ax, run)
         ax.set_ylim(bottom=0)
-        ax.set(xlabel="optimizer step", ylabel="images/s", title=f"Training throughput - {title}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        save(fig, "throughput.png")
+        save(fig, ax, "throughput.png", "optimizer step", "images/s", "Training throughput")
     return written

@@ -3,7 +3,7 @@
 Test loss and accuracy come from the code training evaluates with:
 `pipeline.training.engine.evaluate` on the test images as `pipeline.data.device` reads them (the
 run's dataset, data root and mirrors), with the checkpoint's model variant placed as training
-places it (`engine.place_model`) and its evaluation settings (batch size, precision, loss). On
+places it (`speed.place.place_model`) and its evaluation settings (batch size, precision, loss). On
 CPU they are the numbers training reported for that checkpoint. Besides: the accuracy of each
 class, the confusion matrix (PNG and JSON), a PNG grid of the most confident mistakes,
 eval.json, and a printed summary; without matplotlib the numbers and JSON files only.
@@ -29,9 +29,10 @@ from pipeline.dist import group
 from pipeline.errors import ConfigError, describe
 from pipeline.results.plots import pyplot_or_none
 from pipeline.results.records import percent, read_records
+from pipeline.speed.place import place_model
 from pipeline.tracking.wandb_run import WandbSink, WandbUnavailable, new_run_id, resolve_mode
 from pipeline.trained import figures, loading
-from pipeline.training.engine import evaluate, loss_function, place_model
+from pipeline.training.engine import evaluate, loss_function
 
 log = logging.getLogger(__name__)
 

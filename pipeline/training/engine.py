@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline.config.schema import Config, OptimConfig, check_precision, micro_batch
 from pipeline.dist.group import DistContext, all_reduce_sum
-from pipeline.speed import kernels
+from pipeline.speed.place import place_model
 
 log = logging.getLogger(__name__)
 
@@ -66,29 +66,6 @@ def bf16_warning(precision: str, device: torch.device, native_bf16: bool, gpu: s
         "8.0): torch emulates it, slower than fp32; use train.precision=fp16 (with its gradient "
         "scaler) or fp32"
     )
-
-
-def place_model(
-    model: nn.Module, cfg: Config, device: torch.device, batch: int
-) -> tuple[bool, str]:
-    """Put `model` on `device` as training runs it: channels-last, and on CPU the fused conv
-    kernels where `train.fused_conv` asks for them (`auto`: where they are faster here, see
-    `kernels.choose`; `batch` is the images of one forward pass on this rank). Training,
-    evaluation and the benchmark all prepare their model here. Returns whether the kernels run,
-    and the conv path with its reason, in words (for the run's header)."""
-    # NHWC convolutions: oneDNN (CPU) and cuDNN run them without reordering the tensors on
-    # every call; the values are those of the plain layout, up to rounding.
-    model.to(device, memory_format=torch.channels_last)
-    fused, why = kernels.choose(
-        cfg.train.fused_conv, batch, cfg.model.kernel_size, cfg.train.precision, device
-    )
-    if fused:
-        model.conv_pool_relu = kernels.conv_pool_relu
-        if cfg.train.compile != "none":  # Dynamo cannot trace them: it compiles torch's ops
-            why += f"; the train.compile={cfg.train.compile} step traces torch's ops instead"
-    elif kernels.UNAVAILABLE in why:
-        log.warning(why)
-    return fused, why
 
 
 def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -219,8 +196,11 @@ class Engine:
             )
             if problem:
                 log.warning(problem)
-        self.fused_conv, self.conv_path = place_model(
-            model, cfg, self.device, micro_batch(cfg, ctx.world_size)
+        placed = place_model(model, cfg, self.device, micro_batch(cfg, ctx.world_size))
+        self.fused_conv, self.conv_path, self.speed_notes = (
+            placed.fused,
+            placed.conv_path,
+            placed.notes,
         )
         # A world of one trains the plain model: DDP would all-reduce every gradient bucket with
         # no peer, a cost on each step for nothing.

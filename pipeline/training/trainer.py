@@ -31,7 +31,6 @@ from pipeline.data.sets import RunData
 from pipeline.dist import group
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, NonFiniteLossError, Stopped
 from pipeline.model import LeNet
-from pipeline.speed.cpu_memory import reuse_freed_memory
 from pipeline.tracking.header import header, meta
 from pipeline.tracking.tracker import Tracker, make_tracker, wandb_status
 from pipeline.training import checkpoint, lock
@@ -96,9 +95,6 @@ def build_trainer(
     run header is logged before a resume's line. Where building fails, the lock is let go here;
     otherwise `Trainer.close` lets it go."""
     run_dir = Path(cfg.train.run_dir)
-    reused_memory = (
-        cfg.train.reuse_host_memory and ctx.device.type == "cpu" and reuse_freed_memory()
-    )
     held = group.on_main(ctx, lambda: lock.acquire(run_dir))
     try:
         data = RunData.build(load_splits(cfg.data, ctx), cfg, ctx)
@@ -116,9 +112,9 @@ def build_trainer(
         engine = Engine(
             model, cfg, ctx, data.steps_per_epoch, data.steps_per_epoch * cfg.train.epochs
         )
-        notes = ["malloc reuses freed memory"] if reused_memory else []
-        notes += [engine.conv_path] if ctx.device.type == "cpu" else []
-        log.info(header(ctx, run_dir, notes, cfg.data.dataset, wandb_status(cfg.tracking)))
+        log.info(
+            header(ctx, run_dir, engine.speed_notes, cfg.data.dataset, wandb_status(cfg.tracking))
+        )
         trainer = Trainer(
             cfg,
             ctx,

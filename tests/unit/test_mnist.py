@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from pipeline.data.catalog import CANONICAL, FILES
-from pipeline.data.idx import read_idx, write_idx
+from pipeline.data.idx import parse, read_bytes
 from pipeline.data.store import load, prepare, raw_dir
 from pipeline.errors import DataError
 
-from helpers import count_decodes, identity
+from helpers import count_decodes, identity, write_idx
 
 N_TRAIN, N_TEST = 64, 32
 TRAIN_IMAGES = FILES[("train", "images")]
@@ -65,13 +65,13 @@ def test_round_trip(tmp_path: Path, gz: bool) -> None:
         assert torch.equal(data[key], expected), key
 
 
-def test_read_idx_takes_either_form_of_the_name(tmp_path: Path) -> None:
+def test_an_idx_file_is_read_in_either_form_of_the_name(tmp_path: Path) -> None:
     labels = np.arange(10, dtype=np.uint8)
     write_idx(tmp_path / "a-labels", labels, gz=True)
     write_idx(tmp_path / "b-labels", labels)
     assert (tmp_path / "a-labels.gz").is_file()
     for path in (tmp_path / "a-labels", tmp_path / "a-labels.gz", tmp_path / "b-labels.gz"):
-        got = read_idx(path, expected_magic=2049, expected_count=10, expected_md5=None)
+        got = parse(*read_bytes(path), expected_magic=2049, expected_count=10, expected_md5=None)
         assert np.array_equal(got, labels)
 
 
@@ -202,7 +202,7 @@ def test_truncated_file_message_gives_sizes(tmp_path: Path) -> None:
     header = b"".join(v.to_bytes(4, "big") for v in (2051, 60000, 28, 28))
     path.write_bytes(gzip.compress(header + bytes(1000 - len(header))))
     with pytest.raises(DataError) as err:
-        read_idx(path, expected_magic=2051, expected_count=None, expected_md5=None)
+        parse(*read_bytes(path), expected_magic=2051, expected_count=None, expected_md5=None)
     assert str(err.value).startswith(
         f"MNIST file {path} is truncated: header says 60000 images of 28x28 (47040016 bytes) "
         "but it holds 1000 bytes"
@@ -214,7 +214,7 @@ def test_gzip_errors_are_chained(tmp_path: Path) -> None:
     write_idx(path, np.zeros(100, dtype=np.uint8), gz=True)
     _cut_in_half(path)
     with pytest.raises(DataError, match="damaged gzip") as err:
-        read_idx(path, expected_magic=2049, expected_count=None, expected_md5=None)
+        parse(*read_bytes(path), expected_magic=2049, expected_count=None, expected_md5=None)
     assert isinstance(err.value.__cause__, EOFError)
 
 
@@ -236,10 +236,10 @@ def test_read_idx_checks_count_and_md5(tmp_path: Path) -> None:
     path = tmp_path / "labels"
     write_idx(path, np.zeros(7, dtype=np.uint8))
     with pytest.raises(DataError, match="holds 7 labels but 8 were expected") as err:
-        read_idx(path, expected_magic=2049, expected_count=8, expected_md5=None)
+        parse(*read_bytes(path), expected_magic=2049, expected_count=8, expected_md5=None)
     assert_one_line_naming(err, str(path))
     with pytest.raises(DataError, match="MD5") as err:
-        read_idx(path, expected_magic=2049, expected_count=7, expected_md5="0" * 32)
+        parse(*read_bytes(path), expected_magic=2049, expected_count=7, expected_md5="0" * 32)
     assert_one_line_naming(err, str(path))
 
 

@@ -21,7 +21,6 @@ from pipeline.config.schema import Config
 from pipeline.data.device import MEAN, STD, TrainBatches
 from pipeline.data.sets import RunData
 from pipeline.speed import kernels
-from pipeline.speed.cpu_memory import reuse_freed_memory
 from pipeline.tracking.tracker import Tracker
 from pipeline.training.checkpoint import Checkpoints
 from pipeline.training.engine import Engine, build_scheduler, loss_function
@@ -88,8 +87,6 @@ def classic_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
 
 # -- the two trainers, each: steps of an epoch, a logging-interval flush, evaluation ----------
 def pipeline_trainer(cfg, ctx, data, raw, model, micro, workers):
-    if cfg.train.reuse_host_memory and ctx.device.type == "cpu":
-        reuse_freed_memory()  # as pipeline.train does; the baseline keeps the defaults
     batches = TrainBatches(
         data.train_x, data.train_y, micro, ctx.rank, ctx.world_size, cfg.train.seed
     )
@@ -126,8 +123,6 @@ def pipeline_trainer(cfg, ctx, data, raw, model, micro, workers):
 
 
 def baseline_trainer(cfg, ctx, data, raw, model, micro, workers):
-    if cfg.train.grad_accum != 1:
-        raise SystemExit("the baseline has no gradient accumulation; use train.grad_accum=1")
     device, world = ctx.device, ctx.world_size
     dataset = ClassicMNIST(raw["train_images"], raw["train_labels"])
     sampler = DistributedSampler(dataset, world, ctx.rank, shuffle=True, seed=cfg.train.seed)

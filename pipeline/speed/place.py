@@ -1,0 +1,51 @@
+"""The one way the rest of the package reaches the speed work: `place_model` puts a model on its
+device as training runs it, with the CPU's allocator setting and the conv path of
+`train.fused_conv` (torch's ops, or the fused kernels of `kernels.py` where they are asked for or,
+with `auto`, faster here). Training, evaluation and the benchmark all prepare their model here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pipeline.config.schema import Config
+from pipeline.speed import kernels
+from pipeline.speed.cpu_memory import reuse_freed_memory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Placement:
+    fused: bool  # the fused CPU kernels run the model's conv stages
+    conv_path: str  # which conv path runs, and why, in words
+    notes: list[str] = field(default_factory=list)  # for the run's header (CPU runs)
+
+
+def place_model(model: nn.Module, cfg: Config, device: torch.device, batch: int) -> Placement:
+    """Put `model` on `device`: channels-last; on CPU, malloc set to keep freed memory where
+    `train.reuse_host_memory` asks for it, and the fused conv kernels where `train.fused_conv`
+    asks for them (`auto`: where they are faster here, see `kernels.choose`; `batch` is the
+    images of one forward pass on this rank)."""
+    notes = []
+    if device.type == "cpu" and cfg.train.reuse_host_memory and reuse_freed_memory():
+        notes.append("malloc reuses freed memory")
+    # NHWC convolutions: oneDNN (CPU) and cuDNN run them without reordering the tensors on
+    # every call; the values are those of the plain layout, up to rounding.
+    model.to(device, memory_format=torch.channels_last)
+    fused, why = kernels.choose(
+        cfg.train.fused_conv, batch, cfg.model.kernel_size, cfg.train.precision, device
+    )
+    if fused:
+        model.conv_pool_relu = kernels.conv_pool_relu
+        if cfg.train.compile != "none":  # Dynamo cannot trace them: it compiles torch's ops
+            why += f"; the train.compile={cfg.train.compile} step traces torch's ops instead"
+    elif kernels.UNAVAILABLE in why:
+        log.warning(why)
+    if device.type == "cpu":
+        notes.append(why)
+    return Placement(fused, why, notes)
