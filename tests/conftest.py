@@ -1,9 +1,13 @@
 """The fixtures of every tier (tests/unit, tests/multiproc, tests/integration; docs/tests.md):
 the commands' logging, a tiny IDX dataset, the real MNIST, and the unit tier's rule of torch's
-conv ops. What the tests share besides fixtures is in helpers.py."""
+conv ops; and the cleanup that ends every process a test started when the test ends, and every
+process the suite started when it ends or is interrupted (Ctrl-C). What the tests share besides
+fixtures is in helpers.py."""
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -11,10 +15,69 @@ import pytest
 from pipeline import cli
 from pipeline.speed import kernels
 
-from helpers import REPO, TESTS, require_real_mnist, write_tiny_mnist
+from helpers import OWNER, REPO, TESTS, end_processes, require_real_mnist, write_tiny_mnist
 
 UNIT = TESTS / "unit"
 TIERS = (UNIT, TESTS / "multiproc", TESTS / "integration")
+
+
+class ProcessCleanup:
+    """Every process a test starts is ended when the test ends; every process the suite started,
+    when the suite ends or is interrupted (Ctrl-C). A process is known by its environment's
+    OWNER (helpers.py), inherited whatever its session or parent: the suite's id, or
+    <suite>:<test> for what a test (or a fixture of its own) starts. subprocess.run, interrupted
+    or timed out, kills only its child: not a torchrun agent's ranks, in sessions of their own."""
+
+    suite = uuid.uuid4().hex
+
+    def of_the_suite(self, owner: str) -> bool:
+        return owner.partition(":")[0] == self.suite
+
+    def pytest_sessionstart(self, session):
+        os.environ[OWNER] = self.suite
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_sessionfinish(self, session, exitstatus):
+        """After the fixtures' teardown (the Slurm cluster's down.sh among them), which pytest
+        runs on Ctrl-C too."""
+        try:
+            return (yield)
+        finally:
+            end_processes(OWNER, self.of_the_suite)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(self, item, nextitem):
+        test = os.environ[OWNER] = f"{self.suite}:{uuid.uuid4().hex}"
+        try:
+            return (yield)
+        finally:
+            os.environ[OWNER] = self.suite
+            end_processes(OWNER, test.__eq__)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_fixture_setup(self, fixturedef, request):
+        """A fixture shared beyond one test (the Slurm cluster, a module's training run) starts
+        its processes as the suite's: they outlive the test that first asked for it."""
+        if fixturedef.scope == "function":
+            return (yield)
+        test, os.environ[OWNER] = os.environ[OWNER], self.suite
+        try:
+            return (yield)
+        finally:
+            os.environ[OWNER] = test
+
+
+def pytest_report_header(config):
+    """Said up front, before the first file runs (docs/tests.md has the measured times)."""
+    return [
+        "the whole suite takes about 25 minutes on 2 cores (tests/unit 10 s, tests/multiproc "
+        "11 min, tests/integration 12 min); the quick tier alone: python -m pytest tests/unit"
+    ]
+
+
+def pytest_configure(config):
+    # A plugin, not this conftest's own hooks: those are not called for session-scoped fixtures.
+    config.pluginmanager.register(ProcessCleanup(), "process-cleanup")
 
 
 def pytest_collection_modifyitems(config, items):

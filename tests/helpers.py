@@ -1,6 +1,7 @@
 """What the tests share (the fixtures are in conftest.py): where the repository and the real MNIST
 are, the skip-or-fail rule for a missing prerequisite, tiny IDX datasets, and starting the real
-commands in fresh processes (alone, under torchrun, in the background), and the small tools
+commands in fresh processes (alone, under torchrun, in the background), finding and ending the
+processes a test started (`OWNER`, `end_processes`: conftest.py's cleanup), and the small tools
 tests of several tiers use (SLURM step variables, an environment without W&B credentials, a
 spy on the data cache).
 
@@ -13,11 +14,12 @@ import contextlib
 import gzip
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +247,53 @@ def wait_for_steps(run_dir: Path, proc: subprocess.Popen, log: Path, timeout: fl
         assert proc.poll() is None, f"training ended early:\n{log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, f"no step after {timeout} s:\n{log.read_text()[-3000:]}"
         time.sleep(0.05)
+
+
+# Which pytest session (and which test in it) started a process: conftest.py sets it in this
+# process's environment, and every process a test starts inherits it, whatever its session or
+# parent (a torchrun rank, a Slurm daemon or job, a tmux server).
+OWNER = "LENET_TEST_OWNER"
+
+
+def processes_with(var: str, match: Callable[[str], bool]) -> list[int]:
+    """The processes (not this one) whose environment, as they were started, has `var` with a
+    value `match` accepts; none where there is no /proc. Processes that end while being read,
+    other users' processes and zombies (their environment reads empty) are left out."""
+    if not os.path.isdir("/proc"):
+        return []
+    key, found = f"{var}=".encode(), []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        values = [v[len(key) :].decode(errors="replace") for v in environ if v.startswith(key)]
+        if values and match(values[0]):
+            found.append(int(name))
+    return found
+
+
+def end_processes(var: str, match: Callable[[str], bool], grace: float = 3.0) -> None:
+    """End the processes `processes_with(var, match)` finds: SIGTERM, then SIGKILL to those
+    still there after `grace` seconds, or at once on a second Ctrl-C."""
+
+    def send(sig: int) -> list[int]:
+        pids = processes_with(var, match)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        return pids
+
+    deadline = time.monotonic() + grace
+    try:
+        if send(signal.SIGTERM):
+            while processes_with(var, match) and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        send(signal.SIGKILL)
 
 
 def run_bench(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:

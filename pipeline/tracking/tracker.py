@@ -22,6 +22,7 @@ from typing import Any, TextIO
 from pipeline.atomic import write_atomic
 from pipeline.config.schema import Config, TrackingConfig, to_yaml
 from pipeline.dist.group import DistContext
+from pipeline.results.records import percent
 from pipeline.tracking.jsonl import append_jsonl, rewrite_jsonl
 from pipeline.tracking.progress import Line
 from pipeline.tracking.sink import RunStart, Sink
@@ -184,10 +185,10 @@ def epoch_line(record: dict) -> str:
     parts = [
         f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}",
         f"{split} loss {record[f'{split}_loss']:.4f}",
-        f"{split} acc {record[f'{split}_accuracy'] * 100:.2f}%{mark}",
+        f"{split} acc {percent(record[f'{split}_accuracy'])}{mark}",
     ]
     if "test_accuracy_this_epoch" in record:
-        parts.append(f"test acc this epoch {record['test_accuracy_this_epoch'] * 100:.2f}%")
+        parts.append(f"test acc this epoch {percent(record['test_accuracy_this_epoch'])}")
     parts += [
         f"time {record['epoch_time_s']:.1f}s",
         f"epoch average {record['images_per_s']:,.0f} img/s",

@@ -460,7 +460,7 @@ def test_a_build_killed_mid_way_does_not_hold_up_later_starts():
     # torch's build leaves its lock file behind when killed; torch would wait on it forever.
     stale = kernels.build_dir(kernels.cpu_variant()) / "lock"
     stale.touch()
-    code = "from pipeline import kernels; print(kernels.load())"
+    code = "from pipeline.speed import kernels; print(kernels.load())"
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
     )

@@ -33,7 +33,8 @@ from helpers import (
 
 class Terminal:
     """A command running in a detached tmux session: its output in a file, its exit code in
-    another; keys go to it as typed at a terminal."""
+    another; keys go to it as typed at a terminal. Each on a tmux server of its own, its socket
+    in `tmp`: the server ends with the test (conftest.py), and no other tmux is touched."""
 
     def __init__(self, tmp: Path, name: str, argv: list[str], env: dict | None = None):
         if shutil.which("tmux") is None:
@@ -51,8 +52,9 @@ class Terminal:
             f"{exports}cd {shlex.quote(str(REPO))}\n{command} > {self.log} 2>&1\n"
             f"echo $? > {self.rc}\n"
         )
+        self.tmux = ["tmux", "-S", str(tmp / f"{name}.sock")]
         subprocess.run(
-            ["tmux", "new-session", "-d", "-s", self.session, "-x", "200", "-y", "50"]
+            [*self.tmux, "new-session", "-d", "-s", self.session, "-x", "200", "-y", "50"]
             + ["bash", str(script)],
             check=True,
         )
@@ -68,7 +70,7 @@ class Terminal:
             time.sleep(0.05)
 
     def ctrl_c(self) -> None:
-        subprocess.run(["tmux", "send-keys", "-t", self.session, "C-c"], check=True)
+        subprocess.run([*self.tmux, "send-keys", "-t", self.session, "C-c"], check=True)
 
     def exit_code(self, timeout: float = 120) -> int:
         deadline = time.monotonic() + timeout
@@ -78,7 +80,7 @@ class Terminal:
         return int(self.rc.read_text())
 
     def close(self) -> None:
-        subprocess.run(["tmux", "kill-session", "-t", self.session], capture_output=True)
+        subprocess.run([*self.tmux, "kill-server"], capture_output=True)
 
 
 @pytest.fixture
