@@ -5,8 +5,8 @@
 # behind and munged. Processes are stopped by PID only: each comes from a pid file under $ROOT
 # and must be a live process of the expected name with $ROOT in its command line (slurmstepd:
 # with a file under $ROOT open); nothing is ever killed by name, so other people's daemons and
-# jobs on this machine are safe. Removes the /etc/hosts line up.sh added. Safe to run when
-# nothing is up.
+# jobs on this machine, and a testbed under another root, are safe. Removes the /etc/hosts line
+# up.sh added for $ROOT, and no other testbed's. Safe to run when nothing is up.
 #
 #   slurm/testbed/down.sh           # logs and job completion records stay under $ROOT/log
 #   slurm/testbed/down.sh --purge   # also delete everything up.sh wrote under $ROOT
@@ -15,7 +15,7 @@
 set -euo pipefail
 
 ROOT=${SLURM_TEST_ROOT:-/tmp/lenet-slurm}
-HOSTS_MARK="# lenet-slurm-testbed:$ROOT"
+HOSTS_MARK="# lenet-slurm-testbed:$ROOT:" # as up.sh writes it
 PURGE=0
 case "${1:-}" in
   --purge) PURGE=1 ;;
@@ -35,7 +35,7 @@ ours() { # ours PIDFILE COMM: the pid in PIDFILE if it is our live COMM process 
   pid=$(tr -dc '0-9' <"$1")
   [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] || return 1
   cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
-  [[ $cmd == *"$ROOT"* ]] || return 1
+  [[ $cmd == *"$ROOT/"* ]] || return 1
   echo "$pid"
 }
 
@@ -97,7 +97,9 @@ done
 if pid=$(ours "$ROOT/munge/run/munged.pid" munged); then stop "$pid" munged; fi
 rm -f "$ROOT/munge/run/munged.pid"
 
-# 3. The /etc/hosts line for emulated node names.
+# 3. Our /etc/hosts line for emulated node names (under up.sh's lock on the file).
+exec 9</etc/hosts
+flock 9
 if grep -qF "$HOSTS_MARK" /etc/hosts 2>/dev/null; then
   tmp=$(mktemp)
   grep -vF "$HOSTS_MARK" /etc/hosts >"$tmp" || true
@@ -105,6 +107,7 @@ if grep -qF "$HOSTS_MARK" /etc/hosts 2>/dev/null; then
   rm -f "$tmp"
   log "removed the /etc/hosts line for the emulated nodes"
 fi
+exec 9<&-
 
 rm -f "$ROOT/settings" "$ROOT/env.sh"
 if [ "$PURGE" = 1 ]; then

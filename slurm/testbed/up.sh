@@ -3,8 +3,10 @@
 #
 # Starts Debian's munged, slurmctld and one slurmd per node, with every file they use (munge
 # key and socket, slurm.conf, state, spool, logs, pid files) under $SLURM_TEST_ROOT. Nothing
-# outside it is touched except /etc/hosts, which gets one marked line when node names do not
-# resolve (the emulated nodes n1..nN); down.sh removes it. Installs the packages with apt-get
+# outside it is touched except /etc/hosts, which gets one line marked with $ROOT when node names
+# do not resolve (the emulated nodes n1..nN); down.sh removes that line only. Two testbeds under
+# two roots, with their own ports and first job ids, run side by side without touching each
+# other (the test suite gives each of its sessions its own). Installs the packages with apt-get
 # when they are missing (root). Idempotent: a healthy cluster with the same settings is left
 # as it is; a stale, partial or differently configured one is torn down and started afresh
 # (new state: job ids start again at 1).
@@ -29,6 +31,9 @@
 #                          (default "debug gpu cpu": the names the batch scripts ask for)
 #   SLURM_TEST_CTLD_PORT   slurmctld port (default 6817)
 #   SLURM_TEST_SLURMD_PORT port of the first slurmd (default 6818; node i uses +i-1)
+#   SLURM_TEST_FIRST_JOB_ID the first job id (default 1). The batch scripts' default rendezvous
+#                          port is 20000 + job id % 10000: testbeds running at once on one
+#                          machine need job ids far apart, or their jobs meet on one port
 #   SLURM_TEST_INSTALL     1 (default): apt-get install missing packages; 0: fail instead
 #
 # Prints "export SLURM_CONF=..." on stdout (also written to $ROOT/env.sh); logs go to stderr.
@@ -43,14 +48,17 @@ GPUS=${SLURM_TEST_GPUS:-2}
 PARTITIONS=${SLURM_TEST_PARTITIONS:-debug gpu cpu}
 CTLD_PORT=${SLURM_TEST_CTLD_PORT:-6817}
 SLURMD_PORT=${SLURM_TEST_SLURMD_PORT:-6818}
+FIRST_JOB_ID=${SLURM_TEST_FIRST_JOB_ID:-1}
 INSTALL=${SLURM_TEST_INSTALL:-1}
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 HOST=$(hostname -s)
 CONF=$ROOT/etc/slurm.conf
 MUNGE_SOCKET=$ROOT/munge/run/munge.socket.2
-HOSTS_MARK="# lenet-slurm-testbed:$ROOT"
-SETTINGS="nodes=$NODES cpus=${CPUS:-auto} gpus=$GPUS partitions=$PARTITIONS ports=$CTLD_PORT,$SLURMD_PORT"
+# ends with a colon: the mark of /tmp/x must not match a line of /tmp/x-2 (grep -F)
+HOSTS_MARK="# lenet-slurm-testbed:$ROOT:"
+SETTINGS="nodes=$NODES cpus=${CPUS:-auto} gpus=$GPUS partitions=$PARTITIONS"
+SETTINGS+=" ports=$CTLD_PORT,$SLURMD_PORT first_job_id=$FIRST_JOB_ID"
 export SLURM_CONF=$CONF
 
 log() { echo "[testbed up $(date +%T)] $*" >&2; }
@@ -68,6 +76,8 @@ die() {
 [[ $NODES =~ ^[1-9][0-9]*$ ]] || die "SLURM_TEST_NODES=$NODES: use a number >= 1"
 [[ $CPUS =~ ^([1-9][0-9]*)?$ ]] || die "SLURM_TEST_CPUS=$CPUS: use a number >= 1"
 [[ $GPUS =~ ^[0-9]+$ ]] || die "SLURM_TEST_GPUS=$GPUS: use a number >= 0"
+[[ $FIRST_JOB_ID =~ ^[1-9][0-9]*$ ]] ||
+  die "SLURM_TEST_FIRST_JOB_ID=$FIRST_JOB_ID: use a number >= 1"
 [ -n "${PARTITIONS// /}" ] || die "SLURM_TEST_PARTITIONS is empty: name at least one partition"
 if [ "$NODES" = 1 ]; then
   NODE_NAMES=("$HOST")
@@ -95,14 +105,15 @@ fi
 
 # -- helpers ------------------------------------------------------------------------------
 # ours PIDFILE COMM: print the pid in PIDFILE if it is a live COMM process started with $ROOT
-# in its command line (so a recycled pid or someone else's daemon is never mistaken for ours).
+# in its command line (so a recycled pid, someone else's daemon or the daemon of a testbed
+# under another root is never mistaken for ours).
 ours() {
   local pid cmd
   [ -s "$1" ] || return 1
   pid=$(tr -dc '0-9' <"$1")
   [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] || return 1
   cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
-  [[ $cmd == *"$ROOT"* ]] || return 1
+  [[ $cmd == *"$ROOT/"* ]] || return 1
   echo "$pid"
 }
 
@@ -200,6 +211,7 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$ROOT/log/jobcomp.log
 JobRequeue=1
+FirstJobId=$FIRST_JOB_ID
 MailProg=/bin/true
 # refuse at submission what can never run here (it would pend forever otherwise)
 EnforcePartLimits=ALL
@@ -245,9 +257,18 @@ if [ "$GPUS" -gt 0 ]; then
   done
 fi
 
-# Jobs take MASTER_ADDR from the first node name, so node names must resolve.
+# Jobs take MASTER_ADDR from the first node name, so node names must resolve. A name that
+# resolves only through another testbed's line gets a line of ours too: that one goes with the
+# other testbed's down.sh. The lock keeps testbeds starting or stopping at once from writing
+# /etc/hosts over each other.
+exec 9</etc/hosts
+flock 9
+testbed_names=" $({ grep -F '# lenet-slurm-testbed:' /etc/hosts || true; } | sed 's/#.*//' |
+  tr -s ' \t\n' ' ') "
 unresolved=()
-for n in "${NODE_NAMES[@]}"; do getent hosts "$n" >/dev/null || unresolved+=("$n"); done
+for n in "${NODE_NAMES[@]}"; do
+  if ! getent hosts "$n" >/dev/null || [[ $testbed_names == *" $n "* ]]; then unresolved+=("$n"); fi
+done
 if [ "${#unresolved[@]}" -gt 0 ]; then
   { grep -vF "$HOSTS_MARK" /etc/hosts || true; echo "127.0.0.1 ${unresolved[*]} $HOSTS_MARK"; } \
     >"$ROOT/hosts.new"
@@ -255,6 +276,7 @@ if [ "${#unresolved[@]}" -gt 0 ]; then
   rm -f "$ROOT/hosts.new"
   log "added to /etc/hosts: 127.0.0.1 ${unresolved[*]}"
 fi
+exec 9<&-
 echo "$SETTINGS" >"$ROOT/settings"
 
 # -- daemons (each forks into the background and writes its pid file) -----------------------

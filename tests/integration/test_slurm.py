@@ -9,18 +9,25 @@ unchanged, with sizes given on the sbatch command line as a user would: every ru
 The pytest session brings up the project's test cluster (slurm/testbed/up.sh: it installs
 slurmctld, slurmd and munge with apt-get where they are missing; fake GPUs let the GPU scripts
 schedule) and stops it at the end (down.sh; SLURM_TEST_KEEP=1 keeps it up to read the logs
-under $SLURM_TEST_ROOT/log). The tests skip, with the reason, where the cluster cannot be had;
-in CI (CI=true) they fail instead (helpers.require).
+under $SLURM_TEST_ROOT/log). Each session has a testbed of its own (own_testbed: a root, ports,
+job ids and job names no other session running on the machine has), so two suites run side by
+side. The tests skip, with the reason, where the cluster cannot be had; in CI (CI=true) they
+fail instead (helpers.require).
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,11 +46,57 @@ ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 # (the testbed's SLURM_TEST_* settings are passed on).
 FOREIGN = ("SLURM_", "MASTER_", "TORCHELASTIC_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK")
 KNOBS = ("RUN_DIR", "NPROC_PER_NODE", "LENET_DIR", "OMP_NUM_THREADS")
+# One byte per testbed slot, locked by the session that holds the slot for as long as it runs.
+SLOTS = Path("/tmp/lenet-slurm-slots.lock")
+# The batch scripts' rendezvous port is 20000 + job id % 10000: a slot's job ids start at
+# slot * 500 + 1, far from another slot's and from a testbed started by hand (1, 2, ...).
+SLOT_JOB_IDS = 500
 
 
 def unavailable(reason: str) -> None:
     """The test cluster cannot be had: skip for a user, fail in CI."""
     require(reason)
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive TCP ports that are free on 127.0.0.1."""
+    for _ in range(100):
+        with ExitStack() as held:
+            first = held.enter_context(socket.socket())
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            try:
+                for other in range(port + 1, port + count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", other))
+            except OSError:
+                continue
+            return port
+    unavailable(f"found no {count} consecutive free TCP ports on 127.0.0.1")
+
+
+@functools.cache
+def own_testbed() -> dict[str, str]:
+    """The testbed settings of this session: a slot no other session running on this machine
+    holds (a lock on one byte of SLOTS, released when this process ends however it ends), and
+    from it a root and the first job id; free ports for slurmctld and two slurmd. A setting
+    the user gave (SLURM_TEST_ROOT, ...) wins."""
+    fd = os.open(SLOTS, os.O_RDWR | os.O_CREAT, 0o666)  # kept open: it holds the lock
+    for slot in range(1, 10000 // SLOT_JOB_IDS):
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
+            break
+        except OSError:
+            continue
+    else:
+        unavailable(f"every Slurm testbed slot of {SLOTS} is held by a running session")
+    port = free_ports(3)
+    own = {
+        "SLURM_TEST_ROOT": f"/tmp/lenet-slurm-{slot}",  # short: unix socket paths go under it
+        "SLURM_TEST_CTLD_PORT": str(port),
+        "SLURM_TEST_SLURMD_PORT": str(port + 1),
+        "SLURM_TEST_FIRST_JOB_ID": str(slot * SLOT_JOB_IDS + 1),
+    }
+    return {key: os.environ.get(key, value) for key, value in own.items()}
 
 
 @dataclass
@@ -92,6 +145,9 @@ class Cluster:
             if k.startswith("SLURM_TEST") or not (k.startswith(FOREIGN) or k in KNOBS)
         }
         self.env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+        self.env.update(own_testbed())
+        # the jobs of this session, by name too: <the script's job name>-<tag>
+        self.tag = uuid.uuid4().hex[:8]
         if os.environ.get("SLURM_TEST_KEEP") == "1":  # kept up: not the suite's to end
             self.env.pop(OWNER, None)
 
@@ -120,6 +176,11 @@ class Cluster:
     def down(self) -> None:
         subprocess.run([str(TESTBED / "down.sh")], env=self.env, capture_output=True, timeout=120)
 
+    def job_name(self, script: str) -> str:
+        """The script's #SBATCH --job-name, with this session's tag."""
+        text = (REPO / "slurm" / script).read_text()
+        return re.search(r"^#SBATCH --job-name=(\S+)", text, re.M).group(1) + "-" + self.tag
+
     def run(self, *cmd: str) -> str:
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, f"{' '.join(cmd)}: {proc.stderr}"
@@ -141,7 +202,8 @@ class Cluster:
             "train.fused_conv=false",
         ]
         out = subprocess.run(
-            ["sbatch", "--parsable", f"--chdir={workdir}", *sizes, f"slurm/{script}"]
+            ["sbatch", "--parsable", f"--chdir={workdir}", f"--job-name={self.job_name(script)}"]
+            + [*sizes, f"slurm/{script}"]
             + [str(REPO / "configs" / "cpu.yaml"), *args],
             cwd=REPO,
             env=self.env,
@@ -248,11 +310,11 @@ def baseline(cluster, mnist_root, tmp_path_factory) -> Job:
     return job
 
 
-def test_srun_layout_on_one_node(baseline):
+def test_srun_layout_on_one_node(cluster, baseline):
     assert_trained(baseline, "slurm", nodes=1)
-    # one checkpoint written once, in the default run dir of the job
+    # one checkpoint written once, in the default run dir of the job: named after the job
     assert len(checkpoint.list_checkpoints(baseline.run_dir)) == 1
-    assert baseline.run_dir.name == f"lenet-srun-{baseline.id}"
+    assert baseline.run_dir.name == f"lenet-srun-{cluster.tag}-{baseline.id}"
 
 
 def test_torchrun_layout_on_one_node(cluster, baseline, mnist_root, tmp_path):

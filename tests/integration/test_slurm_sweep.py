@@ -31,14 +31,15 @@ def test_a_warned_array_task_requeues_alone_and_resumes_exactly(cluster, mnist_r
         "train.log_every: 10, tracking.mode: disabled}\n"
         "grid: {optim.lr: [0.02, 0.05, 0.1]}\n"
     )
+    name = cluster.job_name("sweep.sbatch")
     submitted = subprocess.run(
         [sys.executable, "-m", "pipeline.sweep", str(sweep_file), "--slurm", "--max-running", "3",
-         "--", f"--chdir={work}", "--cpus-per-task=1"],
+         "--", f"--chdir={work}", "--cpus-per-task=1", f"--job-name={name}"],
         cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     array = re.search(r"as job array (\d+)", submitted.stdout).group(1)
-    tasks = [Job(f"{array}_{i}", "lenet-sweep", work, cluster.env) for i in range(3)]
+    tasks = [Job(f"{array}_{i}", name, work, cluster.env) for i in range(3)]
     points = spec.load(sweep_file).points
 
     # Warn task 1 once its point trains (its first steps logged), as --signal=B:USR1 would.

@@ -115,6 +115,7 @@ def test_incompatible_checkpoint_is_refused_before_anything_is_overwritten(tiny_
         ("model.kernel_size=3", "model.kernel_size"),
         ("optim.name=adam", "optim.name"),
         ("train.batch_size=64", "train.batch_size"),
+        ("data.val_size=32", "data.val_size"),  # another validation split
     ):
         proc = run_pipeline(_tiny(tiny_mnist, run_dir, "train.max_steps=16", override))
         assert proc.returncode == EXIT_CHECKPOINT, proc.stderr

@@ -151,9 +151,3 @@ def test_the_cause_is_the_first_rank_with_its_own_error_else_the_first_killed(tm
     assert launch.job_cause({1: own_after, 0: own_first}) == (0, own_first)
     late, early = failure(0, -15, 101), failure(1, -9, 100)
     assert launch.job_cause({0: late, 1: early}) == (1, early)
-
-
-def test_help_lists_keys():
-    proc = run_pipeline(["--help"])
-    assert proc.returncode == 0
-    assert "optim.lr = 0.05" in proc.stdout and "train.run_dir" in proc.stdout

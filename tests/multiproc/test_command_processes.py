@@ -1,6 +1,6 @@
 """Every command as a user starts it (`python -m pipeline.NAME`): `--version` and `--help` name
-the program as called, `--help` holds no test-only key, and a closed pipe ends without a
-traceback. (Exit codes and error lines: tests/unit/test_commands.py.)"""
+the program as called, and a closed pipe ends without a traceback. (Exit codes and error lines:
+tests/unit/test_commands.py; the keys `--help` lists: tests/unit/test_config.py.)"""
 
 from __future__ import annotations
 
@@ -51,19 +51,6 @@ def test_version_and_help_name_the_program_as_called(name):
         )
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.startswith(expected), proc.stdout[:300]
-
-
-def test_help_holds_no_test_only_key():
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.train", "--help"],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0 and "train.run_dir" in proc.stdout
-    assert "debug." not in proc.stdout and "test only" not in proc.stdout
 
 
 def test_a_closed_pipe_ends_quietly(run_dir):

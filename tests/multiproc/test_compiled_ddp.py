@@ -1,13 +1,11 @@
 """torch.compile on real gloo ranks: compiled DDP (the model, or the whole step) on two ranks
-still averages gradients, ending where one rank eager does; and fp16 on CPU is refused with one
-line. (torch.compile on CPU compiles C++: a compiler is needed, as CI installs.)"""
+still averages gradients, ending where one rank eager does. (torch.compile on CPU compiles C++: a
+compiler is needed, as CI installs. fp16 refused on CPU: tests/unit/test_speed.py.)"""
 
 import pytest
 import torch
 
-from pipeline.errors import EXIT_CONFIG
-
-from helpers import TINY_ARGS, max_diff, run_pipeline, tiny_run, write_tiny_mnist
+from helpers import max_diff, tiny_run, write_tiny_mnist
 
 BATCH = 512  # configs/fast_cpu.yaml's; both modes compile graphs of it, the second reuses some
 
@@ -49,17 +47,3 @@ def test_compiled_ddp_on_two_ranks_matches_one_rank_eager(
     assert max_diff(full, half) > 1e-3
     for k in full:
         torch.testing.assert_close(two[k], full[k], rtol=1e-4, atol=2e-5, msg=k)
-
-
-def test_fp16_on_cpu_is_a_one_line_config_error(tiny_mnist, tmp_path):
-    args = [
-        *TINY_ARGS,
-        f"data.root={tiny_mnist}",
-        f"train.run_dir={tmp_path / 'run'}",
-        "train.precision=fp16",
-        "dist.device=cpu",
-    ]
-    proc = run_pipeline(args)
-    assert proc.returncode == EXIT_CONFIG, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "train.precision" in lines[0] and "bf16" in lines[0], lines

@@ -1,5 +1,7 @@
-"""The validation split (data.val_size) in single real processes: what split.json and the
-checkpoints record, and the one-line refusals of a split that does not fit."""
+"""The validation split (data.val_size) in a real process: what split.json and the checkpoints
+record. (A split that does not fit, and a resume's refusal of another split:
+tests/unit/test_validation_split.py; a real resume refusing another data.val_size:
+tests/multiproc/test_checkpoint_runs.py.)"""
 
 from __future__ import annotations
 
@@ -26,20 +28,3 @@ def test_split_json_and_checkpoints_record_the_split(tiny_mnist, tmp_path):
     (record,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert record["val_count"] == 64 and record["step"] == 448 // 32
     assert "test_accuracy" not in record  # the test set is evaluated once, at the end
-
-
-def test_bad_splits_end_in_one_line(tiny_mnist, tmp_path):
-    too_big = _run(tiny_mnist, tmp_path / "big", "data.val_size=500")
-    assert too_big.returncode == 2 and too_big.stderr.count("\n") == 1
-    assert too_big.stderr.startswith("error: config key data.val_size: 500 leaves 12 of the 512")
-    negative = _run(tiny_mnist, tmp_path / "negative", "data.val_size=-1")
-    assert negative.returncode == 2
-    assert (
-        negative.stderr
-        == "error: config key data.val_size: -1 is out of range; it must be a number >= 0\n"
-    )
-    run_dir = tmp_path / "resumed"
-    assert_ok(_run(tiny_mnist, run_dir, "data.val_size=64", "train.max_steps=4"))
-    other = _run(tiny_mnist, run_dir, "data.val_size=32")
-    assert other.returncode == 4 and other.stderr.count("\n") == 1, other.stderr
-    assert "data.val_size=64, this run has data.val_size=32" in other.stderr

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import train
 from pipeline.config.schema import help_text, load_config, to_yaml, validate_for_world
 from pipeline.errors import ConfigError
 
@@ -101,13 +102,19 @@ def test_batch_size_must_split_across_world_and_accumulation():
         validate_for_world(cfg, 3)
 
 
-def test_help_lists_every_key_with_default():
-    text = help_text()
+def test_help_lists_every_key_with_default_and_no_test_only_key(capsys):
+    with pytest.raises(SystemExit) as exited:
+        train.main(["--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert help_text() in text  # the keys, after the command's own options
     for key in (
         "optim.lr = 0.05",
         "train.batch_size = 64",
         "train.resume = 'auto'",
         "model.kernel_size = 5 [5|3]",
         "tracking.mode = 'auto'",
+        "train.run_dir = ",
     ):
         assert key in text
+    assert "debug." not in text and "test only" not in text

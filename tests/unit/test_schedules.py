@@ -1,6 +1,7 @@
-"""The learning-rate schedules as build_scheduler builds them: the step schedule halves the rate
-every step_epochs, one-cycle rises to optim.lr and falls to torch's final rate. (The same
-schedules in real runs' logs: tests/integration/test_documented_behaviour.py.)"""
+"""The learning-rate schedules, step by step through the Engine: the step schedule halves the rate
+every step_epochs, one-cycle rises to optim.lr and falls to torch's final rate, and `Engine.lr`
+is the rate each step used. (The rates real runs log:
+tests/integration/test_documented_behaviour.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 import torch
 
 from pipeline.config.schema import load_config
-from pipeline.training.engine import build_scheduler
+from pipeline.dist.group import DistContext
+from pipeline.model import LeNet
+from pipeline.training.engine import Engine
 
 
 def _rising(values: list[float]) -> bool:
@@ -18,19 +21,18 @@ def _rising(values: list[float]) -> bool:
 
 
 def _rates(overrides: list[str], steps_per_epoch: int, total: int) -> list[float]:
-    """The learning rate each of `total` optimizer steps uses under build_scheduler."""
-    cfg = load_config(None, overrides).optim
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr, momentum=0.9)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch, total)
+    """The learning rate each of `total` optimizer steps used, as the Engine reports it."""
+    cfg = load_config(None, ["train.fused_conv=false", *overrides])
+    engine = Engine(LeNet(), cfg, DistContext(), steps_per_epoch, total)
+    batch = [(torch.zeros(2, 1, 32, 32), torch.zeros(2, dtype=torch.long))]
     rates = []
     for _ in range(total):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+        engine.train_step(batch)
+        rates.append(engine.lr)
     return rates
 
 
-def test_build_scheduler_step_and_onecycle_values():
+def test_each_step_uses_its_schedules_rate():
     # step: 3 steps per epoch, 5 epochs, lr 0.1 halved every 2 epochs
     step = _rates(
         ["optim.lr=0.1", "optim.schedule=step", "optim.step_epochs=2", "optim.gamma=0.5"], 3, 15

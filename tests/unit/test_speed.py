@@ -1,4 +1,5 @@
-"""Speed options keep training right, in this process: fp16 is refused on CPU, the fp16 gradient
+"""Speed options keep training right, in this process: fp16 is refused on CPU (by the engine, and
+by the command in one line before a rank starts), the fp16 gradient
 scaler unscales before clipping and skips overflows, and the tensor shards are
 DistributedSampler's. Compiled DDP on real ranks: tests/multiproc/test_compiled_ddp.py; the
 accuracy of bf16 and torch.compile on the real MNIST: tests/integration/test_speed_accuracy.py."""
@@ -7,13 +8,16 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
+from pipeline import train
 from pipeline.config.schema import load_config
 from pipeline.data.device import shard_indices
 from pipeline.dist.group import DistContext
-from pipeline.errors import ConfigError
+from pipeline.errors import EXIT_CONFIG, ConfigError
 from pipeline.model import LeNet
 from pipeline.training import engine as engine_module
 from pipeline.training.engine import Engine
+
+from helpers import TINY_ARGS
 
 
 def _engine(monkeypatch, *overrides):
@@ -26,10 +30,16 @@ def _engine(monkeypatch, *overrides):
     return Engine(LeNet(), cfg, DistContext(), steps_per_epoch=10, total_steps=10)
 
 
-def test_engine_refuses_fp16_on_cpu():
+def test_fp16_on_cpu_is_a_one_line_config_error(tmp_path, capsys):
     cfg = load_config(None, ["train.precision=fp16"])
     with pytest.raises(ConfigError, match="train.precision"):
         Engine(LeNet(), cfg, DistContext(), steps_per_epoch=10, total_steps=10)
+    # The command refuses it before any rank starts: exit code 2, one line that says what to use.
+    args = [*TINY_ARGS, f"data.root={tmp_path / 'none'}", f"train.run_dir={tmp_path / 'run'}"]
+    assert train.main([*args, "train.precision=fp16", "dist.device=cpu"]) == EXIT_CONFIG
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: config key train.precision: ")
+    assert "use train.precision=bf16 or fp32" in lines[0], lines
 
 
 def _batch():

@@ -1,7 +1,7 @@
-"""Experiment tracking, in this process with a stand-in wandb: the W&B mode, step rows, the
-fall-back to offline, the init timeout, a failing log call, resume by run id, the artifact, and
-the tracker of ranks that do not report. Real jobs writing real offline runs are in
-tests/multiproc/test_tracking_jobs.py."""
+"""Experiment tracking, in this process with a stand-in wandb: the W&B mode, wandb never imported
+unless asked for, step rows, the fall-back to offline, the init timeout, a failing log call,
+resume by run id, the artifact, and the tracker of ranks that do not report. Real jobs writing
+real offline runs are in tests/multiproc/test_tracking_jobs.py."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.config.schema import Config, load_config
-from pipeline.tracking.tracker import Tracker, make_tracker
+from pipeline.tracking.tracker import Console, Tracker, make_tracker, wandb_status
 from pipeline.tracking.wandb_run import has_credentials, resolve_mode
 from pipeline.training import checkpoint
 
-from helpers import read_jsonl
+from helpers import no_credentials, read_jsonl
 
 
 def warnings(stderr: str) -> list[str]:
@@ -211,12 +211,23 @@ def test_artifact_is_the_newest_checkpoint(tmp_path, monkeypatch):
     assert artifact.files == [str(tmp_path / checkpoint.checkpoint_name(16))]
 
 
-def test_disabled_never_starts_wandb(tmp_path, monkeypatch, capsys):
-    wandb = fake_wandb()
-    monkeypatch.setitem(sys.modules, "wandb", wandb)
-    tracker = drive(tiny_config("disabled", tmp_path))
-    assert wandb.runs == [] and tracker.run_id is None
-    assert warnings(capsys.readouterr().err) == []
+def test_wandb_not_asked_for_is_never_imported(tmp_path, monkeypatch, capsys):
+    """tracking.mode=disabled, and auto without credentials: the header says W&B off, and wandb
+    is not imported, warns nothing and writes nothing. Asked for, the header names its mode."""
+    for key, value in no_credentials(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # any `import wandb` would now fail loudly
+    for mode in ("disabled", "auto"):
+        cfg = tiny_config(mode, tmp_path / mode)
+        assert wandb_status(cfg.tracking) == "W&B off", mode
+        tracker = drive(cfg)
+        tracker.close()
+        assert tracker.run_id is None and [type(s) for s in tracker.sinks] == [Console], mode
+        assert not (tmp_path / mode / "wandb").exists(), mode
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert wandb_status(tiny_config("auto", tmp_path).tracking) == "W&B online"
+    assert wandb_status(tiny_config("offline", tmp_path).tracking) == "W&B offline"
 
 
 def test_ranks_that_do_not_report_have_no_sinks_and_write_nothing(tmp_path, monkeypatch, capsys):

@@ -7,12 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline import train
 from pipeline.config import naming
 from pipeline.config.schema import Config, load_config, to_dict
 from pipeline.data.device import shard_indices, steps_per_epoch
 from pipeline.data.split import SPLIT_SEED, check_size, digest, split
-from pipeline.errors import CheckpointError
+from pipeline.errors import EXIT_CONFIG, CheckpointError
 from pipeline.training import checkpoint
+
+from helpers import TINY_ARGS
 
 
 def test_the_split_is_seeded_by_a_constant_sorted_and_disjoint():
@@ -59,13 +62,21 @@ def test_the_split_does_not_depend_on_the_world_size_or_the_seed():
     assert {steps_per_epoch(448, 32 // w, w, 1) for w in (1, 2, 4)} == {14}
 
 
-def test_a_split_that_leaves_less_than_a_global_batch_is_refused():
+def test_a_split_that_does_not_fit_is_refused_in_one_line(tiny_mnist, tmp_path, capsys):
     assert check_size(60_000, 5_000, 64) is None
     assert check_size(512, 480, 32) is None
     problem = check_size(512, 500, 32)
     assert problem == (
         "config key data.val_size: 500 leaves 12 of the 512 training images to train on, fewer "
         "than one global batch (train.batch_size=32); use at most 480"
+    )
+    # The command ends with that line and exit code 2, as it does for a negative size.
+    args = [*TINY_ARGS, f"data.root={tiny_mnist}", f"train.run_dir={tmp_path / 'run'}"]
+    assert train.main([*args, "data.val_size=500"]) == EXIT_CONFIG
+    assert capsys.readouterr().err == f"error: {problem}\n"
+    assert train.main([*args, "data.val_size=-1"]) == EXIT_CONFIG
+    assert capsys.readouterr().err == (
+        "error: config key data.val_size: -1 is out of range; it must be a number >= 0\n"
     )
 
 
