@@ -9,9 +9,10 @@
 #   TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 (pick the CUDA version your driver
 #   supports: https://pytorch.org/get-started/locally/); it replaces a CPU build already in VENV.
 #   On a machine with NVIDIA GPUs (nvidia-smi) that ends up with a CPU build, setup says so.
-# - EXTRAS (default dev,report,predict,wandb,tensorboard: all of them): the project's optional
+# - EXTRAS (default dev,report,predict,wandb,tensorboard: all but onnx): the project's optional
 #   extras (dev: pytest and ruff; report: plots; predict: reading your own images; wandb:
-#   Weights & Biases; tensorboard: TensorBoard event files).
+#   Weights & Biases; tensorboard: TensorBoard event files; onnx: ONNX export; all: every extra
+#   but dev, e.g. EXTRAS=all,dev).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

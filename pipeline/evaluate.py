@@ -25,7 +25,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         help="directory holding the run's dataset (MNIST/raw, ...; default: the run's data.root)",
     )
-    parser.add_argument("--out", type=Path, help="where to write (default: next to it, eval/)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where to write (default, beside the checkpoint: eval/ for a run directory or a "
+        "best.pt; eval-NAME/ for --last or another checkpoint file)",
+    )
     parser.add_argument(
         "--mistakes", type=int, default=24, help="how many mistakes to show (default 24)"
     )

@@ -55,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
             targets[0] / "comparison" if len(targets) == 1 else Path("runs/comparison")
         )
         print(compare.compare(targets, out), end="")
-        print(f"comparison.md, comparison.csv and comparison.png in {out}")
         return 0
 
     return cli.run(body, verbose=cli.verbosity(args))

@@ -88,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         if runs:
             print(compare.compare(runs, out, f"sweep {sweep.name}"), end="")
-            print(f"comparison.md, comparison.csv and comparison.png in {out}")
         failed = [o for o in outcomes if o.code != 0]
         for o in failed:
             print(f"failed: {o.point.name} (exit {o.code}): {o.last_error}")

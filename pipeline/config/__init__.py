@@ -1,3 +1,2 @@
-"""The run's configuration: typed sections, their rules and how a value is read
-(schema), shipped configs by name (shipped), and the run directory a config names
-(naming)."""
+"""The run's configuration: typed sections, their rules and how a value is read (schema),
+shipped configs by name (shipped), the run directory a config names (naming)."""

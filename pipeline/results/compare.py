@@ -8,7 +8,7 @@ one), the test accuracy of the selected model (once the run finished), the last 
 training time and images/s. Runs that differ only by `train.seed` are also grouped: the mean and
 standard deviation over the seeds. The table is written as Markdown and CSV, and one PNG
 overlays every run's selection-split accuracy by epoch and train loss, labelled by the settings
-that differ.
+that differ. The last line names the settings chosen: the best mean selection metric over seeds.
 """
 
 from __future__ import annotations
@@ -165,10 +165,11 @@ def rows(runs: list[Run], keys: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def seed_groups(runs: list[Run], keys: list[str]) -> list[dict[str, Any]]:
-    """Runs that differ only by train.seed, with two or more finished: mean and std."""
+def seed_groups(runs: list[Run], keys: list[str], least: int = 2) -> list[dict[str, Any]]:
+    """Finished runs that differ only by train.seed, in groups of `least` or more: the mean and
+    standard deviation (None for a single run)."""
     others = [k for k in keys if k != "train.seed"]
-    if "train.seed" not in keys:
+    if least > 1 and "train.seed" not in keys:
         return []
     groups: dict[str, list[Run]] = {}
     for r in runs:
@@ -176,7 +177,7 @@ def seed_groups(runs: list[Run], keys: list[str]) -> list[dict[str, Any]]:
             groups.setdefault(label(r, others), []).append(r)
     out = []
     for name, members in groups.items():
-        if len(members) < 2:
+        if len(members) < least:
             continue
         row: dict[str, Any] = {"settings": name, "seeds": len(members)}
         chosen = [m.selection() for m in members]
@@ -191,9 +192,30 @@ def seed_groups(runs: list[Run], keys: list[str]) -> list[dict[str, Any]]:
                 row[key] = row[f"{key}_std"] = None
                 continue
             row[key] = statistics.fmean(values)
-            row[f"{key}_std"] = statistics.stdev(values)
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
         out.append(row)
     return out
+
+
+def choice(runs: list[Run], keys: list[str]) -> str | None:
+    """The comparison's closing line: the settings (over their seeds) with the best mean
+    selection metric (a loss: the lowest), with that mean and the selected models' test
+    accuracy. None when no run finished or the runs were selected by different metrics."""
+    groups = [g for g in seed_groups(runs, keys, least=1) if g["selected_value"] is not None]
+    metrics = {g["selection_metric"] for g in groups}
+    if len(metrics) != 1:
+        return None
+    (metric,) = metrics
+    best = (min if metric.endswith("loss") else max)(groups, key=lambda g: g["selected_value"])
+
+    on_test = metric.startswith("test")
+    where = "the test set (no validation split)" if on_test else "the validation split"
+    text = f"chosen on {where}: {best['settings']} ({metric.replace('_', ' ')} "
+    text += _mean_std(metric, best["selected_value"], best["selected_value_std"])
+    if not on_test:
+        tested = _mean_std("accuracy", best["test_accuracy"], best["test_accuracy_std"])
+        text += f", test accuracy of the selected model {tested}"
+    return text + (f" over {best['seeds']} seeds)" if best["seeds"] > 1 else ")")
 
 
 def _selected(row: dict[str, Any]) -> str:
@@ -205,8 +227,8 @@ def _selected(row: dict[str, Any]) -> str:
 
 
 def _mean_std(metric: str, mean: float | None, std: float | None, fmt: str = ".4f") -> str:
-    if mean is None:
-        return "-"
+    if mean is None or std is None:  # one run: no spread
+        return metric_text(metric, mean, "-")
     if metric.endswith("accuracy"):
         return f"{mean * 100:.2f} ± {std * 100:.2f}%"
     return f"{mean:{fmt}} ± {std:{fmt}}"
@@ -304,12 +326,14 @@ def plot(runs: list[Run], keys: list[str], path: Path, title: str) -> Path:
 
 
 def compare(targets: list[Path], out: Path, title: str | None = None) -> str:
-    """Compare the runs `targets` name; write comparison.md, .csv and .png into `out`; the
-    table (Markdown) for printing."""
+    """Compare the runs `targets` name; write comparison.md, .csv and .png into `out`; what the
+    command prints: the table (Markdown), where the files are and the settings chosen."""
     runs = [read_run(p) for p in find_runs(targets)]
     keys = differing(runs)
     table = markdown(runs, keys)
     write_atomic(out / "comparison.md", table)
     write_atomic(out / "comparison.csv", csv_text(runs, keys))
     plot(runs, keys, out / "comparison.png", title or ", ".join(str(t) for t in targets))
-    return table
+    chosen = choice(runs, keys)
+    table += f"comparison.md, comparison.csv and comparison.png in {out}\n"
+    return table + (f"{chosen}\n" if chosen else "")

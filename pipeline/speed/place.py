@@ -7,7 +7,6 @@ with `auto`, faster here). Training, evaluation and the benchmark all prepare th
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -19,18 +18,14 @@ from pipeline.speed.cpu_memory import reuse_freed_memory
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Placement:
-    fused: bool  # the fused CPU kernels run the model's conv stages
-    conv_path: str  # which conv path runs, and why, in words
-    notes: list[str] = field(default_factory=list)  # for the run's header (CPU runs)
-
-
-def place_model(model: nn.Module, cfg: Config, device: torch.device, batch: int) -> Placement:
+def place_model(
+    model: nn.Module, cfg: Config, device: torch.device, batch: int
+) -> tuple[bool, str, list[str]]:
     """Put `model` on `device`: channels-last; on CPU, malloc set to keep freed memory where
     `train.reuse_host_memory` asks for it, and the fused conv kernels where `train.fused_conv`
     asks for them (`auto`: where they are faster here, see `kernels.choose`; `batch` is the
-    images of one forward pass on this rank)."""
+    images of one forward pass on this rank). Returns whether the kernels run, the conv path
+    and why in words, and the run header's notes (CPU runs)."""
     notes = []
     if device.type == "cpu" and cfg.train.reuse_host_memory and reuse_freed_memory():
         notes.append("malloc reuses freed memory")
@@ -48,4 +43,4 @@ def place_model(model: nn.Module, cfg: Config, device: torch.device, batch: int)
         log.warning(why)
     if device.type == "cpu":
         notes.append(why)
-    return Placement(fused, why, notes)
+    return fused, why, notes

@@ -30,14 +30,9 @@ DEFAULT_HOST = "https://api.wandb.ai"
 # An unreachable server must not hold up start-up for the wandb default of 90 s; the 30 s
 # limit can be changed with WANDB_INIT_TIMEOUT (seconds).
 INIT_TIMEOUT_S = 30.0
-# WANDB_MODE values wandb accepts, as tracking modes.
-_WANDB_MODES = {
-    "online": "online",
-    "run": "online",
-    "offline": "offline",
-    "dryrun": "offline",
-    "disabled": "disabled",
-}
+# WANDB_MODE values wandb accepts, as tracking modes ("run" and "dryrun": wandb's older names).
+_WANDB_MODES = {"run": "online", "dryrun": "offline"} | {m: m for m in ("online", "offline")}
+_WANDB_MODES["disabled"] = "disabled"
 
 
 class WandbUnavailable(Exception):

@@ -32,6 +32,7 @@ from pipeline.results.records import percent, read_records
 from pipeline.speed.place import place_model
 from pipeline.tracking.wandb_run import WandbSink, WandbUnavailable, new_run_id, resolve_mode
 from pipeline.trained import figures, loading
+from pipeline.training.checkpoint import BEST
 from pipeline.training.engine import evaluate, loss_function
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,16 @@ def to_wandb(state: dict, cfg: Config, mode: str, run_dir: Path, results: dict, 
     log.info(f"sent to W&B run {sink.run_id}" + (f": {sink.url}" if sink.url else ""))
 
 
+def out_dir(target: Path, path: Path, last: bool = False) -> Path:
+    """Where evaluate writes by default, beside checkpoint `path`: eval/ for what a run
+    directory names without --last (its best.pt, or its newest checkpoint where it has none) and
+    for a best.pt file; eval-NAME/ for any other checkpoint (--last, or a file:
+    eval-ckpt-000002577/), so that no checkpoint's results overwrite another's."""
+    if (target.is_dir() and not last) or path.name == BEST:
+        return path.parent / "eval"
+    return path.parent / f"eval-{path.stem}"
+
+
 def run(
     ctx: group.DistContext,
     target: Path,
@@ -137,7 +148,7 @@ def run(
 ) -> None:
     """Evaluate the checkpoint `target` names (a run directory: its best.pt, or with `last` its
     newest checkpoint; see `loading.find_checkpoint`) on its dataset's test set; rank 0 writes
-    the results into `out` (default: beside the checkpoint, eval/) and prints the summary."""
+    the results into `out` (default: `out_dir`) and prints the summary."""
     plt = pyplot_or_none()
     path, state, cfg, model = loading.load(target, last, ctx)
     # The conv path training would take here.
@@ -164,7 +175,7 @@ def run(
     if correct != round(result["test_accuracy"] * result["test_count"]):
         log.warning("the confusion matrix counts another number of correct predictions")
 
-    out = out or path.parent / "eval"
+    out = out or out_dir(target, path, last)
     rows = matrix.sum(1).clamp(min=1).tolist()
     per_class = {str(c): matrix[c, c].item() / rows[c] for c in range(CLASSES)}
     results = {

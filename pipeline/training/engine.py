@@ -196,11 +196,8 @@ class Engine:
             )
             if problem:
                 log.warning(problem)
-        placed = place_model(model, cfg, self.device, micro_batch(cfg, ctx.world_size))
-        self.fused_conv, self.conv_path, self.speed_notes = (
-            placed.fused,
-            placed.conv_path,
-            placed.notes,
+        self.fused_conv, self.conv_path, self.speed_notes = place_model(
+            model, cfg, self.device, micro_batch(cfg, ctx.world_size)
         )
         # A world of one trains the plain model: DDP would all-reduce every gradient bucket with
         # no peer, a cost on each step for nothing.

@@ -135,12 +135,10 @@ def test_evaluate_sends_the_pictures_to_the_runs_wandb_run(
     (run,) = wandb.runs
     assert run.id == "abcd1234" and run.kwargs["mode"] == "offline" and run.finished
     (row,) = run.rows
-    assert row["eval/confusion_matrix"] == ("image", str(run_dir / "eval/confusion_matrix.png"))
-    assert row["eval/mistakes"] == ("image", str(run_dir / "eval/mistakes.png"))
-    assert (
-        row["eval/test_accuracy"]
-        == json.loads((run_dir / "eval/eval.json").read_text())["test_accuracy"]
-    )
+    out = run_dir / f"eval-{path.stem}"  # a checkpoint file: eval-NAME/ beside it
+    assert row["eval/confusion_matrix"] == ("image", str(out / "confusion_matrix.png"))
+    assert row["eval/mistakes"] == ("image", str(out / "mistakes.png"))
+    assert row["eval/test_accuracy"] == json.loads((out / "eval.json").read_text())["test_accuracy"]
     assert "sent to W&B run abcd1234" in capsys.readouterr().out
 
     # --tracking disabled never starts W&B.

@@ -1,8 +1,8 @@
 """`python -m pipeline.sweep FILE` on this machine, as a user runs it: a 2-point sweep on tiny
-data trains each point in its own directory and ends with the comparison; a point that was
-interrupted resumes and ends where an uninterrupted run of it does; a rerun skips every point
-and prints the table; a point that fails is reported while the others run, and the exit code
-says so."""
+data trains each point in its own directory and ends with the comparison and the setting
+chosen; a point that was interrupted resumes and ends where an uninterrupted run of it does; a
+rerun skips every point and prints the table; a point that fails is reported while the others
+run, and the exit code says so."""
 
 from __future__ import annotations
 
@@ -89,11 +89,13 @@ def test_a_sweep_runs_its_points_resumes_one_and_skips_them_on_a_rerun(tiny_mnis
     rows = [line for line in out.splitlines() if line.startswith("| optim.lr=")]
     assert [r.split(" | ")[1:3] for r in rows] == [["0.05", "finished"], ["0.1", "finished"]]
     assert (root / "comparison" / "comparison.png").exists()
+    assert out.splitlines()[-1].startswith("chosen on the validation split: optim.lr=")
 
     again = sweep(work, path)
     assert_ok(again)
     assert again.stdout.startswith("2 of 2 point(s) finished earlier: skipped\n| run |")
     assert "starts" not in again.stdout and "resumes" not in again.stdout
+    assert again.stdout.splitlines()[-1] == out.splitlines()[-1]
 
 
 def test_a_failed_point_is_reported_and_the_others_run(tiny_mnist, tmp_path):

@@ -92,12 +92,46 @@ def test_runs_that_differ_by_seed_only_are_grouped(sweep):
     assert group["test_accuracy"] == pytest.approx(0.97)
 
 
+def test_the_closing_line_names_the_settings_chosen_over_their_seeds(sweep, tmp_path):
+    runs = [compare.read_run(p) for p in compare.find_runs([sweep])]
+    assert compare.choice(runs, compare.differing(runs)) == (
+        "chosen on the validation split: optim.lr=0.1 (val accuracy 96.00 ± 1.41%, "
+        "test accuracy of the selected model 97.00 ± 1.41% over 2 seeds)"
+    )  # lr 0.2 has one finished seed, at 85%
+    grid = [compare.read_run(make_run(tmp_path / "grid", f"{lr}", lr, 0, [0.8, a]))
+            for lr, a in ((0.1, 0.90), (0.2, 0.93))]  # fmt: skip
+    assert compare.choice(grid, ["optim.lr"]) == (
+        "chosen on the validation split: optim.lr=0.2 (val accuracy 93.00%, "
+        "test accuracy of the selected model 94.00%)"
+    )  # a sweep without seeds: the single best run
+
+
+def test_the_closing_line_chooses_the_lowest_loss(tmp_path):
+    runs = []
+    for name, lr, seed, loss in (("a", 0.1, 0, 0.05), ("b", 0.1, 1, 0.40), ("c", 0.2, 0, 0.20),
+                                 ("d", 0.2, 1, 0.22)):  # fmt: skip
+        run_dir = make_run(tmp_path, name, lr, seed, [0.8, 0.9])
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary.update(selection_metric="val_loss", selected_value=loss)
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+        runs.append(compare.read_run(run_dir))
+    assert compare.choice(runs, compare.differing(runs)) == (
+        "chosen on the validation split: optim.lr=0.2 (val loss 0.2100 ± 0.0141, "
+        "test accuracy of the selected model 91.00 ± 0.00% over 2 seeds)"
+    )  # the lowest mean, 0.21 (lr 0.1: 0.225), though lr 0.1 has the lowest run
+    old = compare.read_run(make_run(tmp_path, "old", 0.1, 0, [0.90, 0.93], split=False))
+    assert compare.choice([old], []) == (
+        "chosen on the test set (no validation split): old (test accuracy 93.00%)"
+    )
+
+
 def test_the_report_of_a_folder_writes_the_table_the_csv_and_the_plot(sweep, capsys):
     assert report.main([str(sweep)]) == 0
     out = capsys.readouterr().out
     assert "| a | 0.1 | 0 | finished | 2 | 2 (val_accuracy 95.00%) | 96.00% |" in out
     assert "| optim.lr=0.1 | 2 | val_accuracy 96.00 ± 1.41% | 97.00 ± 1.41% |" in out
     assert "| e | - | - | broken (no config.yaml) |" in out
+    assert out.splitlines()[-1].startswith("chosen on the validation split: optim.lr=0.1 (")
     folder = sweep / "comparison"
     assert (folder / "comparison.md").read_text() in out
     with open(folder / "comparison.csv") as f:

@@ -1,2 +1,0 @@
-"""The speed benchmark (`python -m pipeline.bench`): its cases, the trainers it times, and the
-results table."""
