@@ -31,9 +31,9 @@ def fsync_dir(path: Path) -> None:
 
 def write_atomic(path: Path, data: bytes | str | Callable[[IO[bytes]], Any]) -> Path:
     """Replace `path` with `data` (bytes, text, or a function that writes to a binary file),
-    so that readers see the old file or the complete new one. Creates the parent directory."""
+    so that readers see the old file or the complete new one. The directory must exist: one
+    removed while a run writes into it is an error (ENOENT), never silently made again."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:

@@ -215,6 +215,7 @@ def _prepare_split(
         try:
             # Several nodes may share `root`: each writes its own temp file, the last rename wins,
             # and every version is complete and identical.
+            cache.parent.mkdir(parents=True, exist_ok=True)
             return write_atomic(cache, lambda f: torch.save(payload, f))
         except (OSError, RuntimeError):  # read-only or full disk; torch wraps some as RuntimeError
             continue

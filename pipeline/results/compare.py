@@ -331,6 +331,7 @@ def compare(targets: list[Path], out: Path, title: str | None = None) -> str:
     runs = [read_run(p) for p in find_runs(targets)]
     keys = differing(runs)
     table = markdown(runs, keys)
+    out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "comparison.md", table)
     write_atomic(out / "comparison.csv", csv_text(runs, keys))
     plot(runs, keys, out / "comparison.png", title or ", ".join(str(t) for t in targets))

@@ -191,6 +191,7 @@ def run(
     }
     print(summary_text(results), flush=True)
     matrix_json = {"rows": "true label", "columns": "predicted label", "matrix": matrix.tolist()}
+    out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "confusion_matrix.json", json.dumps(matrix_json) + "\n")
     write_atomic(out / "eval.json", json.dumps(results, indent=2) + "\n")
     written = ["eval.json", "confusion_matrix.json"]

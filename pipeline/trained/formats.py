@@ -132,6 +132,7 @@ def export(target: Path, fmt: str, out: Path | None, last: bool = False) -> Path
             "try another --format"
         ) from e
     message = check(model, run, fmt)
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, blob)
     print(f"exported {path} as {fmt} to {out}")
     print(message)

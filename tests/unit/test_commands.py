@@ -112,6 +112,8 @@ def test_a_checkpoint_of_another_format_is_refused_in_one_line(run_dir, tmp_path
     headed.write_bytes(b"LENET-DDP-CKPT-1\n" + digest + b"\n" + buf.getvalue())
     state.update(world_size=1, rng=[checkpoint.rng_state(torch.device("cpu"))])
     other = {**state, "config": {**state["config"], "debug": {"fail_rank": -1}}}
+    for name in ("other", "bare"):
+        (tmp_path / name).mkdir()
     other = checkpoint.save(tmp_path / "other", 1, other, keep=1)
     bare = checkpoint.save(tmp_path / "bare", 1, state, keep=1)
     tiny = write_tiny_mnist(tmp_path / "tiny")

@@ -19,6 +19,7 @@ FILES = {"eval.json", "confusion_matrix.json", "confusion_matrix.png", "mistakes
 
 def test_best_last_and_a_file_each_write_their_own_folder(tmp_path, tiny_mnist, capsys):
     run_dir = tmp_path / "run"
+    run_dir.mkdir()
     config = to_dict(load_config(None, ["train.fused_conv=false"]))
     for step in (1, 2):
         torch.manual_seed(step)

@@ -105,6 +105,8 @@ def drive(
 ) -> Tracker:
     """What the trainer does with the tracker of a rank: the checkpoint's run id, start, step
     records every 2 steps, an epoch record, finish."""
+    if main:  # in a run, the run's lock makes the directory before the tracker writes into it
+        Path(config.train.run_dir).mkdir(parents=True, exist_ok=True)
     tracker = make_tracker(SimpleNamespace(is_main=main), config)
     tracker.run_id = run_id
     meta = {"world_size": 2, "steps_per_epoch": 16}
