@@ -8,14 +8,21 @@ import argparse
 import os
 
 from pipeline import cli
-from pipeline.speed.benchmark.runner import QUICK_STEPS, run_benchmark
+
+QUICK_STEPS = 150  # optimizer steps a case trains with --quick
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = cli.parser(
         "pipeline.bench", "The speed benchmark: the pipeline against the classic data path."
     )
-    p.add_argument("--quick", action="store_true", help=f"a fast check: {QUICK_STEPS} steps a case")
+    p.add_argument(  # args.quick: the steps of a case, 0 for its config's own
+        "--quick",
+        action="store_const",
+        const=QUICK_STEPS,
+        default=0,
+        help=f"a fast check: {QUICK_STEPS} steps a case",
+    )
     p.add_argument("--repeat", type=int, default=1, help="runs of each case (medians reported)")
     p.add_argument(
         "--seeds",
@@ -41,6 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="runs/bench",
         help="folder for the JSON and markdown (default: runs/bench, in the current directory)",
     )
+    p.add_argument(
+        "--evals-per-epoch",
+        type=int,
+        default=0,
+        help="test-set evaluations an epoch, the last at its end, for the time to 98%% and 99%% "
+        "(untimed; default: 20 on GPUs, whose epochs take milliseconds, else 1)",
+    )
     p.add_argument("--only", default="", help="only the cases whose name matches this regex")
     p.add_argument(
         "--set",
@@ -54,7 +68,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return cli.run(lambda: run_benchmark(args, argv), verbose=cli.verbosity(args))
+
+    def body() -> int:
+        from pipeline.speed.benchmark.runner import run_benchmark  # torch: only for a run
+
+        return run_benchmark(args, argv)
+
+    return cli.run(body, verbose=cli.verbosity(args))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextvars import ContextVar
+from pathlib import Path
 
 from pipeline import __version__
 from pipeline.errors import (
@@ -41,6 +42,7 @@ from pipeline.errors import (
     Stopped,
     describe,
 )
+from pipeline.tracking import progress
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ _writes: ContextVar[tuple[str, str]] = ContextVar("writes", default=_ANY_FILE)
 # the main rank INFO and above are shown (`-v`: DEBUG too, `--quiet`: WARNING and above); on every
 # other rank only WARNING and above, each line with its rank in front, so that a job of many ranks
 # prints its messages once. INFO lines go to stdout as they are; warnings and errors go to stderr
-# as `warning: ...` and `error: ...`.
+# as `warning: ...` and `error: ...`; each on a line of its own, below a progress line.
 
 
 class _Handler(logging.Handler):
@@ -73,6 +75,7 @@ class _Handler(logging.Handler):
                 text, stream = f"{self.prefix}warning: {message}", sys.stderr
             else:
                 text, stream = f"{self.prefix}{message}", sys.stdout
+            progress.end_line()
             stream.write(text + "\n")
             stream.flush()
         except BrokenPipeError:
@@ -116,6 +119,23 @@ def parser(module: str, description: str, **kwargs) -> argparse.ArgumentParser:
         "-q", "--quiet", action="store_true", help="print only warnings, errors and results"
     )
     return p
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that name a trained model (`target`, `--last`), as
+    `pipeline.trained.loading.find_checkpoint` reads them: evaluate, export and predict take
+    the same."""
+    parser.add_argument(
+        "target",
+        type=Path,
+        help="a run directory (its best.pt: the checkpoint of the epoch training selected; "
+        "else its newest valid checkpoint) or a checkpoint file",
+    )
+    parser.add_argument(
+        "--last",
+        action="store_true",
+        help="with a run directory: its newest checkpoint, not best.pt",
+    )
 
 
 def verbosity(args: argparse.Namespace) -> int:
@@ -206,6 +226,7 @@ def run(body: Callable[[], int], *, verbose: int = 0, interrupted: str = "interr
         if isinstance(e, KeyboardInterrupt):
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # no traceback for another one
             if rank == 0:
+                progress.end_line()
                 print(str(e) or interrupted, file=sys.stderr, flush=True)
         elif isinstance(e, BrokenPipeError):
             _quiet_stdout()

@@ -9,8 +9,6 @@ from pathlib import Path
 
 from pipeline import cli
 from pipeline.config.schema import DistConfig
-from pipeline.dist import group
-from pipeline.trained import evaluation, loading
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -19,7 +17,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "Test accuracy (overall and per class), confusion matrix and the most confident "
         "mistakes of a trained model. Runs as one process or under torchrun.",
     )
-    loading.add_target_arguments(parser)
+    cli.add_target_arguments(parser)
     parser.add_argument(
         "--data-root",
         type=Path,
@@ -52,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
+        from pipeline.dist import group  # torch: only for a run, not for --help
+        from pipeline.trained import evaluation
+
         try:
             ctx = group.detect()
             group.init(ctx, DistConfig(device=args.device))

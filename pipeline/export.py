@@ -7,8 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import cli
-from pipeline.trained import loading
-from pipeline.trained.formats import SUFFIXES, export
+
+# Each --format (`pipeline.trained.formats` writes them) and its file's suffix.
+SUFFIXES = {
+    "state_dict": ".pt",
+    "torchscript": ".torchscript.pt",
+    "exported": ".pt2",
+    "onnx": ".onnx",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline.export",
         "Write a trained model to a file that loads and runs without this project.",
     )
-    loading.add_target_arguments(parser)
+    cli.add_target_arguments(parser)
     parser.add_argument("--format", required=True, choices=tuple(SUFFIXES), help="file format")
     parser.add_argument(
         "--out", type=Path, help="the file to write (default: lenet-STEP.* beside the checkpoint)"
@@ -24,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        export(args.target, args.format, args.out, args.last)
+        from pipeline.trained.formats import export  # torch: only for a run, not for --help
+
+        export(args.target, args.format, SUFFIXES[args.format], args.out, args.last)
         return 0
 
     return cli.run(body, verbose=cli.verbosity(args))

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from pipeline import cli
-from pipeline.trained import loading
-from pipeline.trained.digits import import_pil, prepare, save_inputs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
         "Classify digit images (PNG, JPEG, ...) with a trained model: a dark digit on a light "
         "background or a light one on dark, any size.",
     )
-    loading.add_target_arguments(parser)
+    cli.add_target_arguments(parser)
     parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="digit images")
     parser.add_argument("--top", type=int, default=3, help="classes shown per image (default 3)")
     parser.add_argument(
@@ -30,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--top must be between 1 and 10")
 
     def body() -> int:
+        import torch  # only for a run, not for --help
+
+        from pipeline.trained import loading
+        from pipeline.trained.digits import import_pil, prepare, save_inputs
+
         import_pil()  # before the checkpoint: a missing Pillow is one line, at once
         x = prepare(args.images)
         _, _, _, model = loading.load(args.target, args.last)

@@ -1,5 +1,5 @@
 """`python -m pipeline.report RUN_DIR [RUN_DIR...]` (`lenet-report`): without W&B, a run's plots
-(loss, test accuracy, throughput) and a text summary, finished or still running; or, for several
+(loss, accuracy, throughput) and a text summary, finished or still running; or, for several
 run directories or a sweep's folder, the runs side by side (`pipeline.results.compare`): a table
 (Markdown and CSV) and their curves overlaid. Plotting needs matplotlib (the `report` extra)."""
 

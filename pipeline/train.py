@@ -12,12 +12,10 @@ import argparse
 import sys
 
 from pipeline import cli
-from pipeline.config import naming
 from pipeline.config.schema import Config, help_text, load_config, validate_for_world
-from pipeline.dist import group, launch
 from pipeline.errors import ConfigError
+from pipeline.tracking import tensorboard
 from pipeline.training.stop import StopRequest
-from pipeline.training.trainer import Trainer, build_trainer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,8 +75,12 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
 
 def resolved_config(args: argparse.Namespace) -> tuple[Config, str]:
     """The command's config, its run directory's template filled in, and the line that names
-    the config and what the overrides changed (`pipeline.config.naming`)."""
+    the config and what the overrides changed (`pipeline.config.naming`); ConfigError for
+    tracking.tensorboard=true without the package, before any process group starts."""
+    from pipeline.config import naming  # imports torch (see `train`)
+
     cfg = load_config(args.config, args.overrides)
+    tensorboard.enabled(cfg.tracking.tensorboard)
     try:
         base = load_config(args.config)
     except ConfigError:  # the file alone is invalid: an override fixed it
@@ -90,6 +92,10 @@ def resolved_config(args: argparse.Namespace) -> tuple[Config, str]:
 
 
 def train(args: argparse.Namespace, stop: StopRequest) -> int:
+    # torch, and what imports it, only for a run: --help and --version answer at once.
+    from pipeline.dist import group, launch
+    from pipeline.training.trainer import Trainer, build_trainer
+
     cfg, shown = resolved_config(args)
     stop.add(cfg.train.preempt_signal)
     ctx = group.detect()

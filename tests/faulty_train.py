@@ -8,6 +8,8 @@ no test switch:
   after the last checkpoint, before the ranks' final barrier.
 - `--fail-agent`: the failing rank first kills the torchrun agent that started it (SIGKILL), as
   when its whole node dies.
+- `--hang`: the failing rank hangs (sleeps, in no collective) instead of exiting, as a rank stuck
+  on a dead disk or in a debugger does.
 - `--step-sleep S`: sleep S seconds after every optimizer step (a run slow enough for a test to
   act on it while it trains).
 With `--nproc-per-node N` among the training arguments, each rank runs this script too.
@@ -32,12 +34,18 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--fail-rank", type=int, default=-1)
     p.add_argument("--fail-step", type=int, default=-1)
     p.add_argument("--fail-agent", action="store_true")
+    p.add_argument("--hang", action="store_true")
     p.add_argument("--step-sleep", type=float, default=0.0)
     return p.parse_args(argv[:split]), argv[split + 1 :]
 
 
 def die(trainer: Trainer, faults: argparse.Namespace, where: str) -> None:
     rank = trainer.ctx.rank
+    if faults.hang:
+        sys.stderr.write(f"fault: rank {rank} hangs {where}\n")
+        sys.stderr.flush()
+        while True:
+            time.sleep(60)
     what = "and its torchrun agent " if faults.fail_agent else ""
     sys.stderr.write(f"fault: rank {rank} {what}exits {where}\n")
     sys.stderr.flush()

@@ -136,6 +136,15 @@ class TrainConfig:
         "torch.compile mode (reduce-overhead uses CUDA graphs)",
         ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     )
+    cuda_graph: str = _opt(
+        "none",
+        "whole_step: the whole step (forward, loss, backward, clipping, optimizer step) on "
+        "static input buffers with the learning rate in a tensor, captured as one CUDA graph "
+        "after 3 eager steps and replayed (on CPU the same step runs eagerly); needs "
+        "train.compile=none, fp32 or bf16, optim.name sgd or nesterov (not with onecycle), adam "
+        "or adamw, and one process per job on GPUs",
+        ("none", "whole_step"),
+    )
     fused_conv: str = _opt(
         "auto",
         "CPU runs: each conv -> max-pool -> ReLU stage as one C++ kernel, built on first use "
@@ -159,9 +168,10 @@ class TrainConfig:
     run_dir: str = _opt(
         "runs/{config}{changes}",
         "run directory: config, metrics and checkpoints. A template: {config} is the config's "
-        "name, {changes} the overrides of settings that change training (',optim.lr=0.1'), "
-        "{seed}, {slurm_job}, {slurm_array_task}, {wandb_run}; the default gives a run that "
-        "trains differently a directory of its own, and the same command the same directory",
+        "name, {changes} the overrides of settings that change training or train.max_steps "
+        "(',optim.lr=0.1'), {seed}, {slurm_job}, {slurm_array_task}, {wandb_run}; the default "
+        "gives a run that trains differently or is cut short a directory of its own, and the "
+        "same command the same directory",
     )
     resume: str = _opt("auto", "auto (newest valid checkpoint in run_dir), none, or a path")
     preempt_signal: str = _opt(
@@ -274,10 +284,11 @@ class TrackingConfig:
         "", "W&B group of the run (pipeline.sweep sets the sweep's name); empty: none"
     )
     artifact: bool = _opt(False, "upload the final checkpoint as a W&B artifact")
-    tensorboard: bool = _opt(
-        False,
-        "also write the run's scalars as TensorBoard event files in RUN_DIR/tensorboard "
-        "(rank 0; needs the tensorboard package)",
+    tensorboard: str = _opt(
+        "auto",
+        "also write the run's scalars as TensorBoard event files in RUN_DIR/tensorboard (rank 0). "
+        "auto: where the tensorboard package is installed; true: asked for (an error without it)",
+        ("auto", "true", "false"),
     )
 
 
@@ -379,6 +390,32 @@ def check_precision(precision: str, device_type: str) -> None:
         )
 
 
+def check_whole_step(cfg: Config, world_size: int, device_type: str) -> None:
+    """A one-line ConfigError for a setting that train.cuda_graph=whole_step cannot capture."""
+    t, o = cfg.train, cfg.optim
+    refused = [
+        (t.compile != "none", f"train.compile={t.compile}: it captures the eager step"),
+        (t.precision == "fp16", "train.precision=fp16: its gradient scaler is not captured"),
+        (o.name == "rmsprop", "optim.name=rmsprop: no fused kernel reads its rate from a tensor"),
+        (
+            o.schedule == "onecycle" and o.name in ("sgd", "nesterov"),
+            "optim.schedule=onecycle with SGD: the schedule cycles the momentum, which the "
+            "graph holds fixed",
+        ),
+        (
+            device_type == "cuda" and world_size > 1,
+            f"{world_size} GPU processes: capturing DDP's all-reduce needs NCCL's async error "
+            "handling off, the watchdog that ends a rank stuck on its GPU",
+        ),
+    ]
+    for bad, why in refused:
+        if t.cuda_graph == "whole_step" and bad:
+            raise ConfigError(
+                f"config key train.cuda_graph: whole_step cannot take {why}; change that "
+                "setting, or use train.cuda_graph=none"
+            )
+
+
 def micro_batch(cfg: Config | TrainConfig, world_size: int) -> int:
     """Images of one forward pass on one rank: the global batch split over the ranks and the
     accumulation steps (`validate_for_world` checks that it splits evenly)."""
@@ -390,6 +427,7 @@ def validate_for_world(cfg: Config, world_size: int, device_type: str = "cpu") -
     """Checks that need the world size or the kind of device; run before any process group
     starts."""
     check_precision(cfg.train.precision, device_type)
+    check_whole_step(cfg, world_size, device_type)
     split = world_size * cfg.train.grad_accum
     if cfg.train.batch_size % split:
         raise ConfigError(

@@ -9,11 +9,12 @@ Every collective the project calls lives here, with the classification of a coll
 failure, so rank logic stays in one place.
 
 Timeouts: the host-side control collectives (stop checks, checkpoint gathers, flags) wait
-`dist.timeout_s`; on GPUs the NCCL group's watchdog waits `NCCL_TIMEOUT_FACTOR` times longer.
-A peer that stops responding is then met first by a control collective, which fails with one
-line and exit code 6, while NCCL's watchdog, which takes the whole process down (with
+`dist.timeout_s`, and so does the host for the NCCL sums it reads back (`all_reduce_sum`: the
+loss, evaluation); on GPUs the NCCL group's watchdog waits `NCCL_TIMEOUT_FACTOR` times longer.
+A peer that stops responding is then met first by one of those, which fails with one line and
+exit code 6, while NCCL's watchdog, which takes the whole process down (with
 `TORCH_NCCL_ASYNC_ERROR_HANDLING` 1, torchrun's setting, or 3, torch's default), stays the
-backstop for a rank that waits on the GPU itself.
+backstop for a rank that waits on the GPU anywhere else.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import gc
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -39,6 +41,7 @@ _timeout_s: float | None = None  # dist.timeout_s of the group `init` started, f
 log = logging.getLogger(__name__)
 
 NCCL_TIMEOUT_FACTOR = 2  # the NCCL group's timeout, in units of dist.timeout_s
+_POLL_S = 1e-4  # how often the host looks whether an NCCL sum it waits for has finished
 # Whether a collective of this process failed (`collective_failure`): `shutdown` then aborts
 # the NCCL communicators, whose queued work would otherwise wait for the lost peer.
 _broken = False
@@ -257,8 +260,23 @@ def shutdown() -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over all ranks, in place (on the training device's group)."""
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    """Sum `tensor` over all ranks, in place (on the training device's group), for the host to
+    read. On NCCL the host waits for the sum itself, at most dist.timeout_s: reading it back
+    straight away would wait inside CUDA for a peer that stopped responding, until NCCL's
+    watchdog ends the process without a word of ours (`Work.wait(timeout)` would abort the
+    communicators under the watchdog's eyes, which then ends the process all the same)."""
+    global _broken
+    if dist.get_backend() != "nccl" or _timeout_s is None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+    work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
+    deadline = time.monotonic() + _timeout_s
+    while not work.is_completed():  # true on NCCL's own error too, which wait() raises
+        if time.monotonic() > deadline:
+            _broken = True  # `shutdown` aborts the group, whose queue waits for the peer
+            raise _timed_out("an NCCL all-reduce whose sum this rank reads")
+        time.sleep(_POLL_S)
+    work.wait()  # the current stream continues after the sum
     return tensor
 
 
@@ -391,18 +409,24 @@ def collective_failure(
         )
     if isinstance(e, dist.DistStoreError) or "timed out" in text or "timeout" in text:
         timeout_s = timeout_s or _timeout_s
-        limit = f"dist.timeout_s={timeout_s:g} s" if timeout_s else "dist.timeout_s"
         if nccl:
             waited = f"{timeout_s * NCCL_TIMEOUT_FACTOR:g} s " if timeout_s else ""
             return DistributedError(
                 f"an NCCL collective waited more than {waited}({NCCL_TIMEOUT_FACTOR} x "
                 f"dist.timeout_s) for a peer rank that stopped responding ({describe(e)})"
             )
-        return DistributedError(
-            f"a collective waited more than {limit} for a peer rank that stopped responding "
-            f"({describe(e)})"
-        )
+        return _timed_out(describe(e), timeout_s)
     return DistributedError(f"lost contact with a peer rank ({describe(e)}); see that rank's error")
+
+
+def _timed_out(detail: str, timeout_s: float | None = None) -> DistributedError:
+    """A collective that waited dist.timeout_s (`timeout_s`, else the group's) for a peer;
+    `detail`: which, or torch's words for it."""
+    timeout_s = timeout_s or _timeout_s
+    limit = f"dist.timeout_s={timeout_s:g} s" if timeout_s else "dist.timeout_s"
+    return DistributedError(
+        f"a collective waited more than {limit} for a peer rank that stopped responding ({detail})"
+    )
 
 
 def restart_count() -> int:

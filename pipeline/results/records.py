@@ -12,6 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from pipeline.errors import DataError
@@ -85,8 +86,8 @@ def summarize(run: RunRecords) -> dict[str, Any]:
     finished = run.summary is not None and run.summary.get("global_step", -1) >= last_step
     metric = summary.get("selection_metric") or _metric(epochs)
     selected, value = summary.get("selected_epoch"), summary.get("selected_value")
-    test = {k: summary.get(k) if finished else None for k in ("test_accuracy", "test_loss")}
-    test["test_of"] = summary.get("test_of") if finished else None
+    tested = ("test_accuracy", "test_loss", "test_of", "test_epoch")
+    test = {k: summary.get(k) if finished else None for k in tested}
     if not finished and epochs:  # still running: the best epoch so far, by the records
         selected = epochs[-1]["best_epoch"]
         value = next(r for r in epochs if r["epoch"] == selected).get(metric)
@@ -101,10 +102,20 @@ def summarize(run: RunRecords) -> dict[str, Any]:
         "selected_value": value,
         **test,
         "last_epoch": epochs[-1] if epochs else None,
-        # Over all epochs' training time: total images / total seconds.
-        "mean_images_per_s": images / total_time if total_time > 0 else None,
+        # THROUGHPUT: the intervals' median, as plotted; and all images over the epochs' train
+        # time (evaluation excluded), the intervals' mean weighted by time, which the slowest
+        # intervals (the first step's warm-up, a busy machine) pull below most of them.
+        "median_images_per_s": median([r["images_per_s"] for r in steps]) if steps else None,
+        "images_per_s": images / total_time if total_time > 0 else None,
         "train_time_s": total_time,
     }
+
+
+# The throughput figures of `summarize`, in the words of summary.txt and throughput.png.
+THROUGHPUT = (
+    ("median_images_per_s", "median of the logging intervals"),
+    ("images_per_s", "whole run (all images / train time)"),
+)
 
 
 def percent(value: float | None, missing: str = "n/a") -> str:
@@ -158,7 +169,7 @@ def summary_text(run: RunRecords, s: dict[str, Any]) -> str:
     else:
         tested = f"{percent(s['test_accuracy'])} (test loss {s['test_loss']:.4f}, "
         tested += f"of {s['test_of']})"
-    throughput = "n/a" if s["mean_images_per_s"] is None else f"{s['mean_images_per_s']:,.0f}"
+    throughput = "; ".join(f"{s[k]:,.0f} {words}" for k, words in THROUGHPUT if s[k] is not None)
     return "\n".join(
         [
             f"run:              {run.run_dir}",
@@ -167,7 +178,7 @@ def summary_text(run: RunRecords, s: dict[str, Any]) -> str:
             f"selected:         {selected}",
             f"test accuracy:    {tested}",
             f"last epoch:       {_last_epoch(s['last_epoch'])}",
-            f"mean images/s:    {throughput}",
+            f"images/s:         {throughput or 'n/a'}",
             f"train time:       {s['train_time_s']:.1f} s (sum of epoch times)",
         ]
     )

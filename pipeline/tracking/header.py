@@ -1,5 +1,5 @@
 """The facts of a job that a run states: the header line it starts with (versions, hardware,
-world, data, W&B, run directory), and the same facts for the tracker (`meta`)."""
+world, data, W&B and TensorBoard, run directory), and the same facts for the tracker (`meta`)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pipeline import __version__
 from pipeline.dist.group import DistContext
 
 
-def header(ctx: DistContext, run_dir: Path, notes: list[str], dataset: str, wandb: str) -> str:
-    """The first line of a run: versions, hardware (with `notes` on CPU), world, dataset, W&B
-    and run directory."""
+def header(ctx: DistContext, run_dir: Path, notes: list[str], dataset: str, tracking: str) -> str:
+    """The first line of a run: versions, hardware (with `notes` on CPU), world, dataset,
+    `tracking` (W&B and TensorBoard: `tracker.tracking_status`) and run directory."""
     if ctx.device.type == "cuda":
         device = f"{torch.cuda.get_device_name(ctx.device)} x{ctx.world_size}"
     else:
@@ -25,7 +25,7 @@ def header(ctx: DistContext, run_dir: Path, notes: list[str], dataset: str, wand
     return (
         f"lenet-ddp {__version__} | torch {torch.__version__} | python "
         f"{platform.python_version()} | {device} | world {ctx.world_size} ({ctx.launcher}, "
-        f"{ctx.backend}) | data {dataset} | {wandb} | run dir {run_dir}"
+        f"{ctx.backend}) | data {dataset} | {tracking} | run dir {run_dir}"
     )
 
 

@@ -1,25 +1,40 @@
 """The run's scalars as TensorBoard event files, for `tensorboard --logdir runs/` (rank 0 only).
 
-With `tracking.tensorboard=true` the tracker writes what metrics.jsonl and steps.jsonl hold into
-`RUN_DIR/tensorboard/`: per logging interval `train/loss`, `train/images_per_s` and `train/lr`,
-per epoch the epoch record's numbers under `epoch/...`, each at its global step. A resumed run
-appends to the same folder, and its first event tells TensorBoard to drop what the earlier
-attempt logged after the checkpoint (`purge_step`), so every step is shown once, with the
-values of the JSON lines. It needs the tensorboard package (the `tensorboard` extra); without it
-the run warns once and goes on.
+Wherever the tensorboard package is installed (`tracking.tensorboard=auto`, the default; `true`
+insists on it, `false` turns it off) the tracker writes what metrics.jsonl and steps.jsonl hold
+into `RUN_DIR/tensorboard/`: per logging interval `train/loss`, `train/images_per_s` and
+`train/lr`, per epoch the epoch record's numbers under `epoch/...`, each at its global step. A
+resumed run appends to the same folder, and its first event tells TensorBoard to drop what the
+earlier attempt logged after the checkpoint (`purge_step`), so every step is shown once, with the
+values of the JSON lines. Where the package is missing, `auto` neither imports nor warns, and
+`true` is one error line (`enabled`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
+from pipeline.errors import ConfigError, describe
 from pipeline.tracking.sink import RunStart, Sink
 
 log = logging.getLogger(__name__)
 
 # Record fields that are not scalars to plot.
 _SKIP = {"epoch", "step", "step_in_epoch", "time_s", "dataset", "test_count", "val_count"}
+
+
+def enabled(setting: str) -> bool:
+    """Whether `tracking.tensorboard=setting` writes event files here: `auto` where the package
+    is installed (looked up, not imported); ConfigError for `true` without it."""
+    installed = importlib.util.find_spec("tensorboard") is not None
+    if setting == "true" and not installed:
+        raise ConfigError(
+            "tracking.tensorboard=true but the tensorboard package is not installed; pip install "
+            "tensorboard (the project's tensorboard extra), or set tracking.tensorboard=auto"
+        )
+    return installed and setting != "false"
 
 
 class TensorBoardSink(Sink):
@@ -32,11 +47,8 @@ class TensorBoardSink(Sink):
     def start(self, run: RunStart) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            log.warning(
-                "TensorBoard logging is off: tensorboard is not installed (pip install "
-                "tensorboard, the project's tensorboard extra); training goes on"
-            )
+        except ImportError as e:  # installed, but it does not import
+            log.warning(f"TensorBoard logging is off ({describe(e)}); training goes on")
             return
         # Steps up to the checkpoint's stay; what an earlier attempt logged after it goes.
         purge = run.global_step + 1 if run.global_step else None

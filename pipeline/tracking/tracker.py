@@ -5,9 +5,9 @@ the run go through `logging`.)
 Only the main rank's tracker has sinks; every other rank's list is empty, so the training loop
 calls the tracker unconditionally and never checks its rank, and a job opens exactly one W&B
 run whatever its world size. The local files (config.yaml, split.json, metrics.jsonl,
-steps.jsonl, summary.json) are always written; W&B and TensorBoard come on top of them when the
-config asks for them, and a failure of either is one warning line after which training goes on
-without it.
+steps.jsonl, summary.json) are always written; W&B (where it has credentials or is asked for)
+and TensorBoard (where it is installed) come on top of them, and a failure of either is one
+warning line after which training goes on without it.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from pipeline.config.schema import Config, TrackingConfig, to_yaml
 from pipeline.dist.group import DistContext
 from pipeline.results.records import percent
 from pipeline.tracking.jsonl import append_jsonl, rewrite_jsonl
-from pipeline.tracking.progress import Line
+from pipeline.tracking.progress import BAR, Line
 from pipeline.tracking.sink import RunStart, Sink
-from pipeline.tracking.tensorboard import TensorBoardSink
+from pipeline.tracking.tensorboard import TensorBoardSink, enabled
 from pipeline.tracking.wandb_run import WandbSink, resolve_mode
 
 log = logging.getLogger(__name__)
@@ -48,18 +48,19 @@ class Progress:
     def update(self, step: int, loss: float, images_per_s: float) -> None:
         fraction = step / self.total
         steps, self.last_step = step - self.last_step, step
-        text = (
-            f"{step}/{self.total} [{int(fraction * 100):3d}%] loss {loss:.4f} "
-            f"{images_per_s:,.0f} img/s (last {steps} step{'s' if steps != 1 else ''})"
-        )
+        fields = [  # the most important first: a narrow terminal shows the first ones
+            self.label,
+            f"{step}/{self.total} [{int(fraction * 100):3d}%]",
+            f"loss {loss:.4f}",
+            f"{images_per_s:,.0f} img/s",
+            BAR,
+            f"(last {steps} step{'s' if steps != 1 else ''})",
+        ]
         if self.line.tty:
-            width = 20
-            done = int(width * fraction)
-            bar = f"|{'#' * done}{'.' * (width - done)}|"
-            self.line.draw(f"{self.label} {bar} {text}", force=step == self.total)
+            self.line.draw(fields, fraction, force=step == self.total)
         elif fraction >= self.next_fraction and step < self.total:
             # Logs of batch jobs get a line per quarter epoch, not one per step.
-            self.line.print(f"{self.label} {text}")
+            self.line.print(" ".join(f for f in fields if f != BAR))
             self.next_fraction = math.floor(fraction * 4 + 1) / 4
 
     def close(self) -> None:
@@ -164,14 +165,15 @@ class Tracker:
 
 def make_tracker(ctx: DistContext, cfg: Config) -> Tracker:
     """The tracker of this rank: on the main rank the console and files, W&B unless its mode
-    resolves to disabled, and TensorBoard with tracking.tensorboard; elsewhere no sinks."""
+    resolves to disabled, and TensorBoard where tracking.tensorboard enables it; elsewhere no
+    sinks."""
     if not ctx.is_main:
         return Tracker([])
     run_dir, mode = Path(cfg.train.run_dir), resolve_mode(cfg.tracking.mode)
     sinks: list[Sink] = [Console(run_dir)]
     if mode != "disabled":
         sinks.append(WandbSink(run_dir, cfg.tracking, mode))
-    if cfg.tracking.tensorboard:
+    if enabled(cfg.tracking.tensorboard):
         sinks.append(TensorBoardSink(run_dir))
     return Tracker(sinks)
 
@@ -196,7 +198,9 @@ def epoch_line(record: dict) -> str:
     return "  ".join(parts)
 
 
-def wandb_status(t: TrackingConfig) -> str:
-    """What the header says about W&B: `W&B off`, `W&B online` or `W&B offline`."""
+def tracking_status(t: TrackingConfig) -> str:
+    """What the header says about tracking: W&B's mode (`W&B off`, `W&B online` or
+    `W&B offline`), then `TensorBoard on` or `TensorBoard off`."""
     mode = resolve_mode(t.mode)
-    return "W&B off" if mode == "disabled" else f"W&B {mode}"
+    wandb = "W&B off" if mode == "disabled" else f"W&B {mode}"
+    return f"{wandb} | TensorBoard {'on' if enabled(t.tensorboard) else 'off'}"

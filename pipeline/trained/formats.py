@@ -29,12 +29,6 @@ from pipeline.errors import PipelineError, describe
 from pipeline.model import LeNet
 from pipeline.trained import loading
 
-SUFFIXES = {
-    "state_dict": ".pt",
-    "torchscript": ".torchscript.pt",
-    "exported": ".pt2",
-    "onnx": ".onnx",
-}
 TOLERANCE = 1e-4  # largest difference of logits accepted between the file and the checkpoint
 
 
@@ -116,11 +110,12 @@ def check(model: nn.Module, run: Callable | None, fmt: str) -> str:
     return f"loaded it back: the checkpoint's outputs (largest difference {worst:.2g})"
 
 
-def export(target: Path, fmt: str, out: Path | None, last: bool = False) -> Path:
-    """Write the model of `target` (run directory or checkpoint) as `fmt` to `out`, checked."""
+def export(target: Path, fmt: str, suffix: str, out: Path | None, last: bool = False) -> Path:
+    """Write the model of `target` (run directory or checkpoint) as `fmt` to `out` (default:
+    lenet-STEP`suffix` beside the checkpoint), checked."""
     path, state, cfg, model = loading.load(target, last)
     variant = {"kernel_size": cfg.model.kernel_size, "fc1_width": cfg.model.fc1_width}
-    out = out or path.parent / f"lenet-{state.get('global_step', 0)}{SUFFIXES[fmt]}"
+    out = out or path.parent / f"lenet-{state.get('global_step', 0)}{suffix}"
     try:
         blob = encode(model, fmt)
         run = decode(fmt, blob, variant)

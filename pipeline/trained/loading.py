@@ -12,7 +12,6 @@ the one way evaluate, export and predict read a trained model.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -24,22 +23,6 @@ from pipeline.results.records import metric_text
 from pipeline.training import checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments that name a trained model (`target`, `--last`), as `find_checkpoint` reads
-    them: evaluate, export and predict take the same."""
-    parser.add_argument(
-        "target",
-        type=Path,
-        help="a run directory (its best.pt: the checkpoint of the epoch training selected; "
-        "else its newest valid checkpoint) or a checkpoint file",
-    )
-    parser.add_argument(
-        "--last",
-        action="store_true",
-        help="with a run directory: its newest checkpoint, not best.pt",
-    )
 
 
 def find_checkpoint(target: Path, last: bool = False) -> Path:

@@ -12,13 +12,15 @@ Speed options (`train.*`):
 - `precision`: fp32; bf16 autocast (CPU and CUDA); fp16 autocast with a gradient scaler (CUDA),
   whose gradients are unscaled before clipping and whose overflowing steps are skipped.
 - `compile`: `model` compiles the DDP-wrapped network (torch's documented order, so that
-  Dynamo splits the graph at DDP's bucket boundaries); `step` compiles autocast, forward and loss
-  as one graph, whose backward AOTAutograd compiles too. The optimizer update is a single fused
-  kernel already (fused SGD/Adam/AdamW exist on CPU and CUDA), so it is not compiled.
+  Dynamo splits the graph at DDP's bucket boundaries); `step` compiles autocast, forward and loss,
+  whose backward AOTAutograd compiles too: one graph at world 1, two under DDP (the network and
+  the loss), whose forward wrapper torch keeps out of Dynamo. The optimizer update is a single
+  fused kernel already (fused SGD/Adam/AdamW exist on CPU and CUDA), so it is not compiled.
 - `compile_mode=reduce-overhead` and `max-autotune` replay CUDA graphs on GPU
-  (`CUDA_GRAPH_MODES`). Batches have one static shape (the data drops the ragged tail);
-  gradients live in buffers allocated once, outside the graphs, so that graph replays never
-  overwrite them (what gradient accumulation needs).
+  (`CUDA_GRAPH_MODES`) for the forward, loss and backward. Batches have one static shape (the
+  data drops the ragged tail).
+- `cuda_graph=whole_step` (`WholeStep`): the whole step, optimizer update included, as one CUDA
+  graph replayed on static input buffers, at world 1; eager on CPU.
 """
 
 from __future__ import annotations
@@ -27,14 +29,21 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline.config.schema import Config, OptimConfig, check_precision, micro_batch
+from pipeline.config.schema import (
+    Config,
+    OptimConfig,
+    check_precision,
+    check_whole_step,
+    micro_batch,
+)
 from pipeline.dist.group import DistContext, all_reduce_sum
 from pipeline.speed.place import place_model
 
@@ -68,10 +77,15 @@ def bf16_warning(precision: str, device: torch.device, native_bf16: bool, gpu: s
     )
 
 
-def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer named by `optim.name`, with fused or foreach kernels where torch has them."""
+def build_optimizer(
+    params, cfg: OptimConfig, device: torch.device, capturable: bool = False
+) -> torch.optim.Optimizer:
+    """The optimizer named by `optim.name`, with fused or foreach kernels where torch has them;
+    `capturable`: Adam and AdamW admit CUDA graph capture of their step (SGD needs no flag)."""
     fast = {"fused": True} if cfg.name in _FUSED and device.type in _FUSED_DEVICES else {}
     fast = fast or {"foreach": True}
+    if capturable and cfg.name in ("adam", "adamw"):
+        fast["capturable"] = True
     if cfg.name in ("sgd", "nesterov"):
         return torch.optim.SGD(
             params,
@@ -189,6 +203,7 @@ class Engine:
         self.device = ctx.device
         self.precision = cfg.train.precision
         check_precision(self.precision, self.device.type)
+        check_whole_step(cfg, ctx.world_size, self.device.type)
         if self.precision == "bf16" and self.device.type == "cuda":
             native = torch.cuda.is_bf16_supported(including_emulation=False)  # this rank's GPU
             problem = bf16_warning(
@@ -203,8 +218,18 @@ class Engine:
         # no peer, a cost on each step for nothing.
         self.ddp = model
         if ctx.world_size > 1:
-            self.ddp = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None)
-        self.optimizer = build_optimizer(model.parameters(), cfg.optim, self.device)
+            # Gradients as views into DDP's all-reduce buckets (allocated here, once, outside any
+            # CUDA-graph pool, in the parameters' layout): no copy between the two each step.
+            # Each backward points a dropped (set_to_none) gradient at its bucket again.
+            self.ddp = DDP(
+                model,
+                device_ids=[self.device] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True,
+            )
+        graphed = cfg.train.cuda_graph == "whole_step"
+        self.optimizer = build_optimizer(
+            model.parameters(), cfg.optim, self.device, graphed and self.device.type == "cuda"
+        )
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, steps_per_epoch, total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.criterion = loss_function(cfg.train.loss)
@@ -217,14 +242,20 @@ class Engine:
         elif cfg.train.compile == "step":
             self._loss = torch.compile(self._eager_loss, mode=cfg.train.compile_mode)
         self.cuda_graphs = uses_cuda_graphs(cfg.train.compile, cfg.train.compile_mode, self.device)
-        if self.cuda_graphs:
-            # A gradient the compiled backward hands over would live in the CUDA-graph pool and
-            # be overwritten by the next replay; accumulating into buffers allocated here, once,
-            # keeps it safe (torch's advice for reduce-overhead with gradient accumulation).
+        # A gradient the compiled backward hands over lives in the CUDA-graph pool, where the
+        # next micro-batch's replay overwrites it: with accumulation the micro-batches add into
+        # buffers allocated here, once (torch's advice for reduce-overhead with accumulation).
+        # With one micro-batch the optimizer step consumes the gradient before the next replay,
+        # and zero_grad drops it first, so buffers would only cost a zeroing and an addition
+        # per parameter each step.
+        self.grad_buffers = self.cuda_graphs and cfg.train.grad_accum > 1
+        if self.grad_buffers:
             for p in self.params:
                 p.grad = torch.zeros_like(p)
+        self.whole_step = WholeStep(self) if graphed else None
 
-        # Running sums on the device, read only at logging intervals.
+        # Running sums on the device, read only at logging intervals; zeroed in place, as the
+        # whole-step graph adds into these very tensors.
         self.loss_sum = torch.zeros((), device=self.device)
         self.finite_steps = torch.zeros((), dtype=torch.long, device=self.device)
         # Seconds the first train_step took (compilation and warm-up included), once it ran.
@@ -244,11 +275,22 @@ class Engine:
             started = time.perf_counter()
         if not self.model.training:
             self.model.train()
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-            self.optimizer.zero_grad(set_to_none=False)  # keep the buffers of __init__
+        if self.whole_step is not None:
+            self.whole_step(micro_batches)
         else:
-            self.optimizer.zero_grad(set_to_none=True)
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            self.optimizer.zero_grad(set_to_none=not self.grad_buffers)  # keep those of __init__
+            self.update(micro_batches)
+        self.step_lr = self.optimizer.param_groups[0]["lr"]  # what this step used
+        self.scheduler.step()
+        if first:
+            synchronize(self.device)
+            self.first_step_s = time.perf_counter() - started
+
+    def update(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The step after zero_grad: each micro-batch's forward, loss and backward into the
+        gradients, then clipping and the optimizer update (what `WholeStep` captures)."""
         n = len(micro_batches)
         for i, (x, y) in enumerate(micro_batches):
             skip_sync = i < n - 1 and self.ddp is not self.model
@@ -272,11 +314,6 @@ class Engine:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.step_lr = self.optimizer.param_groups[0]["lr"]  # what this step used
-        self.scheduler.step()
-        if first:
-            synchronize(self.device)
-            self.first_step_s = time.perf_counter() - started
 
     @property
     def lr(self) -> float:
@@ -306,7 +343,97 @@ class Engine:
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
+        # How the optimizer runs is this run's choice, not the checkpoint's: a checkpoint of the
+        # ordinary step resumes in a captured one (torch's loading takes the saved flags too).
+        groups = self.optimizer.param_groups
+        own = [{k: g[k] for k in ("capturable", "fused", "foreach") if k in g} for g in groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, flags in zip(self.optimizer.param_groups, own, strict=True):
+            group.update(flags)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.whole_step is not None:
+            self.whole_step.reset()  # the optimizer's state lives in new tensors
+
+
+# Eager steps on a side stream before the capture, as in torch's whole-network capture example:
+# what is made on first use (the optimizer's state, cuBLAS's workspace) exists by the capture.
+CAPTURE_AFTER = 3
+
+
+class WholeStep:
+    """`train.cuda_graph=whole_step`: the step on buffers of fixed addresses. Each step copies its
+    batches into static input buffers (batches have one static shape) and the schedule's rate
+    into the tensor `lr`, then runs `Engine.update` on them. On CUDA, after CAPTURE_AFTER eager
+    steps on a side stream, that update (forward, loss, backward, clipping, optimizer step) is
+    captured once as a CUDA graph and replayed: one launch in place of one per kernel. On CPU it
+    runs eagerly every step, the very arithmetic of the ordinary step (the tests check it).
+
+    The schedule writes a float into the optimizer's param group, as in the ordinary step, so
+    checkpoints and `Engine.lr` are the same in both; the optimizer reads `lr` in its place while
+    the update runs, so the captured kernels read the rate of each replay's step.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.capture = engine.device.type == "cuda"
+        # The fused CUDA kernels read a float32 rate; the CPU ones read it as a double, so a
+        # float64 tensor gives them the very value of the float the ordinary step passes.
+        dtype = torch.float32 if self.capture else torch.float64
+        rate = engine.optimizer.param_groups[0]["lr"]
+        self.lr = torch.tensor(rate, dtype=dtype, device=engine.device)
+        self.inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_steps = 0
+
+    def reset(self) -> None:
+        """Warm up and capture again (the optimizer's state tensors were replaced)."""
+        self.graph, self.eager_steps = None, 0
+
+    def __call__(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if not self.inputs:
+            self.inputs = [(torch.empty_like(x), torch.empty_like(y)) for x, y in micro_batches]
+        for (xs, ys), (x, y) in zip(self.inputs, micro_batches, strict=True):
+            xs.copy_(x)
+            ys.copy_(y)
+        self.lr.fill_(self.engine.optimizer.param_groups[0]["lr"])
+        if self.graph is None and self.capture and self.eager_steps >= CAPTURE_AFTER:
+            started = time.perf_counter()
+            # Gradients set to None: the captured backward makes them in the graph's pool, at
+            # the addresses each replay writes and the captured optimizer step reads.
+            self.engine.optimizer.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), self._rate_from_tensor():
+                self.engine.update(self.inputs)
+            log.info(
+                f"captured the whole step as one CUDA graph after {CAPTURE_AFTER} eager steps "
+                f"({time.perf_counter() - started:.2f} s)"
+            )
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        side = torch.cuda.Stream(self.engine.device) if self.capture else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(self.engine.device))
+        with torch.cuda.stream(side), self._rate_from_tensor():
+            self.engine.optimizer.zero_grad(set_to_none=True)
+            self.engine.update(self.inputs)
+        if side is not None:
+            torch.cuda.current_stream(self.engine.device).wait_stream(side)
+        self.eager_steps += 1
+
+    @contextlib.contextmanager
+    def _rate_from_tensor(self) -> Iterator[None]:
+        groups = self.engine.optimizer.param_groups
+        rates = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = self.lr
+        try:
+            with warnings.catch_warnings():
+                # Adam's capturable step says when it runs uncaptured, as the warm-up must.
+                warnings.filterwarnings("ignore", "This instance was constructed with capturable")
+                yield
+        finally:
+            for g, rate in zip(groups, rates, strict=True):
+                g["lr"] = rate

@@ -32,7 +32,7 @@ from pipeline.dist import group
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, NonFiniteLossError, Stopped
 from pipeline.model import LeNet
 from pipeline.tracking.header import header, meta
-from pipeline.tracking.tracker import Tracker, make_tracker, wandb_status
+from pipeline.tracking.tracker import Tracker, make_tracker, tracking_status
 from pipeline.training import checkpoint, lock
 from pipeline.training.engine import Engine
 from pipeline.training.profiling import make as make_profiler
@@ -113,7 +113,9 @@ def build_trainer(
             model, cfg, ctx, data.steps_per_epoch, data.steps_per_epoch * cfg.train.epochs
         )
         log.info(
-            header(ctx, run_dir, engine.speed_notes, cfg.data.dataset, wandb_status(cfg.tracking))
+            header(
+                ctx, run_dir, engine.speed_notes, cfg.data.dataset, tracking_status(cfg.tracking)
+            )
         )
         trainer = Trainer(
             cfg,
@@ -258,11 +260,15 @@ class Trainer:
         """Train to the end of the configured epochs (or train.max_steps), then finish."""
         cfg = self.cfg
         if self.finished():
-            early = f", stopped early after epoch {self.state.epoch}"
+            why = {  # a trial cut short can go on; any finished run can start again elsewhere
+                "early_stop": f", stopped early after epoch {self.state.epoch})",
+                "max_steps": f", at train.max_steps={cfg.train.max_steps}); train it on with "
+                f"`train.run_dir={self.run_dir} train.max_steps=N` (0: to its epochs)",
+            }.get(self.stop_reason(), ")")
             log.info(
                 f"nothing to do: the run in {self.run_dir} already finished (global step "
-                f"{self.state.global_step}{early if self.selection.stopped else ''}); use "
-                "another train.run_dir for a new run"
+                f"{self.state.global_step}{why}; for a new run use another train.run_dir or "
+                f"remove {self.run_dir}"
             )
             return
         self.tracker.start(

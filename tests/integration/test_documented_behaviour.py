@@ -6,7 +6,7 @@ checkpoint; the logged learning rate is the one each step used (under the step a
 schedule); and the same seed, world size and thread count give the same run bit for bit.
 Everything goes through the command line or the public functions the other modules use, not
 through the training loop's internals. (The schedules' values, step by step in this process:
-tests/unit/test_schedules.py.)
+tests/unit/test_engine.py.)
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def one_cycle_twice(tiny_mnist, tmp_path_factory) -> tuple[Path, Path]:
 
 def test_logged_lr_is_the_rate_the_step_used(three_epochs, one_cycle_twice):
     """Every step is logged with the rate it used, and each epoch with its last step's; the
-    schedules' shapes are tests/unit/test_schedules.py's."""
+    schedules' shapes are tests/unit/test_engine.py's."""
     per_epoch = N_TRAIN // BATCH
     steps = read_jsonl(three_epochs / "steps.jsonl")
     assert [r["step"] for r in steps] == list(range(1, 3 * per_epoch + 1))

@@ -63,5 +63,5 @@ def test_an_installed_package_works_from_an_empty_directory(tiny_mnist, tmp_path
     )  # fmt: skip
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
     assert "config: cpu = " in trained.stdout and "/pipeline/configs/cpu.yaml" in trained.stdout
-    run_dir = empty / "runs" / "cpu,data.val_size=64,train.batch_size=32"
+    run_dir = empty / "runs" / "cpu,data.val_size=64,train.batch_size=32,train.max_steps=20"
     assert (run_dir / "summary.json").exists() and any(run_dir.glob("ckpt-*.pt"))

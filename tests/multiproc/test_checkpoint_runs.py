@@ -110,7 +110,7 @@ def test_a_checkpoint_within_an_epoch_holds_the_epochs_train_time_so_far(tiny_mn
 def test_incompatible_checkpoint_is_refused_before_anything_is_overwritten(tiny_mnist, tmp_path):
     run_dir = tmp_path / "run"
     assert_ok(run_pipeline(_tiny(tiny_mnist, run_dir, "train.max_steps=8")))
-    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     for override, key in (
         ("model.kernel_size=3", "model.kernel_size"),
         ("optim.name=adam", "optim.name"),
@@ -121,7 +121,7 @@ def test_incompatible_checkpoint_is_refused_before_anything_is_overwritten(tiny_
         assert proc.returncode == EXIT_CHECKPOINT, proc.stderr
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and key in errors[0] and "start a new run" in errors[0]
-        assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 def test_resume_none_refuses_to_overwrite_an_earlier_run(tiny_mnist, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from helpers import REPO
 
 # Cheap: with no data it ends in the `mnist_root` fixture, before reading anything.
-TARGET = "tests/integration/test_real_mnist.py::test_real_mnist"
+TARGET = "tests/integration/test_mnist.py::test_real_mnist"
 
 
 def run_target(missing: Path, ci: bool) -> subprocess.CompletedProcess:

@@ -1,6 +1,6 @@
 """The GPU paths' decisions on real CPU processes: a real run's checkpoint holds CPU tensors only;
 the benchmark and bench/gpu.sh refuse CUDA without a GPU at once, in one line. (The decisions in
-this process: tests/unit/test_gpu_readiness.py; the GPU runs: tests/integration/test_cuda.py.)"""
+this process: tests/unit/test_cuda.py; the GPU runs: tests/integration/test_cuda.py.)"""
 
 import subprocess
 import sys

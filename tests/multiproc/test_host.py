@@ -66,5 +66,5 @@ def test_training_reports_the_setting(tiny_mnist, tmp_path):
     )
     assert_ok(on)
     assert_ok(off)
-    assert "malloc reuses freed memory" in on.stdout
-    assert "malloc reuses freed memory" not in off.stdout
+    assert "memory reused between steps" in on.stdout
+    assert "memory reused between steps" not in off.stdout

@@ -50,7 +50,7 @@ def test_cpu_sh_trains_one_process_with_overrides(tiny_mnist, tmp_path):
     assert_ok(proc)
     assert "world 1 (single, gloo)" in proc.stdout
     assert "config: configs/cpu.yaml" in proc.stdout  # the script's default
-    assert "train.epochs=1 (file: 3)" in proc.stdout and "dist.device=cpu" in proc.stdout
+    assert "train.epochs=1 (config: 3)" in proc.stdout and "dist.device=cpu" in proc.stdout
     assert proc.stdout.count("epoch 1: train loss") == 1 and "epoch 2" not in proc.stdout
     assert epochs_run(run_dir) == [1]
 
@@ -70,7 +70,7 @@ def test_cpu_sh_trains_two_ranks_with_config_among_the_overrides(tiny_mnist, tmp
     assert_ok(proc)
     assert "world 2 (torchrun, gloo)" in proc.stdout
     assert proc.stdout.count("config: configs/cpu.yaml") == 1  # rank 0 only
-    assert "train.epochs=1 (file: 3)" in proc.stdout
+    assert "train.epochs=1 (config: 3)" in proc.stdout
     assert proc.stdout.count("epoch 1: train loss") == 1
     assert epochs_run(run_dir) == [1]
 
@@ -84,7 +84,7 @@ def test_single_node_sh_trains_with_overrides(tiny_mnist, tmp_path):
     assert_ok(proc)
     assert "world 1 (single, " in proc.stdout
     assert "config: configs/mnist_lenet.yaml" in proc.stdout
-    assert "train.epochs=1 (file: 8)" in proc.stdout
+    assert "train.epochs=1 (config: 8)" in proc.stdout
     assert epochs_run(run_dir) == [1]
 
 

@@ -11,8 +11,9 @@ from helpers import TINY_ARGS, assert_ok, no_credentials, run_pipeline
 
 @pytest.fixture(scope="module")
 def three_runs(tiny_mnist, tmp_path_factory):
-    """One run dir: 4 steps (train.max_steps), then resumed to the end with --print-config,
-    then the same command again. W&B is auto without credentials."""
+    """One run dir: 4 steps (train.max_steps; data.mirrors overridden, unused), then resumed
+    to the end with --print-config, then the same command again. W&B is auto without
+    credentials."""
     tmp = tmp_path_factory.mktemp("output")
     env = no_credentials(tmp)
     args = [
@@ -23,7 +24,7 @@ def three_runs(tiny_mnist, tmp_path_factory):
         f"train.run_dir={tmp / 'run'}",
         "data.val_size=0",
     ]
-    first = run_pipeline([*args, "train.max_steps=4"], env=env)
+    first = run_pipeline([*args, "train.max_steps=4", "data.mirrors=http://127.0.0.1:9/"], env=env)
     assert_ok(first)
     resumed = run_pipeline([*args, "--print-config"], env=env)
     assert_ok(resumed)
@@ -44,9 +45,10 @@ def test_start_shows_the_overrides_not_the_config(three_runs):
     assert lines[0].startswith("lenet-ddp ") and " | W&B off | " in lines[0]
     assert lines[1].startswith("config: configs/cpu.yaml (every setting: ")
     assert lines[2].startswith(
-        "overrides: train.epochs=1 (file: 3), train.batch_size=32 (file: 64)"
+        "overrides: train.epochs=1 (config: 3), train.batch_size=32 (config: 64)"
     )
-    assert "train.max_steps=4 (file: 0)" in lines[2]
+    assert "train.max_steps=4 (config: 0)" in lines[2]
+    assert "data.mirrors=http://127.0.0.1:9/ (config: none)" in lines[2]  # empty in the file
     assert "resolved config" not in first.stdout and "optim:" not in first.stdout
 
 

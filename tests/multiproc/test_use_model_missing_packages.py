@@ -1,7 +1,7 @@
 """predict and evaluate without their optional packages, in fresh processes where Pillow or
 matplotlib cannot be imported: predict ends in one line saying what to install; evaluate prints
 its numbers, writes its files and says which pictures it did not draw. (Bad input in this
-process: tests/unit/test_use_model_errors.py.)"""
+process: tests/unit/test_use_model.py.)"""
 
 from __future__ import annotations
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ from pipeline.errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_RUN_DI
 from pipeline.model import LeNet
 from pipeline.training import checkpoint
 
-from helpers import REPO, TINY_ARGS, write_tiny_mnist
+from helpers import REPO, TINY_ARGS, child_env, write_tiny_mnist
 
 COMMANDS = {
     "train": train.main,
@@ -26,6 +29,12 @@ COMMANDS = {
     "report": report.main,
     "bench": bench.main,
 }
+
+
+# Every installed command (pyproject.toml's lenet-* scripts): its module.
+SCRIPTS = re.findall(
+    r'^lenet-[a-z]+ = "(pipeline\.[a-z]+):main"$', (REPO / "pyproject.toml").read_text(), re.M
+)
 
 
 def one_error_line(capsys) -> str:
@@ -124,3 +133,24 @@ def test_a_checkpoint_of_another_format_is_refused_in_one_line(run_dir, tmp_path
     for path in (headed, other):
         assert evaluate.main([str(path), "--tracking", "disabled"]) == EXIT_CHECKPOINT
         assert str(path) in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("module", SCRIPTS)
+def test_version_and_help_answer_without_importing_torch(module):
+    """`--version` and `--help` of every command, as its script calls it, in a fresh process:
+    torch (seconds to import on a small machine) is not imported for them."""
+    code = (
+        f"import sys; from {module} import main\n"
+        "for argv in (['--version'], ['--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, (argv, e.code)\n"
+        "print('imported:', *sorted(m for m in sys.modules if m.partition('.')[0] == 'torch'))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "(lenet-ddp)" in proc.stdout and "usage:" in proc.stdout, proc.stdout
+    assert proc.stdout.splitlines()[-1] == "imported:", proc.stdout.splitlines()[-1][:300]

@@ -1,18 +1,23 @@
-"""Config: YAML plus dotted overrides, typed and validated, with one-line errors."""
+"""Config: YAML plus dotted overrides, typed and validated, with one-line errors; and the
+training command's arguments as a user types them: `--config` may stand anywhere among the
+overrides. (The launch scripts themselves: tests/multiproc/test_launch.py.)"""
 
-from pathlib import Path
+from __future__ import annotations
 
 import pytest
 
 from pipeline import train
 from pipeline.config.schema import help_text, load_config, to_yaml, validate_for_world
 from pipeline.errors import ConfigError
+from pipeline.train import parse_args
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 def test_every_shipped_config_loads():
-    for path in sorted((REPO / "configs").glob("*.yaml")):
+    shipped = sorted((REPO / "configs").glob("*.yaml"))
+    assert shipped, REPO / "configs"
+    for path in shipped:
         load_config(path, [])
 
 
@@ -118,3 +123,14 @@ def test_help_lists_every_key_with_default_and_no_test_only_key(capsys):
     ):
         assert key in text
     assert "debug." not in text and "test only" not in text
+
+
+def test_config_may_stand_anywhere_among_the_overrides():
+    args = parse_args(["dist.device=cpu", "--config", "configs/cpu.yaml", "train.epochs=1"])
+    assert args.config == "configs/cpu.yaml"
+    assert args.overrides == ["dist.device=cpu", "train.epochs=1"]
+    args = parse_args(["train.epochs=1", "--config=configs/cpu.yaml", "optim.lr=0.1"])
+    assert args.config == "configs/cpu.yaml" and args.overrides == [
+        "train.epochs=1",
+        "optim.lr=0.1",
+    ]

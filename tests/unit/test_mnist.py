@@ -1,7 +1,7 @@
 """pipeline.data.idx and pipeline.data.store: IDX reading and checks, the cache, error messages,
 on tiny IDX files the tests write (64 train / 32 test images). The real MNIST is read in
-tests/integration/test_real_mnist.py; downloading is tested in test_fetch.py and
-tests/integration/test_mirror_downloads.py."""
+tests/integration/test_mnist.py; downloading is tested in tests/unit/test_download.py and
+tests/integration/test_download.py."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 by the command in one line before a rank starts), the fp16 gradient
 scaler unscales before clipping and skips overflows, and the tensor shards are
 DistributedSampler's. Compiled DDP on real ranks: tests/multiproc/test_compiled_ddp.py; the
-accuracy of bf16 and torch.compile on the real MNIST: tests/integration/test_speed_accuracy.py."""
+accuracy of bf16 and torch.compile on the real MNIST: tests/integration/test_speed.py."""
 
 import pytest
 import torch

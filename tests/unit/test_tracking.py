@@ -1,11 +1,20 @@
-"""Experiment tracking, in this process with a stand-in wandb: the W&B mode, wandb never imported
-unless asked for, step rows, the fall-back to offline, the init timeout, a failing log call,
-resume by run id, the artifact, and the tracker of ranks that do not report. Real jobs writing
-real offline runs are in tests/multiproc/test_tracking_jobs.py."""
+"""Experiment tracking, in this process.
+
+With a stand-in wandb: the W&B mode, wandb never imported unless asked for, step rows, the
+fall-back to offline, the init timeout, a failing log call, resume by run id, the artifact, and
+the tracker of ranks that do not report. Real jobs writing real offline runs are in
+tests/multiproc/test_tracking_jobs.py.
+
+The progress line on a terminal: it fits the terminal's width, leaving out its least important
+fields rather than wrapping, and whatever is printed while it is shown (a log line, a warning,
+the Ctrl-C line) starts on a line of its own."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import os
 import sys
 import types
 from pathlib import Path
@@ -13,8 +22,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from pipeline import cli
 from pipeline.config.schema import Config, load_config
-from pipeline.tracking.tracker import Console, Tracker, make_tracker, wandb_status
+from pipeline.tracking.progress import end_line
+from pipeline.tracking.tracker import Console, Progress, Tracker, make_tracker, tracking_status
 from pipeline.tracking.wandb_run import has_credentials, resolve_mode
 from pipeline.training import checkpoint
 
@@ -91,7 +102,8 @@ def fake_wandb(fail_online: bool = False, fail_log_at: int | None = None):
 def tiny_config(mode: str, run_dir: Path, *overrides: str) -> Config:
     return load_config(
         None,
-        [f"tracking.mode={mode}", "tracking.project=p", "train.epochs=1", *overrides]
+        [f"tracking.mode={mode}", "tracking.tensorboard=false", "tracking.project=p"]
+        + ["train.epochs=1", *overrides]
         + [f"train.run_dir={run_dir}"],
     )
 
@@ -221,15 +233,15 @@ def test_wandb_not_asked_for_is_never_imported(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # any `import wandb` would now fail loudly
     for mode in ("disabled", "auto"):
         cfg = tiny_config(mode, tmp_path / mode)
-        assert wandb_status(cfg.tracking) == "W&B off", mode
+        assert tracking_status(cfg.tracking) == "W&B off | TensorBoard off", mode
         tracker = drive(cfg)
         tracker.close()
         assert tracker.run_id is None and [type(s) for s in tracker.sinks] == [Console], mode
         assert not (tmp_path / mode / "wandb").exists(), mode
     assert capsys.readouterr().err == ""
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    assert wandb_status(tiny_config("auto", tmp_path).tracking) == "W&B online"
-    assert wandb_status(tiny_config("offline", tmp_path).tracking) == "W&B offline"
+    assert tracking_status(tiny_config("auto", tmp_path).tracking).startswith("W&B online | ")
+    assert tracking_status(tiny_config("offline", tmp_path).tracking).startswith("W&B offline | ")
 
 
 def test_ranks_that_do_not_report_have_no_sinks_and_write_nothing(tmp_path, monkeypatch, capsys):
@@ -258,3 +270,68 @@ def test_under_a_wandb_agent_the_run_is_the_agents_in_the_sweeps_group(tmp_path,
     drive(tiny_config("offline", tmp_path / "b", "tracking.group=lr_seeds"))
     assert wandb.runs[0].kwargs["group"] == "lr_seeds"
     assert wandb.runs[0].kwargs["id"] != "agentrun7"  # no agent: an id of its own
+
+
+# -- the progress line on a terminal --------------------------------------------------------
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def screen(text: str) -> list[str]:
+    """The lines a terminal shows for `text`: each `\\r` starts its line again, `\\x1b[K`
+    erases the rest of it."""
+    return [line.split("\r")[-1].replace("\x1b[K", "") for line in text.split("\n")]
+
+
+def terminal_of(monkeypatch, columns: int) -> Terminal:
+    monkeypatch.setattr("shutil.get_terminal_size", lambda *_: os.terminal_size((columns, 24)))
+    return Terminal()
+
+
+@pytest.mark.parametrize("columns", [80, 60, 120])
+def test_the_line_never_exceeds_the_terminal_width(monkeypatch, columns):
+    stream = terminal_of(monkeypatch, columns)
+    progress = Progress(stream, epoch=9, epochs=10, total=60_000, start=40_000)
+    for step in (40_001, 45_000, 60_000):  # the last one is drawn whatever the interval
+        progress.update(step, 123.4567, 1_234_567.0)
+    drawn = stream.getvalue().split("\r")[1:]
+    assert drawn
+    for text in drawn:
+        line = text.removesuffix("\x1b[K")
+        # The last column stays free: a line that fills it wraps on some terminals.
+        assert len(line) < columns, (columns, line)
+        # The most important fields first, whole; what did not fit is left out, not cut.
+        assert line.startswith("epoch 10/10 ") and " loss 123.4567" in line, line
+        assert line.endswith(("123.4567", " img/s", " steps)", " step)")), line
+    assert ("(last 15000 steps)" in drawn[-1]) == (columns == 120)
+    assert ("|####" in drawn[-1]) == (columns != 60)  # the bar takes the room that is left
+    progress.close()
+
+
+def test_a_message_starts_on_a_line_of_its_own(monkeypatch):
+    """Log lines (stdout), warnings (stderr) and the Ctrl-C line, on one terminal, while the
+    progress line is shown: each at column 0 of a line of its own, the progress line kept."""
+    stream = terminal_of(monkeypatch, 80)
+    monkeypatch.setattr("sys.stdout", stream)
+    monkeypatch.setattr("sys.stderr", stream)
+    cli.setup_logging(rank=0)
+    progress = Progress(stream, epoch=0, epochs=3, total=938, start=0)
+    progress.update(450, 0.1234, 12345.0)
+    logging.getLogger("pipeline.training.trainer").info("a message")
+    progress.update(938, 0.1, 12000.0)
+    logging.getLogger("pipeline.training.trainer").warning("careful")
+
+    def interrupted() -> int:
+        progress.update(938, 0.1, 12000.0)
+        raise KeyboardInterrupt
+
+    try:
+        assert cli.run(interrupted, interrupted="interrupted (Ctrl-C): stopped") == 130
+    finally:
+        logging.getLogger("pipeline").handlers.clear()
+        end_line()
+    lines = screen(stream.getvalue())
+    messages = [line for line in lines if not line.startswith("epoch 1/3 |")]
+    assert messages == ["a message", "warning: careful", "interrupted (Ctrl-C): stopped", ""]
+    assert len(lines) == 7 and "450/938" in lines[0] and "938/938" in lines[4], lines

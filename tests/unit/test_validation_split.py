@@ -102,9 +102,9 @@ def test_the_split_and_selection_settings_name_the_run_directory():
         "train.early_stop_patience",
         "train.early_stop_min_delta",
     ):
-        assert naming.changes_training(key), key
+        assert naming.names_run_dir(key), key
     for key in ("checkpoint.keep_best", "train.test_every_epoch"):
-        assert not naming.changes_training(key), key
+        assert not naming.names_run_dir(key), key
     base = Config()
     cfg = load_config(None, ["data.val_size=5000"])
     assert naming.changes(cfg, base, ["data.val_size=5000"]) == ",data.val_size=5000"

@@ -6,8 +6,9 @@ It trains each case of a list in fresh processes
 `Engine`) and a baseline with the same model, optimizer, schedule and batch size that reads
 MNIST the classic way (a per-sample `Dataset` doing Pad/ToTensor/Normalize in Python, a
 `DataLoader` with a `DistributedSampler`, the tutorial's loop, fp32 eager). It reports train
-images/s, epoch times, train time to 98% and 99% test accuracy (evaluation excluded), the first
-step (compilation) and warm-up apart from the steady state, and pipeline/baseline ratios, in
+images/s, epoch times, train time to 98% and 99% test accuracy (tested at `evals_per_epoch`
+points an epoch, evaluation excluded), the first step (compilation; one compile cache for the
+whole benchmark) and warm-up apart from the steady state, and pipeline/baseline ratios, in
 `bench/<device>[-quick].json` and `.md` with the machine, versions and command. The clock is
 read only after the device has finished its queued work.
 """
@@ -49,7 +50,6 @@ from pipeline.training.engine import synchronize
 log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 5  # steps after the first that count as warm-up, not steady state
-QUICK_STEPS = 150
 
 
 @dataclass
@@ -60,6 +60,7 @@ class Case:
     world: int
     overrides: list[str] = field(default_factory=list)
     workers: int = 0  # the baseline's DataLoader worker processes
+    evals_per_epoch: int = 1  # test-set evaluations an epoch (the last at its end), untimed
 
 
 def gpu_worlds(n_gpus: int, batch_size: int, grad_accum: int = 1) -> list[int]:
@@ -166,26 +167,32 @@ def _measure(ctx: DistContext, case: Case, cfg: Config, max_steps: int, out: str
     make = pipeline_trainer if case.kind == "pipeline" else baseline_trainer
     epoch_steps, flush, evaluate, record = make(cfg, ctx, data, raw, model, micro, case.workers)
 
-    clock, images, epochs = Clock(device), 0, []
+    clock, images, epochs, evals = Clock(device), 0, [], []
+    per_epoch = record["steps_per_epoch"]
+    every = max(1, per_epoch // case.evals_per_epoch)
     for epoch in range(cfg.train.epochs):
         clock.start()
-        for n in epoch_steps(epoch):
+        for k, n in enumerate(epoch_steps(epoch), 1):
             images += n
             clock.lap()
             if clock.steps % cfg.train.log_every == 0:
                 flush()
             if clock.steps == max_steps:
                 break
+            if k % every == 0 and k < per_epoch:  # untimed; the only syncs within an epoch
+                clock.stop()
+                evals.append((clock.train_s, evaluate(test_x, test_y)))
+                clock.start()
         flush()
         clock.stop()
-        accuracy = evaluate(test_x, test_y)
-        epochs.append({"train_s": clock.train_s, "test_accuracy": accuracy})
+        evals.append((clock.train_s, evaluate(test_x, test_y)))
+        epochs.append({"train_s": clock.train_s, "test_accuracy": evals[-1][1]})
         if clock.steps == max_steps:
             break
     steady_steps = max(1, clock.steps - 1 - WARMUP_STEPS)
     steady_s = clock.train_s - clock.first_step_s - clock.warmup_s
     steady_images = images - (1 + WARMUP_STEPS) * cfg.train.batch_size
-    # The train time at each end of epoch with the first step (compilation) and the warm-up
+    # The train time at each evaluation with the first step (compilation) and the warm-up
     # counted at the steady-state rate when they took longer: time to accuracy with
     # compilation reported apart.
     setup_s = max(
@@ -205,6 +212,8 @@ def _measure(ctx: DistContext, case: Case, cfg: Config, max_steps: int, out: str
         epoch_s=[b - a for a, b in zip(ends[:-1], ends[1:], strict=True)],
         epoch_end_s=[e["train_s"] - setup_s for e in epochs],
         accuracy=[e["test_accuracy"] for e in epochs],
+        eval_s=[t - setup_s for t, _ in evals],
+        eval_accuracy=[a for _, a in evals],
     )
     if rank == 0:
         Path(out).write_text(json.dumps(record))
@@ -231,17 +240,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(case: Case, data_root: str, device: str, max_steps: int, seed: int | None) -> dict:
-    """Run `case` in `case.world` fresh processes; rank 0's record and the case's facts."""
+def case_config(case: Case, data_root: str, device: str, seed: int | None) -> Config:
+    """The config `case` trains with on `device` ("cpu" or "cuda"), checked for its world
+    size and that device as a training run's is."""
     seeded = [] if seed is None else [f"train.seed={seed}"]
     cfg = load_config(
         case.config,
         [*case.overrides, *seeded, f"data.root={data_root}", f"dist.device={device}"],
     )
-    validate_for_world(cfg, case.world)
+    validate_for_world(cfg, case.world, device)
+    return cfg
+
+
+def spawn(case: Case, data_root: str, device: str, max_steps: int, seed: int | None) -> dict:
+    """Run `case` in `case.world` fresh processes; rank 0's record and the case's facts."""
+    cfg = case_config(case, data_root, device, seed)
     with tempfile.TemporaryDirectory(prefix="lenet-bench-") as tmp:
-        # A cold compile cache: the compile time the first run of a new program sees.
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")
         out = Path(tmp) / "result.json"
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         busy, own, started = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
@@ -281,7 +295,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
         )
     todo = [
         c
-        for c in cases(device, torch.cuda.device_count(), args.quick)
+        for c in cases(device, torch.cuda.device_count(), args.quick > 0)
         if re.search(args.only, c.name)
     ]
     for c in todo:
@@ -305,23 +319,33 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
         kernel_s = time.perf_counter() - started
         if kernel_problem:
             log.warning(f"the fused conv kernels are not available: {kernel_problem}")
+    evals = args.evals_per_epoch or (20 if device == "cuda" else 1)
     for c in todo:
         c.workers = workers if c.kind == "baseline" else 0
+        c.evals_per_epoch = evals
     runs: dict[str, list[dict]] = {c.name: [] for c in todo}
     seeds = list(range(args.seeds)) if args.seeds > 0 else [None]
     rounds = [s for s in seeds for _ in range(args.repeat)]
-    # Rounds over all cases, so that a busy spell of the machine hits them alike.
-    for i, seed in enumerate(rounds):
-        for case in todo:
-            tag = "" if seed is None else f" seed {seed}"
-            print(f"[{i + 1}/{len(rounds)}] {case.name}{tag} ...", end=" ", flush=True)
-            r = spawn(case, args.data_root, device, QUICK_STEPS if args.quick else 0, seed)
-            runs[case.name].append(r)
-            print(
-                f"{r['images_per_s']:,.0f} img/s, first step {r['first_step_s']:.2f} s, "
-                f"accuracy {percent(r['accuracy'][-1])}, other load {r['other_load']:.2f}",
-                flush=True,
-            )
+    # One compile cache for the whole benchmark, empty at its start: a case's first run compiles
+    # cold, as the first run of a new program does; its later seeds and rounds find the cache
+    # filled, as a second run does.
+    with tempfile.TemporaryDirectory(prefix="lenet-bench-compile-") as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        # Rounds over all cases, so that a busy spell of the machine hits them alike.
+        for i, seed in enumerate(rounds):
+            for case in todo:
+                tag = "" if seed is None else f" seed {seed}"
+                print(f"[{i + 1}/{len(rounds)}] {case.name}{tag} ...", end=" ", flush=True)
+                r = spawn(case, args.data_root, device, args.quick, seed)  # 0: configs' own
+                runs[case.name].append(r)
+                points = zip(r["eval_s"], r["eval_accuracy"], strict=True)
+                to_99 = next((f"{t:.3f} s" for t, a in points if a >= 0.99), "-")
+                print(
+                    f"{r['images_per_s']:,.0f} img/s, first step {r['first_step_s']:.2f} s, "
+                    f"accuracy {percent(r['accuracy'][-1])}, to 99% {to_99}, "
+                    f"other load {r['other_load']:.2f}",
+                    flush=True,
+                )
     records = summarize([aggregate(v) for v in runs.values()])
     result = {
         "command": shlex.join(
@@ -331,6 +355,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
         "repeat": args.repeat,
         "seeds": sorted({r["seed"] for v in runs.values() for r in v}),
         "warmup_steps": WARMUP_STEPS,
+        "evals_per_epoch": evals,
         "baseline_workers": workers,
         "kernel_load_s": kernel_s,
         "kernel_problem": kernel_problem,

@@ -115,6 +115,7 @@ def pipeline_trainer(cfg, ctx, data, raw, model, micro, workers):
         return engine.evaluate(x, y, cfg.train.eval_batch_size)["test_accuracy"]
 
     record = {
+        "steps_per_epoch": steps,
         "conv": conv_impl(engine.fused_conv),
         "kernels_variant": kernels.cpu_variant() if engine.fused_conv else None,
         "conv_path": engine.conv_path,
@@ -153,7 +154,13 @@ def baseline_trainer(cfg, ctx, data, raw, model, micro, workers):
             yield len(y) * world
 
     def evaluate(x, y):  # the pipeline's evaluation, on the same test tensors (untimed)
-        return evaluate_model(model, x, y, cfg.train.eval_batch_size, criterion)["test_accuracy"]
+        accuracy = evaluate_model(model, x, y, cfg.train.eval_batch_size, criterion)
+        model.train()  # it may come within an epoch
+        return accuracy["test_accuracy"]
 
-    record = {"baseline_transform": dataset.transform_name, "conv": conv_impl(False)}
+    record = {
+        "steps_per_epoch": len(loader),
+        "baseline_transform": dataset.transform_name,
+        "conv": conv_impl(False),
+    }
     return epoch_steps, lambda: None, evaluate, record

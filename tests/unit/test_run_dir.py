@@ -1,9 +1,11 @@
 """train.run_dir as a template: the same command gets the same directory, a command that trains
-differently a directory of its own; settings that do not change the result leave it alone."""
+differently or is cut short (a trial) a directory of its own; settings that do not change the
+result leave it alone. A finished run's line says how to train it on or start again."""
 
 from __future__ import annotations
 
 import pytest
+from fakes import make_trainer
 
 from pipeline.config import naming
 from pipeline.config.schema import load_config
@@ -43,9 +45,48 @@ def test_settings_that_do_not_change_the_result_leave_the_directory():
         "checkpoint.every_steps=10",
         "dist.device=cpu",
         "train.grad_accum=2",  # the same global batch: a resume accepts it
-        "train.max_steps=5",  # a run stopped early and continued later
+        "train.max_steps=0",  # the config's own value: the full run
     ]
     assert rendered(same) == "runs/cpu"
+
+
+def test_a_trial_cut_short_gets_its_own_directory_and_the_same_one_again():
+    """The config's full run, started after a trial, never resumes the trial; the trial's own
+    command (a requeued job) resumes it, and naming its directory trains it on."""
+    assert rendered(["train.max_steps=30"]) == "runs/cpu,train.max_steps=30"
+    assert rendered(["train.max_steps=30"]) == rendered(["train.max_steps=30.0"])
+    assert rendered(["train.epochs=1"]) == "runs/cpu,train.epochs=1"
+    assert rendered(["train.max_steps=30", "optim.lr=0.1", "train.epochs=2"]) == (
+        "runs/cpu,optim.lr=0.1,train.epochs=2,train.max_steps=30"
+    )
+    on = rendered(["train.run_dir=runs/cpu,train.max_steps=30", "train.max_steps=100"])
+    assert on == "runs/cpu,train.max_steps=30"
+    assert rendered(["train.max_steps=100", "train.run_dir=runs/mine"]) == "runs/mine"
+
+
+@pytest.mark.parametrize(
+    "overrides, state, said",
+    [
+        (
+            ["train.max_steps=4"],
+            {"global_step": 4},
+            "(global step 4, at train.max_steps=4); train it on with "
+            "`train.run_dir=runs/test train.max_steps=N` (0: to its epochs); ",
+        ),
+        (["train.epochs=2"], {"global_step": 32, "epoch": 2}, "(global step 32); "),
+    ],
+)
+def test_a_finished_run_says_how_to_go_on_or_start_again(overrides, state, said, capsys):
+    t = make_trainer(overrides)
+    for key, value in state.items():
+        setattr(t.state, key, value)
+    t.run()
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line == (
+        f"nothing to do: the run in runs/test already finished {said}for a new run use another "
+        "train.run_dir or remove runs/test"
+    )
+    assert t.tracker.summary is None  # nothing was trained, tested or written
 
 
 def test_the_other_fields_and_an_explicit_directory():

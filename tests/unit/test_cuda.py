@@ -1,9 +1,9 @@
 """The decisions behind the GPU paths, checked on CPU in this process: which compile modes replay
 CUDA graphs, bf16 on GPUs without it, checkpoints that hold CPU tensors and each rank's own CUDA
-generator, what an NCCL failure means, the benchmark's world sizes on any number of GPUs, the
-warning for a GPU machine training on CPU, and the step interval's clock. (Real CPU runs'
-checkpoints and the commands refusing CUDA without a GPU:
-tests/multiproc/test_gpu_readiness_runs.py; the GPU runs themselves:
+generator, what an NCCL failure means and how long the host waits for an NCCL sum, the
+benchmark's world sizes on any number of GPUs, the warning for a GPU machine training on CPU,
+and the step interval's clock. (Real CPU runs' checkpoints and the commands refusing CUDA
+without a GPU: tests/multiproc/test_gpu_readiness_runs.py; the GPU runs themselves:
 tests/integration/test_cuda.py.)"""
 
 import dataclasses
@@ -21,6 +21,7 @@ import torch.distributed as torch_dist
 
 from pipeline.config.schema import DistConfig, TrainConfig, load_config, validate_for_world
 from pipeline.dist import group
+from pipeline.errors import DistributedError
 from pipeline.speed.benchmark.runner import cases, gpu_worlds
 from pipeline.training import checkpoint
 from pipeline.training.engine import CUDA_GRAPH_MODES, bf16_warning, uses_cuda_graphs
@@ -193,6 +194,47 @@ def test_the_control_collectives_time_out_before_the_nccl_group():
     assert control.total_seconds() == 600 and training > control
     control, training = group.group_timeouts("gloo", 600)
     assert control == training and control.total_seconds() == 600
+
+
+class _NcclSum:
+    """What `dist.all_reduce(..., async_op=True)` hands back on NCCL: a sum that finishes after
+    `polls` looks (never, for None)."""
+
+    def __init__(self, polls: int | None):
+        self.polls, self.waited = polls, False
+
+    def is_completed(self) -> bool:
+        if self.polls is None:
+            return False
+        self.polls -= 1
+        return self.polls < 0
+
+    def wait(self) -> bool:
+        self.waited = True
+        return True
+
+
+@pytest.mark.parametrize("polls", [0, 3, None], ids=["done", "after-3-looks", "hung-peer"])
+def test_the_host_waits_for_an_nccl_sum_it_reads_at_most_dist_timeout_s(monkeypatch, polls):
+    """The loss read-back and evaluation wait for their NCCL sum on the host, not inside CUDA:
+    a hung peer ends the rank with one line and exit 6, the group marked for abort."""
+    work = _NcclSum(polls)
+    monkeypatch.setattr(torch_dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch_dist, "all_reduce", lambda tensor, op, async_op: work)
+    monkeypatch.setattr(group, "_timeout_s", 0.05)
+    totals = torch.ones(2)
+    if polls is None:
+        with pytest.raises(DistributedError) as caught:
+            group.all_reduce_sum(totals)
+        err = caught.value
+        assert str(err) == (
+            "a collective waited more than dist.timeout_s=0.05 s for a peer rank that stopped "
+            "responding (an NCCL all-reduce whose sum this rank reads)"
+        )
+        assert err.exit_code == 6 and group._broken and not work.waited
+    else:
+        assert group.all_reduce_sum(totals) is totals
+        assert work.waited and not group._broken
 
 
 def test_a_gloo_group_marked_broken_is_still_destroyed():

@@ -1,7 +1,7 @@
 """Downloading the dataset, without a server: the checksum rule, the progress line, every
 dataset's checksums and mirrors, the config of mirrors, and what is refused before any download.
 The downloads themselves, from a local mirror server of the real files, are in
-tests/integration/test_mirror_downloads.py."""
+tests/integration/test_download.py."""
 
 from __future__ import annotations
 

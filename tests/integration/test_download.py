@@ -5,7 +5,7 @@ The tests serve the real MNIST files (the `mnist_root` fixture's) from an HTTP s
 own on 127.0.0.1; nothing else is contacted. Its mirrors are paths: /ok/ serves the files,
 /missing/ answers 404, /flaky/ cuts the first response for each file short, /corrupt/ serves
 other content for t10k-labels (valid gzip, wrong checksum). What needs no server (the checksum
-rule, the progress line, the config) is in tests/unit/test_fetch.py.
+rule, the progress line, the config) is in tests/unit/test_download.py.
 """
 
 from __future__ import annotations
