@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -219,6 +220,7 @@ def run(body: Callable[[], int], *, verbose: int = 0, interrupted: str = "interr
     rank = env_rank()
     setup_logging(rank, verbose)
     token = _writes.set(_ANY_FILE)
+    threads_hook, threading.excepthook = threading.excepthook, _thread_failed
     try:
         return body()
     except (Exception, KeyboardInterrupt) as e:
@@ -241,6 +243,15 @@ def run(body: Callable[[], int], *, verbose: int = 0, interrupted: str = "interr
         return code
     finally:
         _writes.reset(token)
+        threading.excepthook = threads_hook
+
+
+def _thread_failed(args: threading.ExceptHookArgs) -> None:
+    """A library's background thread that failed (TensorBoard's event writer, when the run
+    directory goes away): one warning line instead of its traceback; what it means for the run
+    is the error the run itself then meets."""
+    name = args.thread.name if args.thread else "a thread"
+    log.warning(f"a background thread ({name}) stopped: {describe(args.exc_value)}")
 
 
 def _quiet_stdout() -> None:

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline import cli
 from pipeline.speed import kernels
@@ -78,6 +79,9 @@ def pytest_report_header(config):
 def pytest_configure(config):
     # A plugin, not this conftest's own hooks: those are not called for session-scoped fixtures.
     config.pluginmanager.register(ProcessCleanup(), "process-cleanup")
+    # One thread, as in every process a test starts (helpers.child_env): a command called in
+    # this process trains as its own process would, and two such runs never share the cores.
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

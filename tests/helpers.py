@@ -1,9 +1,9 @@
 """What the tests share (the fixtures are in conftest.py): where the repository and the real MNIST
-are, the skip-or-fail rule for a missing prerequisite, tiny IDX datasets, and starting the real
-commands in fresh processes (alone, under torchrun, in the background), finding and ending the
-processes a test started (`OWNER`, `end_processes`: conftest.py's cleanup), and the small tools
-tests of several tiers use (SLURM step variables, an environment without W&B credentials, a
-spy on the data cache).
+are, the skip-or-fail rule for a missing prerequisite, tiny IDX datasets, starting the real
+commands in fresh processes (alone, under torchrun, in the background) or calling them in this
+one, finding and ending the processes a test started (`OWNER`, `end_processes`: conftest.py's
+cleanup), and the small tools tests of several tiers use (SLURM step variables, an environment
+without W&B credentials, a spy on the data cache).
 
 Imported by name (`from helpers import ...`): pyproject.toml puts tests/ on pytest's pythonpath.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import json
 import os
 import signal
@@ -164,6 +165,15 @@ def run_pipeline(
     return subprocess.run(
         cmd, cwd=REPO, env=child_env(env), capture_output=True, text=True, timeout=timeout
     )
+
+
+def call_command(main: Callable[[list[str]], int], args: list[str]) -> tuple[int, str, str]:
+    """A command's `main(args)` called in this process: its exit code, stdout and stderr. For a
+    fixture shared by several tests, where pytest's capsys is not available."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return code, out.getvalue(), err.getvalue()
 
 
 TINY_ARGS = [

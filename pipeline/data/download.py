@@ -208,12 +208,14 @@ def fetch_all(
     remotes: list[Remote],
     mirrors: list[str],
     what_to_do: str,
-    stream: TextIO = sys.stderr,
+    stream: TextIO | None = None,
 ) -> None:
-    """Download every file of `remotes` into `directory`, or none of them.
+    """Download every file of `remotes` into `directory`, or none of them, saying so on
+    `stream` (the standard error stream of the moment when None).
 
     Raises DataError naming each URL tried and why, followed by `what_to_do`.
     """
+    stream = stream or sys.stderr
     if not mirrors:
         raise DataError(f"no mirrors to download from; {what_to_do}")
     made = _created_dirs(directory)

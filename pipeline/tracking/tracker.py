@@ -71,9 +71,10 @@ class Console(Sink):
     """The console (overrides line, progress line, epoch lines, last line) and the run
     directory's files: config.yaml, split.json, steps.jsonl, metrics.jsonl, summary.json."""
 
-    def __init__(self, run_dir: Path, stream: TextIO = sys.stdout):
-        self.run_dir, self.stream = run_dir, stream
-        self.out = Line(stream)  # whole lines; a reader that went away ends them quietly
+    def __init__(self, run_dir: Path, stream: TextIO | None = None):
+        # By default the sys.stdout of the moment, where the log lines go (redirections swap it).
+        self.run_dir, self.stream = run_dir, stream or sys.stdout
+        self.out = Line(self.stream)  # whole lines; a reader that went away ends them quietly
         self.progress: Progress | None = None
 
     def start(self, run: RunStart) -> None:

@@ -1,7 +1,7 @@
 """The benchmark runs in one command on the real MNIST: the pipeline and the classic baseline of
 the same config, the ratio between them, the table printed and written. Numbers are checked for
 sense, never for speed (speed is what the benchmark reports, not what a test asserts). (Its
-arithmetic: tests/unit/test_bench.py; without data: tests/multiproc/test_bench_errors.py.)
+arithmetic: tests/unit/test_bench.py; without data: tests/multiproc/test_bench.py.)
 """
 
 import json

@@ -18,8 +18,6 @@ import os
 import shutil
 import socket
 import stat
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,11 +25,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from pipeline import evaluate, train
 from pipeline.data import download, store
 from pipeline.data.catalog import DATASETS, FILES
 from pipeline.errors import EXIT_DATA
 
-from helpers import REPO, assert_ok, child_env, require, run_pipeline
+from helpers import assert_ok, require, run_pipeline
 
 GZ_NAMES = [name + ".gz" for name in FILES.values()]
 LAST = FILES[("test", "labels")] + ".gz"  # the last file fetched
@@ -116,6 +115,12 @@ def refused_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
+@pytest.fixture
+def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in NO_PROXY.items():
+        monkeypatch.setenv(key, value)
+
+
 def everything_under(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
@@ -166,51 +171,45 @@ def test_404_on_the_first_mirror_then_the_second_serves_two_ranks(
 
 
 def test_evaluate_fetches_the_test_files_from_the_runs_mirror(
-    server: MirrorServer, tmp_path: Path
+    server: MirrorServer, tmp_path: Path, no_proxy, capsys
 ) -> None:
     """A run trained from a custom mirror, its test files gone: evaluate downloads those two
-    from the run's data.mirrors, and none of the training files it does not need."""
+    from the run's data.mirrors, and none of the training files it does not need. (In this
+    process: the commands called as functions.)"""
     root, run_dir = tmp_path / "data", tmp_path / "run"
-    assert_ok(run_pipeline(prepare_args(root, run_dir, server.url("ok")), env=NO_PROXY))
+    assert train.main(prepare_args(root, run_dir, server.url("ok"))) == 0
     shutil.rmtree(root / "MNIST" / "cache")
     tests = [name for name in GZ_NAMES if name.startswith("t10k")]
     for name in [*tests, *(n for n in GZ_NAMES if n.startswith("train"))]:
         (store.raw_dir(root) / name).unlink()
     server.log.clear()
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.evaluate", str(run_dir), "--tracking", "disabled"],
-        cwd=REPO,
-        env=child_env(NO_PROXY),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
+    capsys.readouterr()
+    assert evaluate.main([str(run_dir), "--tracking", "disabled"]) == 0
     assert server.served("ok") == tests
-    assert "test images:     10,000" in proc.stdout
+    assert "test images:     10,000" in capsys.readouterr().out
 
 
-def test_truncated_response_is_retried(server: MirrorServer, tmp_path: Path) -> None:
+# The failures and the retry, in this process: the training command called as a function.
+
+
+def test_truncated_response_is_retried(server: MirrorServer, tmp_path: Path, no_proxy, capsys):
     root = tmp_path / "data"
-    proc = run_pipeline(
-        prepare_args(root, tmp_path / "run", server.url("flaky")), env=NO_PROXY, timeout=300
-    )
-    assert_ok(proc)
+    assert train.main(prepare_args(root, tmp_path / "run", server.url("flaky"))) == 0
     # Each file: one response cut short, then one whole.
     assert [s for _, s in server.log] == [206, 200] * len(GZ_NAMES)
-    assert f"{server.url('flaky')}{GZ_NAMES[0]} failed: the response broke off" in proc.stderr
+    err = capsys.readouterr().err
+    assert f"{server.url('flaky')}{GZ_NAMES[0]} failed: the response broke off" in err
     assert everything_under(store.raw_dir(root)) == sorted(GZ_NAMES)
 
 
 def test_corrupt_file_ends_in_one_line_and_leaves_nothing(
-    server: MirrorServer, tmp_path: Path
+    server: MirrorServer, tmp_path: Path, no_proxy, capsys
 ) -> None:
     root = tmp_path / "data"
     root.mkdir()
     url = server.url("corrupt")
-    proc = run_pipeline(prepare_args(root, tmp_path / "run", url), env=NO_PROXY, timeout=300)
-    assert proc.returncode == EXIT_DATA, proc.stderr
-    line = error_line(proc.stderr)
+    assert train.main(prepare_args(root, tmp_path / "run", url)) == EXIT_DATA
+    line = error_line(capsys.readouterr().err)
     assert f"could not download {LAST}: tried {url}{LAST}: MD5 " in line
     assert "of its content the canonical 27ae3e4e09519cfbb04c329615203637" in line
     assert "(3 tries)" in line and "data.mirrors" in line
@@ -221,15 +220,12 @@ def test_corrupt_file_ends_in_one_line_and_leaves_nothing(
 
 
 def test_connection_refused_and_404_end_in_one_line_naming_both(
-    server: MirrorServer, refused_port: int, tmp_path: Path
+    server: MirrorServer, refused_port: int, tmp_path: Path, no_proxy, capsys
 ) -> None:
     root = tmp_path / "data"
     refused, missing = f"http://127.0.0.1:{refused_port}/", server.url("missing")
-    proc = run_pipeline(
-        prepare_args(root, tmp_path / "run", f"{refused},{missing}"), env=NO_PROXY, timeout=300
-    )
-    assert proc.returncode == EXIT_DATA, proc.stderr
-    line = error_line(proc.stderr)
+    assert train.main(prepare_args(root, tmp_path / "run", f"{refused},{missing}")) == EXIT_DATA
+    line = error_line(capsys.readouterr().err)
     first = GZ_NAMES[0]
     assert (
         f"could not download {first}: tried {refused}{first}: connection refused (3 tries); "

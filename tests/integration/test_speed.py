@@ -1,7 +1,7 @@
 """Speed options keep training right on the real MNIST: bf16 autocast, torch.compile and the
 fused conv kernels reach the accuracy of fp32 eager on torch's ops, one epoch of
 configs/fast_cpu.yaml each. (The other speed tests: tests/unit/test_speed.py,
-tests/multiproc/test_compiled_ddp.py.)"""
+tests/multiproc/test_ddp.py.)"""
 
 import json
 from concurrent.futures import ThreadPoolExecutor

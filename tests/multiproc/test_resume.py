@@ -1,5 +1,11 @@
-"""Exact resume and surviving faults, on real processes (gloo on CPU)."""
+"""Exact resume and surviving faults, on real processes (gloo on CPU): a run stopped and resumed
+ends bit for bit where the uninterrupted one does (1 and 2 ranks, a rank killed under torchrun,
+SIGTERM); a checkpoint resumes on another world size (and another train.grad_accum) with the
+same global batches at the same steps, ending where an uninterrupted run does up to the order of
+float sums, while what really changes the run is refused with one line; a non-finite loss and a
+hanging peer end the job with their documented exit codes."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -11,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.errors import EXIT_DISTRIBUTED, EXIT_NONFINITE, EXIT_PREEMPTED
+from pipeline.errors import EXIT_CHECKPOINT, EXIT_DISTRIBUTED, EXIT_NONFINITE, EXIT_PREEMPTED
 from pipeline.training import checkpoint
 
 from helpers import (
@@ -21,9 +27,12 @@ from helpers import (
     child_env,
     final_model,
     free_port,
+    max_diff,
     run_pipeline,
     train_entry,
 )
+
+STEPS_PER_EPOCH = 16  # tiny_mnist: 512 images at a global batch of 32
 
 
 def _args(tiny_mnist, run_dir, *extra):
@@ -82,6 +91,79 @@ def test_rank_killed_under_torchrun_restarts_and_resumes(tiny_mnist, tmp_path, s
     assert "fault: rank 1 exits at step 13" in proc.stderr
     assert f"resumed from {faulty / checkpoint.checkpoint_name(10)}" in proc.stdout
     _assert_same(straight[2], faulty)
+
+
+# -- another world size ---------------------------------------------------------------------
+
+STOP_AT = 12  # mid-epoch 1
+
+
+def _losses(run_dir) -> dict[int, float]:
+    lines = (run_dir / "steps.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+@pytest.fixture(scope="module")
+def control(tiny_mnist, tmp_path_factory) -> Path:
+    """The uninterrupted 2-rank run with a learning rate 10% lower: what a real difference in
+    training looks like, beside the float-order one between world sizes."""
+    run_dir = tmp_path_factory.mktemp("control") / "run"
+    assert_ok(run_pipeline(_args(tiny_mnist, run_dir, "optim.lr=0.045"), nproc=2))
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "before, after",
+    [((2, "train.grad_accum=1"), (1, "train.grad_accum=2")), ((1, "train.grad_accum=1"), (2,))],
+    ids=["2 ranks -> 1 rank x 2 micro-steps", "1 rank -> 2 ranks"],
+)
+def test_a_checkpoint_resumes_on_another_world_size(
+    tiny_mnist, tmp_path, straight, control, before, after
+):
+    run_dir = tmp_path / "run"
+    (n0, *extra0), (n1, *extra1) = before, after
+    assert_ok(
+        run_pipeline(_args(tiny_mnist, run_dir, f"train.max_steps={STOP_AT}", *extra0), nproc=n0)
+    )
+    resumed = run_pipeline(_args(tiny_mnist, run_dir, *extra1), nproc=n1)
+    assert_ok(resumed)
+    assert f"global step {STOP_AT})" in resumed.stdout
+    assert f"world {n0} -> {n1}" in resumed.stdout
+
+    reference, other_split = straight[2], straight[1]
+    ours, theirs = _losses(run_dir), _losses(reference)
+
+    def loss_gap(a: dict) -> float:
+        return max(abs(a[s] - theirs[s]) for s in ours)
+
+    # The same optimizer steps, and the same samples in each: the losses agree step by step,
+    # as closely as an uninterrupted run on another number of ranks does (float sums in
+    # another order drift apart over the steps, more on some CPUs than on others).
+    assert sorted(ours) == sorted(theirs)
+    float_order = loss_gap(_losses(other_split))
+    gap, control_gap = loss_gap(ours), loss_gap(_losses(control))
+    assert gap <= max(1e-4, 3 * float_order) < control_gap / 10, (gap, float_order, control_gap)
+    # The parameters end equal up to float sums in another order; a control run is far off.
+    diff = max_diff(final_model(run_dir), final_model(reference))
+    float_diff = max_diff(final_model(other_split), final_model(reference))
+    control_diff = max_diff(final_model(control), final_model(reference))
+    assert diff <= max(1e-4, 3 * float_diff) < control_diff / 10, (diff, float_diff, control_diff)
+    # The epoch summary counts every image once across the change.
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in epochs] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+
+
+def test_what_changes_the_run_is_still_refused_with_one_line(tiny_mnist, tmp_path):
+    run_dir = tmp_path / "run"
+    assert_ok(run_pipeline(_args(tiny_mnist, run_dir, f"train.max_steps={STOP_AT}"), nproc=2))
+    proc = run_pipeline(_args(tiny_mnist, run_dir, "train.batch_size=64"), nproc=1)
+    assert proc.returncode == EXIT_CHECKPOINT, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert "train.batch_size=32" in line and "train.batch_size=64" in line
+    assert "Traceback" not in proc.stderr
+
+
+# -- signals, faults ---------------------------------------------------------------------------
 
 
 @contextmanager
@@ -171,7 +253,7 @@ def test_sigterm_saves_exits_with_the_documented_code_and_rerun_completes(
     stop = "stop requested (SIGTERM): saved a checkpoint at step"
     assert stop in _output(stopped, 0), _shown(stopped)
     saved = checkpoint.load(checkpoint.list_checkpoints(run_dir)[0])
-    assert 0 < saved["global_step"] < 2 * 16
+    assert 0 < saved["global_step"] < 2 * STEPS_PER_EPOCH
     with _ranks(args, rerun) as procs:
         codes = [p.wait(timeout=300) for p in procs]
     assert codes == [0, 0], _shown(rerun)

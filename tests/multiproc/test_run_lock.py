@@ -35,7 +35,9 @@ def holder(tiny_mnist, tmp_path):
         yield run_dir, proc
 
 
-def test_a_second_job_on_the_same_run_dir_stops_at_once_naming_the_holder(tiny_mnist, holder):
+def test_a_second_job_stops_at_once_naming_the_holder_who_once_dead_is_taken_over(
+    tiny_mnist, holder
+):
     run_dir, proc = holder
     # The holder paused (it keeps its lock), so that the directory changes only if the second
     # job changes it.
@@ -52,20 +54,17 @@ def test_a_second_job_on_the_same_run_dir_stops_at_once_naming_the_holder(tiny_m
     assert "torchrun run a" in line and "train.run_dir" in line
     assert after == before  # the second job wrote, replaced and removed nothing there
     assert proc.poll() is None  # the holder trains on
-
-
-def _listing(run_dir) -> dict[str, tuple[int, int]]:
-    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.iterdir()}
-
-
-def test_a_dead_holders_lock_is_taken_over_with_a_line(tiny_mnist, holder):
-    run_dir, proc = holder
+    # The holder dies without releasing its lock: the next job takes it over, saying so.
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     again = run_pipeline(_args(tiny_mnist, run_dir, "train.max_steps=1"), timeout=300)
     assert_ok(again)
     assert "took over the lock" in again.stdout and f"pid {proc.pid}" in again.stdout
     assert not (run_dir / lock.OWNER).exists()  # released at the end
+
+
+def _listing(run_dir) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.iterdir()}
 
 
 def test_another_attempt_of_the_same_job_takes_its_lock_back_silently(tiny_mnist, holder):

@@ -1,6 +1,8 @@
-"""Checkpoint files, in this process: plain torch files, corruption detection, keeping the
-newest k and never rotating best.pt away. Writes killed mid-way and runs that resume from
-checkpoints are in tests/multiproc/test_checkpoint_runs.py."""
+"""Checkpoints, in this process: the files (plain torch files, corruption detection, keeping the
+newest k and never rotating best.pt away), and the training command's use of them on the tiny
+dataset: falling back from a corrupt newest checkpoint, refusing an incompatible one or an
+earlier run before overwriting anything, and saving what resume needs in files plain
+torch.load opens. A writer killed mid-write: tests/multiproc/test_checkpoint.py."""
 
 import io
 import random
@@ -9,11 +11,12 @@ import zipfile
 import pytest
 import torch
 
-from pipeline.errors import CheckpointError
+from pipeline import train
+from pipeline.errors import EXIT_CHECKPOINT, CheckpointError
 from pipeline.model import LeNet
 from pipeline.training import checkpoint
 
-from helpers import same_state
+from helpers import TINY_ARGS, final_model, same_state
 
 
 def test_corrupt_and_truncated_files_are_detected(tmp_path, caplog):
@@ -107,3 +110,128 @@ def test_best_pt_survives_rotation_with_keep_1(tmp_path):
     kept = checkpoint.load(tmp_path / checkpoint.BEST)  # a whole, verified checkpoint
     assert kept["global_step"] == 4 and kept["best"] == best
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "ckpt-000000016.pt"]
+
+
+# -- checkpoints, as a user runs it (in this process) ----------------------------------------------
+
+
+def _train(capsys, tiny_mnist, run_dir, *extra) -> tuple[int, str, str]:
+    """The training command on the tiny dataset, checkpointing every 4 steps: its exit code,
+    stdout and stderr."""
+    code = train.main(
+        [
+            *TINY_ARGS,
+            "train.fused_conv=false",
+            f"data.root={tiny_mnist}",
+            f"train.run_dir={run_dir}",
+            "train.epochs=2",
+            "checkpoint.every_steps=4",
+            *extra,
+        ]
+    )
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _train_ok(capsys, tiny_mnist, run_dir, *extra) -> tuple[str, str]:
+    code, out, err = _train(capsys, tiny_mnist, run_dir, *extra)
+    assert code == 0, f"exit {code}\n{out[-3000:]}\n{err[-3000:]}"
+    return out, err
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_mnist, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    _train_ok(capsys, tiny_mnist, run_dir, "train.max_steps=12")
+    newest = run_dir / checkpoint.checkpoint_name(12)
+    data = bytearray(newest.read_bytes())
+    # One flipped byte inside the model's largest tensor (fc1's weights, about a third of the
+    # way in): the archive is still whole.
+    data[len(data) // 3] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    out, err = _train_ok(capsys, tiny_mnist, run_dir, "train.max_steps=16")
+    warning = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "ckpt-000000012.pt is truncated or corrupt" in warning[0]
+    assert f"resumed from {run_dir / checkpoint.checkpoint_name(8)}" in out
+    straight = tmp_path / "straight"
+    _train_ok(capsys, tiny_mnist, straight, "train.max_steps=16")
+    a, b = final_model(run_dir), final_model(straight)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_within_an_epoch_holds_the_epochs_train_time_so_far(
+    tiny_mnist, tmp_path, capsys
+):
+    """With the epoch's images so far: a run resumed from it reports the epoch's speed over
+    the whole epoch, not the epoch's images over the resumed part's time."""
+    run_dir = tmp_path / "run"
+    _train_ok(capsys, tiny_mnist, run_dir, "train.max_steps=12")
+    at4, at8 = (checkpoint.load(run_dir / checkpoint.checkpoint_name(n)) for n in (4, 8))
+    assert (at4["epoch_micro_steps"], at8["epoch_micro_steps"]) == (4, 8)
+    assert 0 < at4["epoch_time"] < at8["epoch_time"], (at4["epoch_time"], at8["epoch_time"])
+
+
+def test_incompatible_checkpoint_is_refused_before_anything_is_overwritten(
+    tiny_mnist, tmp_path, capsys
+):
+    run_dir = tmp_path / "run"
+    _train_ok(capsys, tiny_mnist, run_dir, "train.max_steps=8")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    for override, key in (
+        ("model.kernel_size=3", "model.kernel_size"),
+        ("optim.name=adam", "optim.name"),
+        ("train.batch_size=64", "train.batch_size"),
+        ("data.val_size=32", "data.val_size"),  # another validation split
+    ):
+        code, _, err = _train(capsys, tiny_mnist, run_dir, "train.max_steps=16", override)
+        assert code == EXIT_CHECKPOINT, err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and key in errors[0] and "start a new run" in errors[0]
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_resume_none_refuses_to_overwrite_an_earlier_run(tiny_mnist, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    _train_ok(capsys, tiny_mnist, run_dir, "train.max_steps=4")
+    code, _, err = _train(capsys, tiny_mnist, run_dir, "train.resume=none")
+    assert code == EXIT_CHECKPOINT and "holds checkpoints of an earlier run" in err
+    code, _, err = _train(capsys, tiny_mnist, tmp_path / "r2", f"train.resume={tmp_path}/x.pt")
+    assert code == EXIT_CHECKPOINT and "no such checkpoint file" in err
+
+
+def test_checkpoint_holds_what_resume_needs(tiny_mnist, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    _train_ok(capsys, tiny_mnist, run_dir, "train.max_steps=6")
+    state = checkpoint.load(checkpoint.list_checkpoints(run_dir)[0])
+    for key in (
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "epoch",
+        "step_in_epoch",
+        "global_step",
+        "rng",
+        "config",
+        "world_size",
+        "run_id",
+        "torch_version",
+        "git_revision",
+    ):
+        assert key in state
+    assert (state["global_step"], state["step_in_epoch"], state["epoch"]) == (6, 6, 0)
+    assert not any(k.startswith("module.") or "_orig_mod" in k for k in state["model"])
+    assert state["config"]["train"]["max_steps"] == 6
+    assert (run_dir / "config.yaml").exists()
+
+
+def test_a_checkpoint_opens_with_plain_torch_load(tiny_mnist, tmp_path, capsys):
+    """No project code needed: torch.load(weights_only=True), and `model` fits a plain LeNet."""
+    run_dir = tmp_path / "run"
+    _train_ok(capsys, tiny_mnist, run_dir, "train.max_steps=4")
+    path = checkpoint.list_checkpoints(run_dir)[0]
+    state = torch.load(path, weights_only=True)
+    model = LeNet()
+    model.load_state_dict(state["model"])  # strict: every key, every shape
+    assert state["global_step"] == 4 and state["config"]["model"]["kernel_size"] == 5
+    assert all(v.is_contiguous() for v in state["model"].values())
+    assert same_state(state, checkpoint.load(path))

@@ -1,20 +1,28 @@
 """Every command ends alike, called in this process: the README's exit code for each kind of
-error, one `error:` line, also for a checkpoint of another format. (`--version`,
-`--help` and a closed pipe, in fresh processes: tests/multiproc/test_command_processes.py.)"""
+error, one `error:` line, also for a checkpoint of another format and for training data that is
+missing or damaged; the job of several ranks ends with the line and code of the rank that failed
+on its own. (`--version`, `--help` and a closed pipe in fresh processes, bad input to 2 ranks
+and to `--nproc-per-node`: tests/multiproc/test_commands.py.)"""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import re
+import shutil
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-from pipeline import bench, evaluate, export, predict, report, train
+from pipeline import bench, cli, evaluate, export, predict, report, train
 from pipeline.config.schema import load_config, to_dict
+from pipeline.dist import launch
 from pipeline.errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_RUN_DIR
 from pipeline.model import LeNet
 from pipeline.training import checkpoint
@@ -73,7 +81,9 @@ def test_a_missing_input_exits_with_its_kind(tmp_path, capsys):
     }
     for name, (argv, code) in cases.items():
         assert COMMANDS[name](argv) == code, name
-        assert str(nowhere) in one_error_line(capsys), name
+        line = one_error_line(capsys)
+        assert str(nowhere) in line, name
+        assert name != "train" or "train-images-idx3-ubyte" in line, line
     # A failed start leaves no run directory behind (it would hold only a lock file).
     assert not (tmp_path / "r").exists()
 
@@ -154,3 +164,75 @@ def test_version_and_help_answer_without_importing_torch(module):
     assert proc.returncode == 0, proc.stderr
     assert "(lenet-ddp)" in proc.stdout and "usage:" in proc.stdout, proc.stdout
     assert proc.stdout.splitlines()[-1] == "imported:", proc.stdout.splitlines()[-1][:300]
+
+
+# -- damaged training data, as a user runs the training command (in this process) ---------------
+
+
+def test_damaged_data_is_one_line_naming_the_file(tiny_mnist, tmp_path, capsys):
+    """An IDX file cut short and a gzip file cut short: exit 3 and one line naming the file and
+    what is wrong with it (a missing data directory: test_a_missing_input_exits_with_its_kind)."""
+
+    def copy(name: str) -> Path:
+        shutil.copytree(tiny_mnist, tmp_path / name)
+        return tmp_path / name
+
+    truncated = copy("truncated")
+    images = truncated / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])
+    gzipped = copy("gzipped")
+    labels = gzipped / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    labels.with_name(labels.name + ".gz").write_bytes(gzip.compress(labels.read_bytes())[:-12])
+    labels.unlink()
+    cases = {
+        truncated: ("train-images-idx3-ubyte", "truncated"),
+        gzipped: ("t10k-labels-idx1-ubyte.gz",),
+    }
+    for root, needles in cases.items():
+        args = [*TINY_ARGS, "train.fused_conv=false", f"data.root={root}"]
+        assert train.main([*args, f"train.run_dir={tmp_path / 'run'}"]) == EXIT_DATA, root
+        line = one_error_line(capsys)
+        assert all(needle in line for needle in needles), line
+
+
+# -- the line of a job of several ranks: the rank that failed on its own ------------------------
+
+
+def test_the_cause_is_the_first_rank_with_its_own_error_else_the_first_killed(tmp_path):
+    """torchrun's failures as it lists them (timestamps in whole seconds): a rank with its own
+    error wins over a rank killed earlier or at the same time; among killed ranks, the first."""
+
+    def failure(rank: int, exitcode: int, timestamp: int) -> ProcessFailure:
+        f = ProcessFailure(rank, 1000 + rank, exitcode, str(tmp_path / f"none-{rank}.json"))
+        f.timestamp = timestamp
+        return f
+
+    stopped, own = failure(0, -15, 100), failure(1, 3, 100)
+    assert launch.job_cause({0: stopped, 1: own}) == (1, own)
+    killed_first, own_later = failure(0, -9, 99), failure(1, 3, 101)
+    assert launch.job_cause({0: killed_first, 1: own_later}) == (1, own_later)
+    own_first, own_after = failure(0, 3, 101), failure(1, 6, 102)
+    assert launch.job_cause({1: own_after, 0: own_first}) == (0, own_first)
+    late, early = failure(0, -15, 101), failure(1, -9, 100)
+    assert launch.job_cause({0: late, 1: early}) == (1, early)
+
+
+def test_a_failed_background_thread_is_one_warning_line(capsys):
+    def body() -> int:
+        def write() -> None:
+            raise FileNotFoundError(2, "No such file or directory", "/gone/events.out")
+
+        thread = threading.Thread(target=write, name="event-writer")
+        thread.start()
+        thread.join()
+        return 0
+
+    hook = threading.excepthook
+    assert cli.run(body) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("warning: a background thread (event-writer) stopped: ") and (
+        "No such file or directory" in line
+    )
+    assert threading.excepthook is hook  # put back when the command ends

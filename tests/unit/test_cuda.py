@@ -3,7 +3,7 @@ CUDA graphs, bf16 on GPUs without it, checkpoints that hold CPU tensors and each
 generator, what an NCCL failure means and how long the host waits for an NCCL sum, the
 benchmark's world sizes on any number of GPUs, the warning for a GPU machine training on CPU,
 and the step interval's clock. (Real CPU runs' checkpoints and the commands refusing CUDA
-without a GPU: tests/multiproc/test_gpu_readiness_runs.py; the GPU runs themselves:
+without a GPU: tests/multiproc/test_cuda.py; the GPU runs themselves:
 tests/integration/test_cuda.py.)"""
 
 import dataclasses

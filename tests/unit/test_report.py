@@ -7,23 +7,32 @@ validation and per-epoch test curves.
 
 Runs side by side (`pipeline.report RUN_DIR...`, a sweep's folder): a row per run with the
 settings that differ, runs that differ only by seed grouped with mean and standard deviation,
-unfinished and broken run directories shown as such, Markdown, CSV and one PNG written."""
+unfinished and broken run directories shown as such, Markdown, CSV and one PNG written.
+
+A real run's report as a user runs it, on a run trained here on the tiny dataset: the plots and
+summary.txt agree with its metrics, a running job's partial lines are skipped, and bad input or
+a missing matplotlib is one line and a failing exit."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
+import struct
+import sys
 from pathlib import Path
 from statistics import median
 
 import pytest
 import yaml
 
-from pipeline import report
+from pipeline import report, train
 from pipeline.config.schema import Config, to_dict
 from pipeline.results import compare
-from pipeline.results.plots import plot
+from pipeline.results.plots import PLOTS, plot
 from pipeline.results.records import load_run, summarize, summary_text
+
+from helpers import TINY_ARGS, read_jsonl
 
 
 # -- a run's report --------------------------------------------------------------------------------
@@ -319,3 +328,91 @@ def test_several_run_directories_and_a_missing_one(sweep, tmp_path, capsys):
     assert "| a | 0.1 | finished |" in capsys.readouterr().out  # only optim.lr differs
     assert report.main([str(sweep / "a"), str(tmp_path / "nowhere")]) == 3
     assert "is not a directory" in capsys.readouterr().err
+
+
+# -- a real run's report, as a user runs it (in this process) --------------------------------------
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_mnist, tmp_path_factory) -> Path:
+    """A real two-epoch run on the tiny dataset, W&B off."""
+    run_dir = tmp_path_factory.mktemp("report") / "run"
+    args = [*TINY_ARGS, "train.epochs=2", "train.log_every=2", "train.fused_conv=false"]
+    assert train.main([*args, f"data.root={tiny_mnist}", f"train.run_dir={run_dir}"]) == 0
+    return run_dir
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_plots_and_summary_match_the_metrics(finished_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="plots need matplotlib: pip install -e .[report]")
+    out = tmp_path / "out"
+    assert report.main([str(finished_run), "--out", str(out)]) == 0, capsys.readouterr().err
+    stdout = capsys.readouterr().out
+    for name in PLOTS:
+        width, height = png_size(out / name)
+        assert width >= 600 and height >= 300 and (out / name).stat().st_size > 10_000
+    epochs = read_jsonl(finished_run / "metrics.jsonl")
+    accuracy = [r["test_accuracy"] for r in epochs]
+    time_s = sum(r["epoch_time_s"] for r in epochs)
+    images = sum(r["images_per_s"] * r["epoch_time_s"] for r in epochs)
+    text = (out / "summary.txt").read_text()
+    assert text.strip() in stdout  # printed as well as written
+    summary = fields(text)
+    assert summary["status"] == "finished"
+    assert summary["epochs"] == f"2 (global step {epochs[-1]['step']})"
+    best = epochs[accuracy.index(max(accuracy))]  # the first of the best: a tie does not improve
+    assert summary["selected"] == (
+        f"epoch {best['epoch']} by test_accuracy ({max(accuracy) * 100:.2f}%), on the test set: "
+        "no validation split"
+    )
+    assert summary["test accuracy"].startswith(f"{max(accuracy) * 100:.2f}% (test loss ")
+    assert summary["last epoch"].startswith(f"test accuracy {accuracy[-1] * 100:.2f}%")
+    rates = [r["images_per_s"] for r in read_jsonl(finished_run / "steps.jsonl")]
+    assert summary["images/s"] == (
+        f"{median(rates):,.0f} median of the logging intervals; "
+        f"{images / time_s:,.0f} whole run (all images / train time)"
+    )
+    assert summary["train time"].startswith(f"{time_s:.1f} s")
+
+
+def test_a_running_job_is_reported_with_its_partial_lines_skipped(finished_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="plots need matplotlib: pip install -e .[report]")
+    run_dir = tmp_path / "running"
+    shutil.copytree(finished_run, run_dir)
+    (run_dir / "summary.json").unlink()  # written only when training ends
+    first_epoch = read_jsonl(run_dir / "metrics.jsonl")[0]
+    (run_dir / "metrics.jsonl").write_text(json.dumps(first_epoch) + '\n{"epoch": 2, "st')
+    with open(run_dir / "steps.jsonl", "a") as f:
+        f.write('{"step": 40, "loss": 0.')
+    assert report.main([str(run_dir)]) == 0, capsys.readouterr().err
+    summary = fields((run_dir / "report" / "summary.txt").read_text())
+    assert summary["status"].startswith("not finished")
+    assert summary["epochs"].startswith("1 ")
+    first = f"test accuracy {first_epoch['test_accuracy'] * 100:.2f}%"
+    assert summary["last epoch"].startswith(first)
+    assert all((run_dir / "report" / name).exists() for name in PLOTS)
+
+
+def test_bad_input_is_one_line_and_a_failing_exit(tmp_path, capsys):
+    assert report.main([str(tmp_path / "nowhere")]) != 0
+    missing = capsys.readouterr()
+    assert missing.out == ""
+    assert missing.err.count("\n") == 1 and "does not exist" in missing.err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "steps.jsonl").write_text('{"step": 1, "lo')  # nothing whole yet
+    assert report.main([str(tmp_path / "empty")]) != 0
+    empty = capsys.readouterr().err
+    assert empty.startswith("error: no metrics in") and empty.count("\n") == 1
+
+
+def test_missing_matplotlib_says_what_to_install(finished_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    assert report.main([str(finished_run), "--out", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install matplotlib" in err

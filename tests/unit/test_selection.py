@@ -6,18 +6,25 @@ fields."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from fakes import Agreement, FakeCheckpoints, FakeEvals, make_trainer
+from split_data import write_misleading_mnist
 
+from pipeline import evaluate, export, predict, train
 from pipeline.config.schema import load_config
 from pipeline.dist.group import DistContext
 from pipeline.training import checkpoint
 from pipeline.training.selection import Selection, closing_line
 from pipeline.training.stop import StopRequest
 from pipeline.training.trainer import Trainer
+
+from helpers import REPO, TINY_ARGS, call_command, read_jsonl, require
 
 
 def selection(*overrides: str) -> Selection:
@@ -197,3 +204,88 @@ def test_without_best_pt_the_last_model_is_tested(agreed):
     s = t.tracker.summary
     assert s["test_of"] == "the last model (epoch 3, step 12)" and s["selected_epoch"] == 2
     assert math.isclose(s["val_accuracy"], 0.7) and s["val_loss"] == pytest.approx(0.3)
+
+
+# -- best.pt, as a user trains and uses it (in this process) ---------------------------------------
+VAL = 96
+REAL_DIGIT = REPO / "docs" / "images" / "digit.png"
+
+
+@pytest.fixture(scope="module")
+def best_run(tmp_path_factory) -> Path:
+    """Four epochs on `split_data.write_misleading_mnist`, checkpoint.keep=1, selected by the
+    validation loss (best at epoch 1); the run's stdout saved beside it."""
+    tmp = tmp_path_factory.mktemp("best")
+    data = write_misleading_mnist(tmp / "data", VAL)
+    run_dir = tmp / "run"
+    args = [*TINY_ARGS, f"data.root={data}", f"train.run_dir={run_dir}", "train.epochs=4"]
+    args += [f"data.val_size={VAL}", "checkpoint.select=val_loss", "checkpoint.keep=1"]
+    code, stdout, stderr = call_command(train.main, [*args, "train.fused_conv=false"])
+    assert code == 0, stderr
+    (run_dir / "stdout").write_text(stdout)
+    return run_dir
+
+
+def summary_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_the_selected_epoch_is_kept_beside_the_newest_checkpoint(best_run):
+    s = summary_of(best_run)
+    assert s["selection_metric"] == "val_loss" and s["selection_split"] == "val"
+    assert s["selected_epoch"] == 1 and s["test_of"] == "best.pt (epoch 1)"
+    records = read_jsonl(best_run / "metrics.jsonl")
+    assert [r["best_epoch"] for r in records] == [1, 1, 1, 1]
+    assert s["selected_value"] == records[0]["val_loss"] == min(r["val_loss"] for r in records)
+    steps_per_epoch = records[0]["step"]
+    assert [p.name for p in checkpoint.list_checkpoints(best_run)] == [
+        checkpoint.checkpoint_name(4 * steps_per_epoch)
+    ]
+    best = checkpoint.load(best_run / checkpoint.BEST)
+    assert best["best"] == {
+        "epoch": 1,
+        "step": steps_per_epoch,
+        "metric": "val_loss",
+        "value": s["selected_value"],
+    }
+    assert best["global_step"] == s["test_step"] == steps_per_epoch and best["epoch"] == 1
+    last_line = (best_run / "stdout").read_text().splitlines()[-1]
+    assert last_line.startswith("finished 4 epoch(s); selected epoch 1 (val_loss ")
+    assert last_line.endswith(
+        f"test accuracy of best.pt (epoch 1): {s['test_accuracy'] * 100:.2f}% "
+        f"(test loss {s['test_loss']:.4f})"
+    )
+
+
+def test_evaluate_uses_best_pt_and_reports_what_training_logged_for_it(
+    best_run, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert evaluate.main([str(best_run), "--out", str(tmp_path / "eval")]) == 0
+    stdout = capsys.readouterr().out
+    s, results = summary_of(best_run), json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert stdout.startswith(f"using {best_run / 'best.pt'} (epoch 1, global step ")
+    assert "the epoch selected by val_loss " in stdout.splitlines()[0]
+    assert results["checkpoint"] == str(best_run / "best.pt")
+    assert results["global_step"] == s["test_step"]
+    assert results["test_accuracy"] == s["test_accuracy"] and results["test_loss"] == s["test_loss"]
+    assert f"training logged: {s['test_accuracy'] * 100:.2f}% at this step (the same)" in stdout
+    newest = checkpoint.list_checkpoints(best_run)[0]
+    assert evaluate.main([str(best_run), "--last", "--out", str(tmp_path / "last")]) == 0
+    last = capsys.readouterr().out
+    assert last.startswith(f"using {newest} (epoch 4, ")
+    assert "the newest checkpoint (--last)" in last.splitlines()[0]
+
+
+def test_export_and_predict_say_they_use_best_pt(best_run, tmp_path, capsys):
+    out = tmp_path / "lenet.pt"
+    assert export.main([str(best_run), "--format", "state_dict", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"using {best_run / 'best.pt'} ")
+    best = checkpoint.load(best_run / checkpoint.BEST)["model"]
+    assert all(torch.equal(v, best[k]) for k, v in torch.load(out, weights_only=True).items())
+    if importlib.util.find_spec("PIL") is None:
+        require("predict needs Pillow: pip install -e .[predict]")
+    assert predict.main([str(best_run), "--last", str(REAL_DIGIT)]) == 0
+    using, result = capsys.readouterr().out.splitlines()
+    newest = checkpoint.list_checkpoints(best_run)[0]
+    assert using.startswith(f"using {newest} ") and result.startswith(f"{REAL_DIGIT}: ")

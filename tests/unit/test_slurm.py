@@ -1,6 +1,6 @@
 """srun tasks -> ranks (pipeline/dist/slurm.py), in this process: the mapping, and one clear line
 per launch error. (The same errors from the command, and the batch scripts' run directory:
-tests/multiproc/test_slurm_env_cli.py.)"""
+tests/multiproc/test_slurm.py.)"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Speed options keep training right, in this process: fp16 is refused on CPU (by the engine, and
 by the command in one line before a rank starts), the fp16 gradient
 scaler unscales before clipping and skips overflows, and the tensor shards are
-DistributedSampler's. Compiled DDP on real ranks: tests/multiproc/test_compiled_ddp.py; the
+DistributedSampler's. Compiled DDP on real ranks: tests/multiproc/test_ddp.py; the
 accuracy of bf16 and torch.compile on the real MNIST: tests/integration/test_speed.py."""
 
 import pytest

@@ -3,11 +3,23 @@
 With a stand-in wandb: the W&B mode, wandb never imported unless asked for, step rows, the
 fall-back to offline, the init timeout, a failing log call, resume by run id, the artifact, and
 the tracker of ranks that do not report. Real jobs writing real offline runs are in
-tests/multiproc/test_tracking_jobs.py.
+tests/multiproc/test_tracking.py.
 
 The progress line on a terminal: it fits the terminal's width, leaving out its least important
 fields rather than wrapping, and whatever is printed while it is shown (a log line, a warning,
-the Ctrl-C line) starts on a line of its own."""
+the Ctrl-C line) starts on a line of its own.
+
+What a user reads as a run starts, trains, resumes and has nothing left to do (the training
+command on the tiny dataset): the header with one word for W&B, the overrides instead of the
+whole config (every setting with --print-config), img/s that say what they measure, and one
+line for a run already finished.
+
+TensorBoard event files, from the training command called in this process: the scalars, read
+back with TensorBoard's own reader, equal metrics.jsonl and steps.jsonl, each step once, also
+after a run that failed between checkpoints and was resumed (its second attempt logs those steps
+again); without the package nothing is imported or said unless tracking.tensorboard=true asks for
+it (one error line). (`tensorboard --logdir` listing a run, a server process:
+tests/multiproc/test_tracking.py.)"""
 
 from __future__ import annotations
 
@@ -15,6 +27,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -22,14 +35,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline import cli
+from pipeline import cli, train
 from pipeline.config.schema import Config, load_config
+from pipeline.dist.group import DistContext
+from pipeline.errors import EXIT_CONFIG, EXIT_UNEXPECTED
 from pipeline.tracking.progress import end_line
 from pipeline.tracking.tracker import Console, Progress, Tracker, make_tracker, tracking_status
 from pipeline.tracking.wandb_run import has_credentials, resolve_mode
 from pipeline.training import checkpoint
+from pipeline.training.trainer import Trainer
 
-from helpers import no_credentials, read_jsonl
+from helpers import REPO, TINY_ARGS, call_command, no_credentials, read_jsonl, require
 
 
 def warnings(stderr: str) -> list[str]:
@@ -335,3 +351,159 @@ def test_a_message_starts_on_a_line_of_its_own(monkeypatch):
     messages = [line for line in lines if not line.startswith("epoch 1/3 |")]
     assert messages == ["a message", "warning: careful", "interrupted (Ctrl-C): stopped", ""]
     assert len(lines) == 7 and "450/938" in lines[0] and "938/938" in lines[4], lines
+
+
+# -- what a user reads as a run starts, resumes and has nothing to do (in this process) ------------
+@pytest.fixture(scope="module")
+def three_runs(tiny_mnist, tmp_path_factory) -> tuple[SimpleNamespace, ...]:
+    """One run dir: 4 steps (train.max_steps; data.mirrors overridden, unused), then resumed
+    to the end with --print-config, then the same command again; each one's stdout and stderr.
+    W&B is auto without credentials; the config is configs/cpu.yaml, named from the directory
+    the command runs in."""
+    tmp = tmp_path_factory.mktemp("output")
+    (tmp / "configs").mkdir()
+    shutil.copy(REPO / "configs" / "cpu.yaml", tmp / "configs")
+    args = [
+        "--config",
+        "configs/cpu.yaml",
+        *[a for a in TINY_ARGS if not a.startswith("tracking.")],
+        f"data.root={tiny_mnist}",
+        f"train.run_dir={tmp / 'run'}",
+        "data.val_size=0",
+        "train.fused_conv=false",
+    ]
+    runs = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        for key, value in no_credentials(tmp).items():
+            mp.setenv(key, value)
+        first = ["train.max_steps=4", "data.mirrors=http://127.0.0.1:9/"]
+        for extra in (first, ["--print-config"], ["--print-config"]):
+            code, stdout, stderr = call_command(train.main, [*args, *extra])
+            assert code == 0, stderr
+            runs.append(SimpleNamespace(stdout=stdout, stderr=stderr))
+    return tuple(runs)
+
+
+def test_start_shows_the_overrides_not_the_config(three_runs):
+    first, *_ = three_runs
+    lines = first.stdout.splitlines()
+    assert lines[0].startswith("lenet-ddp ") and " | W&B off | " in lines[0]
+    assert lines[1].startswith("config: configs/cpu.yaml (every setting: ")
+    assert lines[2].startswith(
+        "overrides: train.epochs=1 (config: 3), train.batch_size=32 (config: 64)"
+    )
+    assert "train.max_steps=4 (config: 0)" in lines[2]
+    assert "data.mirrors=http://127.0.0.1:9/ (config: none)" in lines[2]  # empty in the file
+    assert "resolved config" not in first.stdout and "optim:" not in first.stdout
+
+
+def test_img_per_s_says_what_it_measures(three_runs):
+    first, resumed, *_ = three_runs
+    # Log lines every 4 steps (train.log_every), the resumed epoch's first one too.
+    assert "epoch 1/1 4/16 [ 25%] loss " in first.stdout
+    assert "img/s (last 4 steps)" in first.stdout
+    assert "epoch 1/1 8/16 [ 50%] loss " in resumed.stdout
+    assert "img/s (last 4 steps)" in resumed.stdout and "(last 8 steps)" not in resumed.stdout
+    (summary,) = [line for line in resumed.stdout.splitlines() if line.startswith("epoch 1:")]
+    assert "epoch average " in summary and summary.endswith(" img/s")
+
+
+def test_print_config_shows_every_setting(three_runs):
+    _, resumed, *_ = three_runs
+    assert "resumed from " in resumed.stdout
+    assert "resolved config:\n  model:\n    kernel_size: 5" in resumed.stdout
+
+
+def test_a_finished_run_says_nothing_to_do_and_nothing_else(three_runs):
+    *_, again = three_runs
+    lines = again.stdout.splitlines()
+    assert len(lines) == 2, again.stdout
+    assert lines[0].startswith("lenet-ddp ")
+    assert lines[1].startswith("nothing to do: the run in ")
+    assert "resum" not in again.stdout + again.stderr
+
+
+# -- TensorBoard event files ----------------------------------------------------------------------
+
+
+def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of the run's event files, as TensorBoard shows them."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        require("tensorboard is not installed (pip install tensorboard)")
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+class Fault(Exception):
+    """What ends the first attempt between two checkpoints."""
+
+
+# -- event files, as a user runs the training command (in this process) --------------------------
+
+
+def test_event_files_hold_each_step_once_with_the_values_of_the_json_lines(
+    tiny_mnist, tmp_path, monkeypatch, capsys
+):
+    run_dir = tmp_path / "run"
+    args = [
+        *TINY_ARGS,
+        "train.fused_conv=false",
+        f"data.root={tiny_mnist}",
+        f"train.run_dir={run_dir}",
+        "train.epochs=2",
+        "train.log_every=2",
+        "checkpoint.every_steps=4",
+        "tracking.tensorboard=true",
+    ]
+    after_step = Trainer.after_step
+
+    def failing_at_step_11(self: Trainer) -> None:
+        if self.state.global_step == 11:
+            raise Fault("at step 11")
+        after_step(self)
+
+    # Failed at step 11: steps 2-10 were logged (and their events written as the writer closed),
+    # the newest checkpoint is of step 8.
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "after_step", failing_at_step_11)
+        assert train.main(args) == EXIT_UNEXPECTED
+    assert "Fault: at step 11" in capsys.readouterr().err
+    assert read_jsonl(run_dir / "steps.jsonl")[-1]["step"] == 10
+    assert train.main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "global step 8)" in out
+
+    found = scalars(run_dir)
+    steps, epochs = read_jsonl(run_dir / "steps.jsonl"), read_jsonl(run_dir / "metrics.jsonl")
+    assert (
+        [s for s, _ in found["train/loss"]] == [r["step"] for r in steps] == list(range(2, 33, 2))
+    )
+    for key in ("loss", "images_per_s", "lr"):
+        got = [v for _, v in found[f"train/{key}"]]
+        assert got == pytest.approx([r[key] for r in steps], rel=1e-6), key
+    assert [s for s, _ in found["epoch/test_accuracy"]] == [16, 32]
+    for key in ("train_loss", "test_loss", "test_accuracy", "lr"):
+        got = [v for _, v in found[f"epoch/{key}"]]
+        assert got == pytest.approx([r[key] for r in epochs], rel=1e-6), key
+
+
+def test_without_the_package_nothing_is_imported_or_said_unless_asked(
+    tmp_path, monkeypatch, capsys
+):
+    """auto: no event files, no import, no warning, and the header says so; true: the train
+    command ends with one line and exit 2 before it loads any data."""
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # not found, and no import can succeed
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    cfg = load_config(None, ["tracking.mode=disabled", f"train.run_dir={tmp_path / 'run'}"])
+    assert cfg.tracking.tensorboard == "auto"
+    assert tracking_status(cfg.tracking) == "W&B off | TensorBoard off"
+    assert [type(s) for s in make_tracker(DistContext(), cfg).sinks] == [Console]
+    assert capsys.readouterr().err == ""
+    code = train.main(["tracking.tensorboard=true", f"data.root={tmp_path / 'absent'}"])
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG and err.count("\n") == 1, err
+    assert "tracking.tensorboard=true but the tensorboard package is not installed" in err

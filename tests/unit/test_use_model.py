@@ -6,8 +6,11 @@ files.
 
 Bad input: a missing path, a file that is not a checkpoint, a damaged checkpoint, a bad image, a
 missing onnx package; each ends in one line and a non-zero exit. A run directory whose newest
-checkpoint is damaged falls back to the previous. (Missing Pillow and matplotlib, in fresh
-processes: tests/multiproc/test_use_model_missing_packages.py.)"""
+checkpoint is damaged falls back to the previous.
+
+Without the optional packages: predict without Pillow ends in one line saying what to install;
+evaluate without matplotlib prints its numbers, writes its files and says which pictures it did
+not draw."""
 
 from __future__ import annotations
 
@@ -156,3 +159,45 @@ def test_onnx_without_the_onnx_package_is_one_line(run_dir, capsys, monkeypatch)
     assert export.main([str(run_dir), "--format", "onnx"]) != 0
     assert "pip install onnx onnxscript" in one_error_line(capsys)
     assert not list(run_dir.glob("*.onnx"))
+
+
+# -- without the optional packages, as a user runs the commands (in this process) ----------------
+# Pillow and matplotlib are imported when an image is read or a picture drawn, never when a
+# module is: a None in sys.modules makes each such import fail as for a package not installed.
+
+
+@pytest.fixture
+def torchs_run_dir(tmp_path):
+    """A run directory with a checkpoint of an untrained LeNet on torch's conv ops."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = to_dict(load_config(None, ["train.fused_conv=false"]))
+    state = {"model": LeNet().state_dict(), "config": config, "global_step": 1}
+    checkpoint.save(run_dir, 1, state, keep=1)
+    return run_dir
+
+
+def test_predict_without_pillow_says_how_to_install_it(torchs_run_dir, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    assert predict.main([str(torchs_run_dir), "digit.png"]) != 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: predict needs Pillow to read images (the project's predict extra): pip install "
+        "pillow"
+    ]
+
+
+def test_evaluate_without_matplotlib_prints_its_numbers_and_says_what_it_skipped(
+    torchs_run_dir, tiny_mnist, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    argv = [str(torchs_run_dir), "--data-root", str(tiny_mnist), "--tracking", "disabled"]
+    assert evaluate.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "test accuracy:" in out and "wrote eval.json, confusion_matrix.json in" in out
+    (line,) = err.strip().splitlines()
+    assert line == (
+        "warning: matplotlib is not installed: confusion_matrix.png and mistakes.png were not "
+        "drawn (pip install matplotlib, the project's report extra)"
+    )
+    assert (torchs_run_dir / "eval" / "eval.json").exists()
+    assert not (torchs_run_dir / "eval" / "confusion_matrix.png").exists()

@@ -1,8 +1,11 @@
-"""The validation split (data.val_size), in-process and in single real processes: which images are
-held out, that the sampler never trains on them on any world size, what split.json and the
-checkpoints record, and the one-line refusals (a split too large, a resume with another split)."""
+"""The validation split (data.val_size), in this process: which images are held out, that the
+sampler never trains on them on any world size, the one-line refusals (a split too large, a
+resume with another split), and what a training run's split.json, checkpoints and metrics record.
+(A real resume refusing another data.val_size: tests/unit/test_checkpoint.py.)"""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -108,3 +111,20 @@ def test_the_split_and_selection_settings_name_the_run_directory():
     base = Config()
     cfg = load_config(None, ["data.val_size=5000"])
     assert naming.changes(cfg, base, ["data.val_size=5000"]) == ",data.val_size=5000"
+
+
+# -- the validation split, as a user runs it (in this process) -------------------------------------
+
+
+def test_split_json_and_checkpoints_record_the_split(tiny_mnist, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = [*TINY_ARGS, "train.fused_conv=false", f"data.root={tiny_mnist}"]
+    code = train.main([*args, f"train.run_dir={run_dir}", "data.val_size=64"])
+    assert code == 0, capsys.readouterr().err
+    expected = split(512, 64).record()
+    assert json.loads((run_dir / "split.json").read_text()) == expected
+    for path in [*checkpoint.list_checkpoints(run_dir), run_dir / checkpoint.BEST]:
+        assert checkpoint.load(path)["split"] == expected, path
+    (record,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert record["val_count"] == 64 and record["step"] == 448 // 32
+    assert "test_accuracy" not in record  # the test set is evaluated once, at the end

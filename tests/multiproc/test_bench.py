@@ -1,5 +1,6 @@
 """`python -m pipeline.bench` without its data: one line naming the directory and --data-root,
-exit 3, before anything runs."""
+exit 3, before anything runs. (The benchmark's arithmetic: tests/unit/test_bench.py; a quick
+benchmark on the real MNIST: tests/integration/test_bench.py.)"""
 
 from helpers import run_bench
 

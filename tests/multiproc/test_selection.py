@@ -2,7 +2,8 @@
 train.early_stop_patience epochs on every rank (no hang, exit 0), says why and which epoch it
 selected, and is finished for good ("nothing to do"); a run interrupted after a non-improving
 epoch and resumed stops at the epoch the uninterrupted one did, with the same selection.
-The data is `split_data.write_misleading_mnist`: its validation loss is best after epoch 1."""
+The data is `split_data.write_misleading_mnist`: its validation loss is best after epoch 1.
+(Selection in this process: tests/unit/test_selection.py.)"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""A run directory that cannot be written, fills up, or disappears: one line naming the path and
-the OS error, exit 7, the checkpoints already written intact and no temporary file left."""
+"""A run directory that disappears during the run (removed while a background process trains)
+or that the user cannot write (root without its permission override, through setpriv): one line
+naming the path and the OS error, exit 7. (The run directory's name, and one that fills up, in
+the test's own process: tests/unit/test_run_dir.py; one job per run directory:
+tests/multiproc/test_run_lock.py.)"""
 
 from __future__ import annotations
 
@@ -9,10 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from pipeline.errors import EXIT_RUN_DIR
-from pipeline.training import checkpoint
 
 from helpers import (
     REPO,
@@ -20,7 +20,6 @@ from helpers import (
     background_training,
     child_env,
     require,
-    run_pipeline,
     wait_for_steps,
 )
 
@@ -34,53 +33,6 @@ def _one_error_line(proc) -> str:
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error")]
     return line
-
-
-def _leftovers(run_dir: Path) -> list[str]:
-    return [p.name for p in run_dir.iterdir() if ".tmp" in p.name]
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of a given size (in KiB), mounted for the test and unmounted after it."""
-    mounted = []
-
-    def mount(kib: int) -> Path:
-        where = tmp_path / f"disk{len(mounted)}"
-        where.mkdir()
-        proc = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(where)],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            require(f"mounting a small tmpfs was refused here ({proc.stderr.strip()})")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
-
-
-def test_no_space_for_a_checkpoint(tiny_mnist, small_disk):
-    # Room for the run's small files and one checkpoint (about 500 KB), not for a second (the
-    # rotating checkpoints only: best.pt, a checkpoint too, is left out here).
-    run_dir = small_disk(800) / "run"
-    args = _args(tiny_mnist, run_dir, "train.epochs=3", "checkpoint.keep=3")
-    proc = run_pipeline([*args, "checkpoint.keep_best=false"])
-    line = _one_error_line(proc)
-    assert "No space left on device" in line and str(run_dir) in line
-    (kept,) = checkpoint.list_checkpoints(run_dir)
-    assert checkpoint.load(kept)["global_step"] == 16  # the first epoch's, whole
-    assert _leftovers(run_dir) == []
-
-
-def test_no_space_for_the_metrics_or_the_config(tiny_mnist, small_disk):
-    run_dir = small_disk(8) / "run"  # two pages: the lock's owner file and little else
-    line = _one_error_line(run_pipeline(_args(tiny_mnist, run_dir)))
-    assert "No space left on device" in line and str(run_dir) in line
-    assert checkpoint.list_checkpoints(run_dir) == [] and _leftovers(run_dir) == []
 
 
 def _remove_while_written(path: Path) -> None:

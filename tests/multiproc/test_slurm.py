@@ -1,6 +1,7 @@
 """srun's variables as the commands see them, in fresh processes: a launch error is one line
 from rank 0 with exit code 6, and slurm/common.sh names the run directory an override chose.
-(The mapping of srun tasks to ranks: tests/unit/test_slurm.py.)"""
+(The mapping of srun tasks to ranks: tests/unit/test_slurm.py; the batch scripts on a real Slurm
+cluster: tests/integration/test_slurm.py.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """CPU runs keep freed memory in malloc's heap: a step's activation-sized buffers are reused,
 not mapped afresh (with page faults) every step. Checked in fresh processes, by the kernel's
-count of page faults, on Linux with glibc where mallopt exists."""
+count of page faults, on Linux with glibc where mallopt exists. (Speed options in this process:
+tests/unit/test_speed.py; on the real MNIST: tests/integration/test_speed.py.)"""
 
 import ctypes
 import subprocess

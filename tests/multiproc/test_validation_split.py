@@ -3,7 +3,7 @@ ranks and across a resume on another world size, and all of them record the same
 
 The images are told apart by the index `split_data.write_indexed_mnist` writes into each of
 them; `recording_train.py` reads the indices back from the batches each rank's optimizer steps
-receive."""
+receive. (The split in this process: tests/unit/test_validation_split.py.)"""
 
 from __future__ import annotations
 

@@ -1,25 +1,35 @@
 """Experiment tracking in real jobs: a 2-rank offline job writes one W&B run (read back from its
 .wandb file) and its resumed job continues it; training goes on unchanged when wandb cannot be
-imported; importing the package imports neither wandb nor matplotlib. (The W&B mode, step rows
-and the tracker against a stand-in wandb: tests/unit/test_tracking.py.)"""
+imported; importing the package imports neither wandb nor matplotlib; under `wandb agent` (a W&B
+sweep), offline, with the environment the agent sets (WANDB_SWEEP_ID, WANDB_RUN_ID) and its
+default `--key=value` arguments, the run takes the overrides, logs to the agent's run id in the
+sweep's group, keeps that id in its checkpoints, and a resume continues the same W&B run;
+`tensorboard --logdir`, a server started as a user starts it, lists a run trained without any
+tracking key. (The W&B mode, step rows and the tracker against a stand-in wandb, the event
+files' scalars: tests/unit/test_tracking.py.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
+import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from pipeline import train
 from pipeline.training import checkpoint
 
-from helpers import REPO, TINY_ARGS, assert_ok, read_jsonl, run_pipeline
+from helpers import REPO, TINY_ARGS, assert_ok, child_env, read_jsonl, require, run_pipeline
 
-# -- reading a .wandb file back -------------------------------------------------------------
+# -- reading a .wandb file back -------------------------------------------------------------------
 # An offline run's run-<id>.wandb is a LevelDB-style log (a 7-byte ":W&B" header, then 32 KiB
 # blocks of records, each a 7-byte header and a chunk) of wandb's own protobuf `Record`s.
 _BLOCK, _HEADER = 32768, 7
@@ -208,3 +218,91 @@ def test_missing_wandb_leaves_training_unaffected(tiny_mnist, tmp_path):
         json.loads((tmp_path / d / "summary.json").read_text()) for d in ("off", "missing")
     )
     assert off["test_accuracy"] == missing["test_accuracy"]
+
+
+# -- under wandb agent ----------------------------------------------------------------------------
+
+
+AGENT = {"WANDB_SWEEP_ID": "sweep42x", "WANDB_RUN_ID": "agentrun7", "WANDB_MODE": "offline"}
+
+
+def test_an_agents_run_keeps_the_agents_id_across_a_resume(tiny_mnist, tmp_path):
+    if importlib.util.find_spec("wandb") is None:
+        require("wandb is not installed (pip install wandb)")
+    run_dir = tmp_path / "run"
+    # How the agent's ${args} passes the sweep's parameters: --section.key=value.
+    args = [
+        "--optim.lr=0.1",
+        "--train.epochs=1",
+        "--train.batch_size=32",
+        f"--data.root={tiny_mnist}",
+        "--data.download=false",
+        f"train.run_dir={run_dir}",
+        "tracking.mode=auto",  # auto follows the WANDB_MODE the agent's environment sets
+    ]
+    first = run_pipeline([*args, "train.max_steps=8"], env=AGENT)
+    assert_ok(first)
+    assert "optim.lr=0.1 (default: 0.05)" in first.stdout  # the agent's overrides were taken
+    assert "W&B offline run agentrun7" in first.stdout
+    saved = checkpoint.load(checkpoint.list_checkpoints(run_dir)[0])
+    assert saved["run_id"] == "agentrun7"
+    resumed = run_pipeline(args, env=AGENT)
+    assert_ok(resumed)
+    assert "resumed from" in resumed.stdout and "W&B offline run agentrun7" in resumed.stdout
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith("-agentrun7") for r in runs)
+    assert checkpoint.load(checkpoint.list_checkpoints(run_dir)[0])["run_id"] == "agentrun7"
+
+
+# -- tensorboard --logdir -------------------------------------------------------------------------
+
+
+def serve(logdir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """`tensorboard --logdir logdir` on a free port, as a user starts it, and the URL it prints
+    (its output goes to `log`)."""
+    command = Path(sys.executable).with_name("tensorboard")
+    if not command.exists():
+        require("the tensorboard command is not installed (pip install tensorboard)")
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [str(command), "--logdir", str(logdir), "--port", "0", "--host", "127.0.0.1"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
+        )
+    deadline = time.monotonic() + 120  # a guard against a server that never starts
+    while server.poll() is None and time.monotonic() < deadline:
+        found = re.search(r"at (http://\S+/) ", log.read_text())
+        if found:
+            return server, found.group(1)
+        time.sleep(0.2)
+    server.kill()
+    raise AssertionError(f"tensorboard printed no URL: {log.read_text()[-2000:]}")
+
+
+def get(url: str) -> dict | list:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.load(response)
+
+
+def test_a_run_without_tracking_keys_writes_event_files_that_tensorboard_lists(
+    tiny_mnist, tmp_path, capsys
+):
+    if importlib.util.find_spec("tensorboard") is None:
+        require("tensorboard is not installed (pip install tensorboard)")
+    runs = tmp_path / "runs"
+    args = [*TINY_ARGS, "train.fused_conv=false", f"data.root={tiny_mnist}"]
+    assert train.main([*args, f"train.run_dir={runs / 'tiny'}", "train.max_steps=4"]) == 0
+    assert " | TensorBoard on | run dir " in capsys.readouterr().out
+    assert list((runs / "tiny" / "tensorboard").glob("events.out.tfevents.*"))
+    server, url = serve(runs, tmp_path / "tensorboard.log")
+    try:
+        deadline = time.monotonic() + 120  # the server reads the folder in the background
+        while "tiny/tensorboard" not in get(url + "data/runs") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert get(url + "data/runs") == ["tiny/tensorboard"]
+        tags = get(url + "data/plugin/scalars/tags")["tiny/tensorboard"]
+        assert {"train/loss", "train/lr", "epoch/train_loss"} <= set(tags)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,10 +1,12 @@
 """The GPU paths' decisions on real CPU processes: a real run's checkpoint holds CPU tensors only;
-the benchmark and bench/gpu.sh refuse CUDA without a GPU at once, in one line. (The decisions in
-this process: tests/unit/test_cuda.py; the GPU runs: tests/integration/test_cuda.py.)"""
+the benchmark and bench/gpu.sh refuse CUDA without a GPU at once, in one line; `bash bench/gpu.sh
+--plan` lists its parts and their time caps, which fit the one device call the script is sized
+for. (The decisions in this process: tests/unit/test_cuda.py; the GPU runs:
+tests/integration/test_cuda.py, and the script on a GPU.)"""
 
+import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ import torch
 from pipeline.training import checkpoint
 
 from helpers import REPO, TINY_ARGS, assert_ok, child_env, run_pipeline
+
+# -- a CPU run, the benchmark ---------------------------------------------------------------------
 
 
 def _tensors(x):
@@ -60,23 +64,40 @@ def test_bench_refuses_cuda_without_a_gpu_in_one_line(tmp_path):
     assert "--device cuda" in proc.stderr and "finds no GPU" in proc.stderr
 
 
-# -- bench/gpu.sh without CUDA ---------------------------------------------------------------------
-def test_gpu_script_refuses_at_once_without_cuda(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: bench/gpu.sh would run the GPU checks")
-    results = tmp_path / "results"
+# -- bench/gpu.sh, the device script --------------------------------------------------------------
+
+
+SCRIPT = REPO / "bench" / "gpu.sh"
+PARTS = ["bench-fast_gpu", "train", "pytest", "bench-baseline", "torchrun"]  # most valuable first
+
+
+def _gpu_sh(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     # python3 on PATH is this interpreter: torch present, no CUDA.
     env = child_env({"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
-    started = time.monotonic()
-    proc = subprocess.run(
-        ["bash", str(REPO / "bench" / "gpu.sh"), str(results)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
     )
-    assert proc.returncode != 0 and time.monotonic() - started < 60
+
+
+def test_the_plan_lists_the_parts_with_caps_that_fit_one_device_call(tmp_path):
+    proc = _gpu_sh("--plan", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    head, *rows = proc.stdout.strip().splitlines()
+    parts = [re.match(r"  (\S+) +(\d+) s  \S", row) for row in rows]
+    assert all(parts), rows
+    assert [p[1] for p in parts] == PARTS
+    caps = [int(p[2]) for p in parts]
+    assert all(cap > 0 for cap in caps) and sum(caps) <= 450, caps
+    assert f"{sum(caps)} s in all" in head
+    assert not any(tmp_path.iterdir())  # a plan writes nothing
+
+
+@pytest.mark.parametrize("args", [["x"], []], ids=["results-dir", "no-arguments"])
+def test_without_cuda_it_stops_at_once_with_one_line(tmp_path, args):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: bench/gpu.sh would run the GPU checks")
+    proc = _gpu_sh(*args, cwd=tmp_path)
+    assert proc.returncode != 0 and proc.stdout == ""
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith("error: bench/gpu.sh needs CUDA: torch ") and "finds no GPU" in line
-    assert proc.stdout == "" and not results.exists()  # nothing else was done
+    assert "CUDA" in line and line.startswith("error: bench/gpu.sh needs CUDA: torch "), line
+    assert not any(tmp_path.iterdir())  # nothing else was done
