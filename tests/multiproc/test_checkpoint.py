@@ -89,18 +89,3 @@ def test_time_based_checkpoints_are_taken_at_agreed_steps_on_two_ranks(tiny_mnis
     assert all(s % 4 == 0 for s in by_clock), steps
     for s in by_clock:
         assert checkpoint.load(run_dir / checkpoint.checkpoint_name(s))["global_step"] == s
-
-
-def test_without_every_seconds_only_the_configured_checkpoints_are_taken(tiny_mnist, tmp_path):
-    run_dir = tmp_path / "run"
-    args = [
-        *TINY_ARGS,
-        f"data.root={tiny_mnist}",
-        f"train.run_dir={run_dir}",
-        "train.epochs=3",
-        "train.stop_check_every=4",
-        "checkpoint.keep=1000",
-    ]
-    assert_ok(run_pipeline(args, nproc=1))
-    steps = sorted(int(p.name[5:14]) for p in checkpoint.list_checkpoints(run_dir))
-    assert steps == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH]

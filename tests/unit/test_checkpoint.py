@@ -235,3 +235,14 @@ def test_a_checkpoint_opens_with_plain_torch_load(tiny_mnist, tmp_path, capsys):
     assert state["global_step"] == 4 and state["config"]["model"]["kernel_size"] == 5
     assert all(v.is_contiguous() for v in state["model"].values())
     assert same_state(state, checkpoint.load(path))
+
+
+def test_without_every_seconds_only_the_configured_checkpoints_are_taken(tiny_mnist, tmp_path):
+    """(Checkpoints by the clock, at a step the ranks agree on:
+    tests/multiproc/test_checkpoint.py.)"""
+    run_dir = tmp_path / "run"
+    args = [*TINY_ARGS, "train.fused_conv=false", f"data.root={tiny_mnist}"]
+    args += [f"train.run_dir={run_dir}", "train.epochs=3", "train.stop_check_every=4"]
+    assert train.main([*args, "checkpoint.keep=1000"]) == 0
+    steps = sorted(checkpoint.load(p)["global_step"] for p in checkpoint.list_checkpoints(run_dir))
+    assert steps == [16, 32, 48]  # each epoch's end: 512 images at a global batch of 32
