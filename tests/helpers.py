@@ -176,6 +176,22 @@ def call_command(main: Callable[[list[str]], int], args: list[str]) -> tuple[int
     return code, out.getvalue(), err.getvalue()
 
 
+def train_here(args: list[str]) -> subprocess.CompletedProcess:
+    """`python -m pipeline.train ARGS` called in this process, as one rank: for a run whose
+    being a process of its own does not matter (a reference to compare with, say); what
+    `run_pipeline(args)` gives, without its 3 s of imports."""
+    from pipeline import train
+
+    code, out, err = call_command(train.main, args)
+    return subprocess.CompletedProcess(["pipeline.train", *args], code, out, err)
+
+
+def run_ranks(args: list[str], nproc: int) -> subprocess.CompletedProcess:
+    """The training command on `nproc` ranks: one in this process (`train_here`), more under
+    torchrun (`run_pipeline`)."""
+    return train_here(args) if nproc == 1 else run_pipeline(args, nproc=nproc)
+
+
 TINY_ARGS = [
     "train.epochs=1",
     "train.batch_size=32",
@@ -212,7 +228,7 @@ def tiny_run(root, run_dir, nproc=1, batch=1024, extra=(), env=None) -> dict:
         "optim.lr=0.1",
         *extra,
     ]
-    assert_ok(run_pipeline(args, nproc=nproc, env=env))
+    assert_ok(run_ranks(args, nproc) if env is None else run_pipeline(args, nproc, env=env))
     return {k: v.float() for k, v in final_model(run_dir).items()}
 
 

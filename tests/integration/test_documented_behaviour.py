@@ -1,4 +1,4 @@
-"""Behaviour the README promises that no other test checked, on real training processes.
+"""Behaviour the README promises that no other test checked, on real training runs.
 
 `train.resume=<path>` continues from a previous checkpoint in another run directory and ends
 where the uninterrupted run ended; `checkpoint.every_epochs` chooses the epochs that leave a
@@ -18,7 +18,7 @@ import torch
 
 from pipeline.training import checkpoint
 
-from helpers import TINY_ARGS, assert_ok, final_model, read_jsonl, run_pipeline
+from helpers import TINY_ARGS, assert_ok, final_model, read_jsonl, run_pipeline, train_here
 
 N_TRAIN = 512  # training images of the `tiny_mnist` fixture
 
@@ -46,7 +46,7 @@ def test_resume_from_an_older_checkpoint_of_another_run_dir(tiny_mnist, tmp_path
         "checkpoint.every_steps=4",
         "checkpoint.keep=10",
     ]
-    assert_ok(run_pipeline(_args(tiny_mnist, straight, *common)))
+    assert_ok(train_here(_args(tiny_mnist, straight, *common)))
     every_4 = [checkpoint.checkpoint_name(s) for s in range(32, 0, -4)]
     assert [p.name for p in checkpoint.list_checkpoints(straight)] == every_4
 
@@ -88,7 +88,7 @@ def three_epochs(tiny_mnist, tmp_path_factory) -> Path:
         f"optim.step_epochs={STEP_EPOCHS}",
         f"optim.gamma={GAMMA}",
     )
-    assert_ok(run_pipeline(args))
+    assert_ok(train_here(args))
     return run_dir
 
 

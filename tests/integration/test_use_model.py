@@ -23,7 +23,7 @@ from pipeline.data.device import normalize_and_pad
 from pipeline.export import main as export_main
 from pipeline.training import checkpoint
 
-from helpers import REPO, assert_ok, launch_cmd, require, run_pipeline
+from helpers import REPO, assert_ok, launch_cmd, require, train_here
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # export --format onnx, and running it
@@ -44,7 +44,7 @@ def real_run(mnist_root, tmp_path_factory) -> Path:
     args = ["--config", "configs/cpu.yaml", "train.epochs=1", f"data.root={mnist_root}"]
     args += ["data.val_size=0"]  # every epoch tested, so the last one's numbers are logged
     args += [f"train.run_dir={run_dir}", "tracking.mode=disabled", "data.download=false"]
-    assert_ok(run_pipeline(args))
+    assert_ok(train_here(args))
     return run_dir
 
 

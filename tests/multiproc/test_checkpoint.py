@@ -73,15 +73,16 @@ def test_time_based_checkpoints_are_taken_at_agreed_steps_on_two_ranks(tiny_mnis
         *TINY_ARGS,
         f"data.root={tiny_mnist}",
         f"train.run_dir={run_dir}",
-        "train.epochs=8",
+        "train.epochs=2",
         "train.stop_check_every=4",
         "checkpoint.every_seconds=0.05",
         "checkpoint.every_epochs=100",  # epoch ends save only the last epoch
         "checkpoint.keep=1000",
     ]
-    assert_ok(run_pipeline(args, nproc=2))
+    # 0.02 s a step: 0.08 s between the ranks' checks, longer than every_seconds on any machine.
+    assert_ok(run_pipeline(args, nproc=2, faults=["--step-sleep", "0.02"]))
     steps = sorted(int(p.name[5:14]) for p in checkpoint.list_checkpoints(run_dir))
-    last = 8 * STEPS_PER_EPOCH
+    last = 2 * STEPS_PER_EPOCH
     by_clock = [s for s in steps if s != last]
     # Some were taken by the clock, each at a step where the ranks compare notes, and each is
     # a whole, valid checkpoint (rank 0 wrote it while rank 1 waited at the same step).

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.training import checkpoint
 
-from helpers import REPO, TINY_ARGS, assert_ok, child_env, run_pipeline
+from helpers import REPO, TINY_ARGS, assert_ok, child_env, train_here
 
 # -- a CPU run, the benchmark ---------------------------------------------------------------------
 
@@ -38,7 +38,7 @@ def _args(root, run_dir, *extra):
 def cpu_run(tiny_mnist, tmp_path_factory) -> Path:
     """A real CPU run, stopped at train.max_steps=8 of its 16 with a checkpoint."""
     run_dir = tmp_path_factory.mktemp("cpu-run") / "run"
-    assert_ok(run_pipeline(_args(tiny_mnist, run_dir, "train.max_steps=8", "dist.device=cpu")))
+    assert_ok(train_here(_args(tiny_mnist, run_dir, "train.max_steps=8", "dist.device=cpu")))
     return run_dir
 
 

@@ -21,7 +21,7 @@ from helpers import (
     assert_ok,
     final_model,
     max_diff,
-    run_pipeline,
+    run_ranks,
     tiny_run,
     write_tiny_mnist,
 )
@@ -43,28 +43,32 @@ def _train(tiny_mnist, run_dir, nproc, batch, extra=()):
         "optim.momentum=0.9",
         *extra,
     ]
-    assert_ok(run_pipeline(args, nproc=nproc))
+    assert_ok(run_ranks(args, nproc))
     return final_model(run_dir)
 
 
-def test_two_ranks_match_one_rank_with_the_global_batch(tiny_mnist, tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tiny_mnist, tmp_path_factory) -> dict:
+    """Two ranks at a global batch of 64 (32 each): the run both comparisons below start from."""
+    return _train(tiny_mnist, tmp_path_factory.mktemp("ddp") / "two", nproc=2, batch=64)
+
+
+def test_two_ranks_match_one_rank_with_the_global_batch(tiny_mnist, tmp_path, two_ranks):
     one = _train(tiny_mnist, tmp_path / "one", nproc=1, batch=64)
-    two = _train(tiny_mnist, tmp_path / "two", nproc=2, batch=64)  # 32 per rank
     for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(two_ranks[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
     # The comparison is sensitive: half the batch (other samples, other gradients) drifts far
     # beyond the tolerance, as would summed instead of averaged gradients.
     half = _train(tiny_mnist, tmp_path / "half", nproc=1, batch=32)
     assert max_diff(one, half) > 1e-3
 
 
-def test_gradient_accumulation_matches_the_full_batch(tiny_mnist, tmp_path):
-    full = _train(tiny_mnist, tmp_path / "full", nproc=2, batch=64)
+def test_gradient_accumulation_matches_the_full_batch(tiny_mnist, tmp_path, two_ranks):
     accum = _train(
         tiny_mnist, tmp_path / "accum", nproc=2, batch=64, extra=["train.grad_accum=2"]
     )  # 2 ranks x 2 micro-steps x 16
-    for k in full:
-        torch.testing.assert_close(accum[k], full[k], rtol=1e-5, atol=1e-6, msg=k)
+    for k in two_ranks:
+        torch.testing.assert_close(accum[k], two_ranks[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 # -- gradient accumulation ------------------------------------------------------------------------

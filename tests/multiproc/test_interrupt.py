@@ -26,8 +26,8 @@ from helpers import (
     child_env,
     final_model,
     require,
-    run_pipeline,
     train_entry,
+    train_here,
 )
 
 
@@ -106,7 +106,7 @@ SLOW = ["--step-sleep", "0.05"]  # 16 steps an epoch: time to press the keys mid
 
 def test_ctrl_c_saves_and_the_same_command_resumes_exactly(tiny_mnist, tmp_path, terminals):
     straight, run_dir = tmp_path / "straight", tmp_path / "run"
-    assert_ok(run_pipeline(_args(tiny_mnist, straight)))
+    assert_ok(train_here(_args(tiny_mnist, straight)))
     t = Terminal(tmp_path, "once", [sys.executable, *train_entry(_args(tiny_mnist, run_dir), SLOW)])
     terminals.append(t)
     t.wait_for("epoch 1/2 4/16")
@@ -116,7 +116,7 @@ def test_ctrl_c_saves_and_the_same_command_resumes_exactly(tiny_mnist, tmp_path,
     assert "interrupted (Ctrl-C): saved a checkpoint at step " in out, out
     assert "run the same command again to resume" in out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
-    resumed = run_pipeline(_args(tiny_mnist, run_dir))
+    resumed = train_here(_args(tiny_mnist, run_dir))
     assert_ok(resumed)
     assert "resumed from" in resumed.stdout
     a, b = final_model(straight), final_model(run_dir)

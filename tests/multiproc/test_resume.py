@@ -29,7 +29,9 @@ from helpers import (
     free_port,
     max_diff,
     run_pipeline,
+    run_ranks,
     train_entry,
+    train_here,
 )
 
 STEPS_PER_EPOCH = 16  # tiny_mnist: 512 images at a global batch of 32
@@ -62,7 +64,7 @@ def straight(tiny_mnist, tmp_path_factory) -> dict[int, Path]:
     runs = {}
     for nproc in (1, 2):
         runs[nproc] = tmp_path_factory.mktemp("straight") / f"world{nproc}"
-        assert_ok(run_pipeline(_args(tiny_mnist, runs[nproc]), nproc=nproc))
+        assert_ok(run_ranks(_args(tiny_mnist, runs[nproc]), nproc))
     return runs
 
 
@@ -156,7 +158,7 @@ def test_a_checkpoint_resumes_on_another_world_size(
 def test_what_changes_the_run_is_still_refused_with_one_line(tiny_mnist, tmp_path):
     run_dir = tmp_path / "run"
     assert_ok(run_pipeline(_args(tiny_mnist, run_dir, f"train.max_steps={STOP_AT}"), nproc=2))
-    proc = run_pipeline(_args(tiny_mnist, run_dir, "train.batch_size=64"), nproc=1)
+    proc = train_here(_args(tiny_mnist, run_dir, "train.batch_size=64"))
     assert proc.returncode == EXIT_CHECKPOINT, proc.stderr[-2000:]
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert "train.batch_size=32" in line and "train.batch_size=64" in line
@@ -263,7 +265,7 @@ def test_sigterm_saves_exits_with_the_documented_code_and_rerun_completes(
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_mnist, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_pipeline(
+    proc = train_here(
         _args(
             tiny_mnist,
             run_dir,
