@@ -1,7 +1,7 @@
-"""train.profile=A:B on the fused conv kernels, in a real process: the trace holds this CPU's
-build of the kernels, forward and backward, and the optimizer step. (The profile on torch's conv
-ops, its table, a bad range and no profile: tests/unit/test_profile.py, whose tier never builds
-the kernels.)"""
+"""train.profile=A:B on the fused conv kernels (the training command called in this process):
+the trace holds this CPU's build of the kernels, forward and backward, and the optimizer step.
+(The profile on torch's conv ops, its table, a bad range and no profile:
+tests/unit/test_profile.py, whose tier never builds the kernels.)"""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import json
 
 from pipeline.speed import kernels_build
 
-from helpers import TINY_ARGS, assert_ok, run_pipeline
+from helpers import TINY_ARGS, assert_ok, train_here
 
 
 def test_a_profile_holds_the_fused_kernels_steps_and_optimizer(tiny_mnist, tmp_path):
     run_dir = tmp_path / "run"
     args = [*TINY_ARGS, f"data.root={tiny_mnist}", f"train.run_dir={run_dir}"]
-    proc = run_pipeline([*args, "train.fused_conv=true", "train.profile=4:8", "train.max_steps=12"])
+    proc = train_here([*args, "train.fused_conv=true", "train.profile=4:8", "train.max_steps=12"])
     assert_ok(proc)
     (trace,) = (run_dir / "profile").glob("rank0.*.pt.trace.json")
     names = {e.get("name", "") for e in json.loads(trace.read_text())["traceEvents"]}
