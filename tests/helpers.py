@@ -199,6 +199,10 @@ TINY_ARGS = [
     "train.log_every=4",
     "tracking.mode=disabled",
     "data.download=false",
+    # torch's conv ops: what these runs test does not depend on the conv path, and `auto` would
+    # time the fused kernels at each new batch shape first (the kernels' own tests, and runs
+    # on them: tests/integration).
+    "train.fused_conv=false",
 ]
 
 

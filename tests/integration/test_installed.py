@@ -21,15 +21,16 @@ def test_an_installed_package_works_from_an_empty_directory(tiny_mnist, tmp_path
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
-    # Its requirements come from this environment (no download of torch): a path entry, not a
-    # site directory, so this checkout's editable install is not seen there.
-    purelib = next(iter(site.getsitepackages()))
+    # Its requirements come from this environment (no download of torch): path entries, not
+    # site directories, so this checkout's editable install is not seen there. Every site
+    # directory of this one: a virtual environment made with --system-site-packages has its
+    # packages in two.
     sp = subprocess.run(
         [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     with open(os.path.join(sp, "_requirements.pth"), "w") as f:
-        f.write(purelib + "\n")
+        f.writelines(f"{path}\n" for path in site.getsitepackages())
     install = subprocess.run(
         [str(py), "-m", "pip", "install", "-q", "--no-deps", str(REPO)],
         capture_output=True, text=True, timeout=600,

@@ -269,7 +269,8 @@ def test_auto_on_an_avx2_cpu_trains_on_the_faster_path(tiny_mnist, tmp_path):
         require(f"the fused kernels cannot be built here: {kernels.toolchain_problem()}")
     run_dir = f"train.run_dir={tmp_path / 'run'}"
     env = {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"}
-    proc = run_pipeline([*TINY_ARGS, f"data.root={tiny_mnist}", run_dir], env=env)
+    args = [*TINY_ARGS, f"data.root={tiny_mnist}", run_dir, "train.fused_conv=auto"]
+    proc = run_pipeline(args, env=env)
     assert_ok(proc)
     speed = json.loads((kernels.build_dir("avx2") / "speed.json").read_text())
     assert speed["build"] == kernels_build.library_key("avx2")  # timings of this build only
