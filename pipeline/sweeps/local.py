@@ -1,6 +1,7 @@
 """A sweep's points on this machine: each a `python -m pipeline.train` process of its own, one or
 `parallel` at a time (the CPU's cores split between them, unless OMP_NUM_THREADS is set), its
-output in the sweep's logs/ folder and one line here when it starts and ends.
+output in the sweep's logs/ folder and one line here when it starts, after each of its epochs, and
+when it ends.
 
 A point whose run directory holds a summary.json finished earlier and is skipped; one with
 checkpoints but no summary resumes (the training command resumes by itself). A point that fails
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from pipeline.results.records import metric_text, percent, read_summary
 from pipeline.sweeps.spec import Point, Sweep
+from pipeline.tracking.jsonl import read_jsonl
 
 
 @dataclass
@@ -67,6 +69,17 @@ def _result(point: Point) -> str:
     return f": {metric} {shown} (epoch {s.get('selected_epoch')}), test accuracy {percent(test)}"
 
 
+def _epochs(point: Point) -> list[dict]:
+    """The epoch records the point's run has written so far (metrics.jsonl: a line an epoch)."""
+    return read_jsonl(point.run_dir / "metrics.jsonl")
+
+
+def _epoch_result(record: dict) -> str:
+    split = "val" if "val_accuracy" in record else "test"
+    accuracy = percent(record.get(f"{split}_accuracy"))
+    return f"epoch {record.get('epoch')}: {split} accuracy {accuracy}"
+
+
 def run(
     sweep: Sweep,
     parallel: int = 1,
@@ -86,6 +99,7 @@ def run(
     threads = max(1, (os.cpu_count() or 1) // max(1, min(parallel, len(todo) or 1)))
     env = {"OMP_NUM_THREADS": str(threads), **os.environ, "PYTHONUNBUFFERED": "1"}
     running: dict[int, tuple[subprocess.Popen, float, object]] = {}
+    shown: dict[int, int] = {}  # epoch records said so far, by point
     queue = list(todo)
     try:
         while queue or running:
@@ -98,9 +112,14 @@ def run(
                 argv += ["-q"] if quiet else []
                 proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
                 running[point.index] = (proc, time.monotonic(), out)
+                shown[point.index] = len(_epochs(point))  # a resumed point's earlier epochs
                 verb = "resumes" if state(point).startswith("started") else "starts"
                 say(f"[{point.index + 1}/{n}] {point.name} {verb} (log: {log})")
             for index, (proc, started, out) in list(running.items()):
+                epochs = _epochs(sweep.points[index])
+                for record in epochs[shown[index] :]:
+                    say(f"[{index + 1}/{n}] {sweep.points[index].name} {_epoch_result(record)}")
+                shown[index] = len(epochs)
                 if proc.poll() is None:
                     continue
                 out.close()

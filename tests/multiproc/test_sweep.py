@@ -2,10 +2,11 @@
 data trains each point in its own directory and ends with the comparison and the setting
 chosen; a point that was interrupted resumes and ends where an uninterrupted run of it does; a
 rerun skips every point and prints the table; a point that fails is reported while the others
-run, and the exit code says so."""
+run, and the exit code says so. Each running point says its epochs as they end."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -80,6 +81,12 @@ def test_a_sweep_runs_its_points_resumes_one_and_skips_them_on_a_rerun(tiny_mnis
     out = first.stdout
     assert "[1/2] optim.lr=0.05 starts" in out and "[2/2] optim.lr=0.1 resumes" in out
     assert "[1/2] optim.lr=0.05 finished in" in out and "[2/2] optim.lr=0.1 finished in" in out
+    # A line after each epoch of a running point, between its start and its end.
+    lines = out.splitlines()
+    for point in ("[1/2] optim.lr=0.05", "[2/2] optim.lr=0.1"):
+        said = [i for i, line in enumerate(lines) if line.startswith(point)]
+        epochs = [i for i in said if re.fullmatch(r".* epoch 1: val accuracy \d+\.\d\d%", lines[i])]
+        assert len(epochs) == 1 and said[0] < epochs[0] < said[-1], lines
     root = work / "runs" / "sweeps" / "two"
     assert sorted(p.name for p in root.iterdir()) == [
         "comparison", "logs", "optim.lr=0.05", "optim.lr=0.1"
