@@ -87,6 +87,8 @@ else
 fi
 
 # -- packages -----------------------------------------------------------------------------
+# The daemons (munged, slurmctld, slurmd) live in /usr/sbin, which many a PATH leaves out.
+export PATH="$PATH:/usr/sbin:/sbin"
 missing=()
 for cmd in munged mungekey munge slurmctld slurmd sbatch srun scontrol; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
