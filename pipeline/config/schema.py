@@ -393,6 +393,8 @@ def check_precision(precision: str, device_type: str) -> None:
 def check_whole_step(cfg: Config, world_size: int, device_type: str) -> None:
     """A one-line ConfigError for a setting that train.cuda_graph=whole_step cannot capture."""
     t, o = cfg.train, cfg.optim
+    if t.cuda_graph != "whole_step":
+        return
     refused = [
         (t.compile != "none", f"train.compile={t.compile}: it captures the eager step"),
         (t.precision == "fp16", "train.precision=fp16: its gradient scaler is not captured"),
@@ -409,7 +411,7 @@ def check_whole_step(cfg: Config, world_size: int, device_type: str) -> None:
         ),
     ]
     for bad, why in refused:
-        if t.cuda_graph == "whole_step" and bad:
+        if bad:
             raise ConfigError(
                 f"config key train.cuda_graph: whole_step cannot take {why}; change that "
                 "setting, or use train.cuda_graph=none"

@@ -62,9 +62,8 @@ class Run:
         return sum(r.get("epoch_time_s", 0.0) for r in self.epochs)
 
     def images_per_s(self) -> float | None:
-        time = sum(r.get("epoch_time_s", 0.0) for r in self.epochs)
-        images = sum(r.get("images_per_s", 0.0) * r.get("epoch_time_s", 0.0) for r in self.epochs)
-        return images / time if time > 0 else None
+        """The whole run's: all images over the epochs' train time (`records.THROUGHPUT`)."""
+        return self.selection()["images_per_s"]
 
 
 def _flatten(config: dict) -> dict[str, Any]:

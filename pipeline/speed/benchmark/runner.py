@@ -338,8 +338,8 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
                 print(f"[{i + 1}/{len(rounds)}] {case.name}{tag} ...", end=" ", flush=True)
                 r = spawn(case, args.data_root, device, args.quick, seed)  # 0: configs' own
                 runs[case.name].append(r)
-                points = zip(r["eval_s"], r["eval_accuracy"], strict=True)
-                to_99 = next((f"{t:.3f} s" for t, a in points if a >= 0.99), "-")
+                reached = aggregate([r])["time_to"]["99%"]  # this run's alone
+                to_99 = "-" if reached is None else f"{reached:.3f} s"
                 print(
                     f"{r['images_per_s']:,.0f} img/s, first step {r['first_step_s']:.2f} s, "
                     f"accuracy {percent(r['accuracy'][-1])}, to 99% {to_99}, "
