@@ -68,6 +68,47 @@ class ProcessCleanup:
             os.environ[OWNER] = test
 
 
+# Workers a suite spread over the cores has at most: more only add processes holding torch, as
+# the suite's longest files (the Slurm jobs, the elastic agents) then bound its time.
+MAX_WORKERS = 4
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which starts the workers it is told
+def pytest_cmdline_main(config):
+    """A folder of tests (the whole suite, a tier) is spread over this machine's cores, a file
+    to a worker process (pytest-xdist: `spread_over_the_cores`); a file or a test named on the
+    command line runs in this process, as does every run given -n, -s, --pdb or --collect-only.
+    With -n N and no --dist, the files are the unit too: a file's fixtures are made once."""
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+        return  # no pytest-xdist; or a worker, which runs what it is given
+    if config.option.numprocesses is not None:
+        if config.option.dist == "no":
+            config.option.dist = "loadfile"
+    elif spread_over_the_cores(config):
+        config.option.numprocesses = min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+        config.option.dist = "loadfile"
+
+
+def spread_over_the_cores(config) -> bool:
+    """Whether this run is one to spread (see pytest_cmdline_main): folders only, on a machine
+    of 2 or more cores, with output captured and nothing to step through."""
+    o = config.option
+    if o.dist != "no" or o.collectonly or o.usepdb or o.trace or o.capture == "no":
+        return False
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
+        return False
+    here = config.invocation_params.dir
+    return all("::" not in arg and (here / arg).is_dir() for arg in config.args)
+
+
+def pytest_sessionstart(session):
+    """Spread over the cores, the output still names the file of each result as pytest does
+    in one process (pytest-xdist leaves the names out): a new line where the file changes."""
+    plugins = session.config.pluginmanager
+    if plugins.hasplugin("dsession") and plugins.hasplugin("terminalreporter"):
+        plugins.getplugin("terminalreporter").showfspath = None  # pytest's default: not with -q
+
+
 def pytest_report_header(config):
     """Said up front, before the first file runs (docs/tests.md has the measured times)."""
     return [

@@ -112,9 +112,12 @@ def shown(pids: set[int]) -> str:
     return "\n".join(lines)
 
 
-def test_ctrl_c_during_a_two_rank_run_leaves_no_process(tmp_path):
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one-process", "two-workers"])
+def test_ctrl_c_during_a_two_rank_run_leaves_no_process(tmp_path, workers):
+    """In one pytest process, and spread over worker processes as a folder of tests is
+    (tests/conftest.py: pytest_cmdline_main)."""
     mark, run_dir, log = uuid.uuid4().hex, tmp_path / "run", tmp_path / "pytest.log"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers]
     cmd += ["-o", "python_functions=interrupted_training", __file__]
     env = child_env({MARK: mark, RUN_DIR: str(run_dir)})
     with open(log, "w") as out:
