@@ -4,6 +4,7 @@ compiled DDP (the model, or the whole step) on two ranks still averages gradient
 one rank eager does. (torch.compile on CPU compiles C++: a compiler is needed, as CI installs.
 fp16 refused on CPU: tests/unit/test_speed.py.)"""
 
+import gc
 import json
 
 import pytest
@@ -99,9 +100,14 @@ def _count_allreduces(rank: int, store_path: str, out_path: str) -> None:
             ]
             engine.train_step(micro)
         counts[accum] = len(calls)
+        # Its DDP holds the process group and a Python hook: freed now, on both ranks, not at
+        # the interpreter's exit after the group is gone.
+        del engine, hook
+        gc.collect()
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(counts, f)
+    dist.barrier()
     dist.destroy_process_group()
 
 

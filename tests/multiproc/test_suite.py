@@ -86,6 +86,12 @@ def test_missing_mnist_skips_with_the_reason_for_a_user(missing: Path) -> None:
 # -- Ctrl-C on the suite --------------------------------------------------------------------------
 
 
+# pytest as a terminal runs it in the foreground, where Ctrl-C raises KeyboardInterrupt: also
+# where this suite itself was started with SIGINT ignored (a shell's background job, nohup).
+PYTEST_IN_A_TERMINAL = (
+    "import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.exit(pytest.main(sys.argv[1:]))"
+)
 MARK = "LENET_CTRL_C_MARK"  # on every process the interrupted pytest starts, to find them
 RUN_DIR = "LENET_CTRL_C_RUN_DIR"
 
@@ -117,7 +123,7 @@ def test_ctrl_c_during_a_two_rank_run_leaves_no_process(tmp_path, workers):
     """In one pytest process, and spread over worker processes as a folder of tests is
     (tests/conftest.py: pytest_cmdline_main)."""
     mark, run_dir, log = uuid.uuid4().hex, tmp_path / "run", tmp_path / "pytest.log"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers]
+    cmd = [sys.executable, "-c", PYTEST_IN_A_TERMINAL, "-q", "-p", "no:cacheprovider", *workers]
     cmd += ["-o", "python_functions=interrupted_training", __file__]
     env = child_env({MARK: mark, RUN_DIR: str(run_dir)})
     with open(log, "w") as out:
