@@ -10,9 +10,9 @@
 #   supports: https://pytorch.org/get-started/locally/); it replaces a CPU build already in VENV.
 #   On a machine with NVIDIA GPUs (nvidia-smi) that ends up with a CPU build, setup says so.
 # - EXTRAS (default dev,report,predict,wandb,tensorboard: all but onnx): the project's optional
-#   extras (dev: pytest and ruff; report: plots; predict: reading your own images; wandb:
-#   Weights & Biases; tensorboard: TensorBoard event files; onnx: ONNX export; all: every extra
-#   but dev, e.g. EXTRAS=all,dev).
+#   extras (dev: pytest, pytest-xdist and ruff; report: plots; predict: reading your own images;
+#   wandb: Weights & Biases; tensorboard: TensorBoard event files; onnx: ONNX export; all: every
+#   extra but dev, e.g. EXTRAS=all,dev).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,8 +1,9 @@
 """The fixtures of every tier (tests/unit, tests/multiproc, tests/integration; docs/tests.md):
 the commands' logging, a tiny IDX dataset, the real MNIST, and the unit tier's rule of torch's
-conv ops; and the cleanup that ends every process a test started when the test ends, and every
-process the suite started when it ends or is interrupted (Ctrl-C). What the tests share besides
-fixtures is in helpers.py."""
+conv ops; the cleanup that ends every process a test started when the test ends, and every
+process the suite started when it ends or is interrupted (Ctrl-C); and a folder of tests spread
+over the cores, a file to a worker (pytest_cmdline_main). What the tests share besides fixtures
+is in helpers.py."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ class ProcessCleanup:
     when the suite ends or is interrupted (Ctrl-C). A process is known by its environment's
     OWNER (helpers.py), inherited whatever its session or parent: the suite's id, or
     <suite>:<test> for what a test (or a fixture of its own) starts. subprocess.run, interrupted
-    or timed out, kills only its child: not a torchrun agent's ranks, in sessions of their own."""
+    or timed out, kills only its child: not a torchrun agent's ranks, in sessions of their own.
+    Spread over workers, each worker is a suite of its own; a terminal's Ctrl-C reaches them
+    all (the foreground process group), and the workers are among what their suite started."""
 
     suite = uuid.uuid4().hex
 
@@ -112,8 +115,8 @@ def pytest_sessionstart(session):
 def pytest_report_header(config):
     """Said up front, before the first file runs (docs/tests.md has the measured times)."""
     return [
-        "the whole suite takes about 12 minutes on 2 cores (tests/unit 30 s, tests/multiproc "
-        "5 min, tests/integration 6.5 min); the quick tier alone: python -m pytest tests/unit"
+        "the whole suite takes about 10 minutes on 2 cores (tests/unit 20 s, tests/multiproc "
+        "4 min, tests/integration 5 min); the quick tier alone: python -m pytest tests/unit"
     ]
 
 
