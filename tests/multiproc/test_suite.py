@@ -4,13 +4,15 @@ pytest run of a test that needs the real MNIST, pointed at a directory that does
 Ctrl-C on the suite leaves nothing behind (tests/conftest.py: ProcessCleanup): a pytest run whose
 test trains 2 ranks under torchrun is interrupted as a terminal's Ctrl-C does it (SIGINT to
 pytest's process group; the ranks, in sessions of their own, get none) while the ranks train, and
-within 10 s no process it started is left. (Where the tests find the real MNIST:
-tests/unit/test_suite.py.)"""
+within 10 s no process it started is left, in one process and spread over two workers; a folder
+of tests is spread over the cores and a file is not, each result under its file's name. (Where
+the tests find the real MNIST: tests/unit/test_suite.py.)"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,6 +83,27 @@ def test_missing_mnist_skips_with_the_reason_for_a_user(missing: Path) -> None:
     assert last_line(proc).startswith("1 skipped in "), output
     (reason,) = [line for line in output.splitlines() if line.startswith("SKIPPED")]
     assert f"real MNIST not found at {missing}/MNIST/raw" in reason, output
+
+
+# -- a folder spread over the cores ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "target, spread", [("tests/unit", True), ("tests/unit/test_run_lock.py", False)]
+)
+def test_a_folder_is_spread_over_the_cores_and_a_file_is_not(target, spread):
+    """tests/conftest.py: pytest_cmdline_main; the output names the file of each result."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core here: nothing to spread a folder over")
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-k", "test_run_lock", target]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    workers = re.search(r"^created: (\d+)/\1 workers$", proc.stdout, re.M)
+    assert bool(workers) == spread, proc.stdout
+    if spread:
+        assert int(workers.group(1)) == min(len(os.sched_getaffinity(0)), 4), proc.stdout
+    assert re.search(r"^tests/unit/test_run_lock\.py \.+ ", proc.stdout, re.M), proc.stdout
 
 
 # -- Ctrl-C on the suite --------------------------------------------------------------------------
